@@ -1,0 +1,2 @@
+"""distill: model distillation in production."""
+__version__ = "0.1.0"

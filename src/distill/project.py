@@ -1,0 +1,73 @@
+"""A project is a folder: ``distill.yaml`` (the spec, edited by people) + ``distill.db`` (the store) +
+``models/`` and ``reports/`` (artefacts). Every CLI verb takes the folder as its first argument."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import filelock
+
+from distill.errors import DistillError
+from distill.store import Store
+from distill.task import ProjectSpec, TaskKind, load_spec, scaffold
+
+SPEC_FILE = "distill.yaml"
+STORE_FILE = "distill.db"
+
+
+@dataclass
+class Project:
+    root: Path
+    spec: ProjectSpec
+    store: Store
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Project":
+        root = Path(root)
+        if not (root / SPEC_FILE).exists():
+            raise DistillError(
+                f"{root}: no {SPEC_FILE} here, so this is not a distill project",
+                hint=f"create one with `distill init {root} --kind classify`",
+            )
+        spec = load_spec(root / SPEC_FILE)
+        return cls(root=root, spec=spec, store=Store(root / STORE_FILE))
+
+    @classmethod
+    def init(cls, root: str | Path, kind: TaskKind, spec_text: str | None = None) -> "Project":
+        root = Path(root)
+        if (root / SPEC_FILE).exists():
+            raise DistillError(f"{root / SPEC_FILE} already exists", hint="edit it, or choose another folder")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / SPEC_FILE).write_text(spec_text or scaffold(root.name, kind), encoding="utf-8")
+        return cls.open(root)
+
+    def close(self) -> None:
+        self.store.close()
+
+    @contextmanager
+    def exclusive(self, what: str, wait: bool = False) -> Iterator[None]:
+        """One writer stage at a time per project (e.g. two `distill label` runs would both pay for the
+        same inputs). Refuses at once unless ``wait``; the OS releases the lock if the process dies."""
+        lock = filelock.FileLock(str(self.root / ".distill.lock"))
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except filelock.Timeout:
+            raise DistillError(
+                f"{self.root}: another distill process holds this project (while starting `{what}`)",
+                hint="wait for it to finish, or pass --wait to queue behind it",
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()

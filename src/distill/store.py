@@ -1,0 +1,201 @@
+"""The project store: one SQLite file (WAL) holding everything a run produces.
+
+Why SQLite: a single file a user can copy, no server, atomic commits. Every paid teacher call is
+committed in its own transaction before the labeller counts it as done, so ``kill -9`` at any moment
+loses at most the calls that were in flight (and those carry an idempotency key, see teachers/openai_compat.py).
+
+Tables (JSON columns hold JSON text):
+- ``examples``        one row per unique input; ``split`` is train | validation | test. Test rows never move.
+- ``imports``         one row per import: counts of rows read, added, duplicates, rejected.
+- ``contamination``   train/validation inputs that near-duplicate a test input (excluded from training).
+- ``teacher_calls``   the cache *and* the ledger: one row per paid call (key = cache_key(...)).
+- ``labels``          the current answer of each teacher for each example (points at its call).
+- ``corrections``     human fixes that override the teacher, with provenance.
+- ``filter_runs`` / ``filter_decisions``   each filter run and each example's keep/drop with a reason.
+- ``runs``            trained models, evaluations and other artefacts with their lineage (JSON).
+- ``meta``            schema version and flags.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from distill.errors import DistillError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS imports(
+  id INTEGER PRIMARY KEY,
+  source TEXT NOT NULL, sha256 TEXT NOT NULL, rows_read INTEGER NOT NULL, added INTEGER NOT NULL,
+  dup_exact INTEGER NOT NULL, dup_normalised INTEGER NOT NULL, dup_existing INTEGER NOT NULL,
+  rejected INTEGER NOT NULL, rejected_reasons TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS examples(
+  id TEXT PRIMARY KEY,
+  text TEXT NOT NULL,
+  norm TEXT NOT NULL UNIQUE,
+  gold TEXT,                -- JSON answer or NULL
+  segment TEXT,
+  meta TEXT NOT NULL DEFAULT '{}',
+  split TEXT NOT NULL CHECK (split IN ('train','validation','test')),
+  import_id INTEGER,
+  created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS examples_split ON examples(split);
+CREATE TABLE IF NOT EXISTS contamination(
+  example_id TEXT PRIMARY KEY, test_id TEXT NOT NULL, method TEXT NOT NULL, score REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS teacher_calls(
+  key TEXT PRIMARY KEY,
+  teacher TEXT NOT NULL, model TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
+  request TEXT NOT NULL,    -- JSON: messages + parameters; never an API key
+  response TEXT,            -- JSON: the raw answer as received
+  status TEXT NOT NULL,     -- ok | parse_error
+  error TEXT,
+  tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+  cost REAL NOT NULL DEFAULT 0, latency_s REAL NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0,
+  created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS teacher_calls_teacher ON teacher_calls(teacher);
+CREATE TABLE IF NOT EXISTS labels(
+  example_id TEXT NOT NULL, teacher TEXT NOT NULL,
+  status TEXT NOT NULL,     -- ok | failed
+  answer TEXT,              -- JSON
+  probs TEXT,               -- JSON {label: p} for classify
+  confidence REAL,          -- p(top answer) when known
+  agreement REAL,           -- share of samples / ensemble members agreeing with the answer
+  samples TEXT,             -- JSON list of sampled answers (n > 1)
+  rationale TEXT,
+  logprobs TEXT,            -- JSON: per-token top_logprobs as returned
+  reason TEXT,              -- why it failed
+  call_key TEXT,
+  created_at REAL NOT NULL,
+  PRIMARY KEY (example_id, teacher));
+CREATE TABLE IF NOT EXISTS corrections(
+  example_id TEXT PRIMARY KEY, answer TEXT NOT NULL, source TEXT NOT NULL, note TEXT, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS filter_runs(
+  id INTEGER PRIMARY KEY, teacher TEXT NOT NULL, config TEXT NOT NULL, kept INTEGER NOT NULL,
+  dropped INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS filter_decisions(
+  run_id INTEGER NOT NULL, example_id TEXT NOT NULL, kept INTEGER NOT NULL, reason TEXT, detail TEXT,
+  PRIMARY KEY (run_id, example_id));
+CREATE TABLE IF NOT EXISTS runs(
+  id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, path TEXT, record TEXT NOT NULL DEFAULT '{}',
+  created_at REAL NOT NULL);
+"""
+
+
+class Store:
+    """Thin wrapper over one sqlite3 connection. Not shared across threads; open one per process."""
+
+    def __init__(self, path: Path, *, check: bool = True):
+        self.path = Path(path)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+            if head != b"SQLite format 3\x00":
+                raise DistillError(
+                    f"{self.path}: not a SQLite database (the file is damaged or was overwritten)",
+                    hint="restore it from a backup; distill will not overwrite it",
+                )
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across process crashes (kill -9) in WAL mode; FULL adds power-loss safety.
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            if check:
+                res = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+                if res != "ok":
+                    raise DistillError(
+                        f"{self.path}: integrity check failed: {res}",
+                        hint="restore the store from a backup; nothing was written",
+                    )
+            self.conn.executescript(SCHEMA)
+            cur = self.get_meta("schema_version")
+            if cur is None:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            elif int(cur) > SCHEMA_VERSION:
+                raise DistillError(f"{self.path}: made by a newer distill (schema {cur})", hint="upgrade distill")
+        except sqlite3.DatabaseError as e:
+            raise DistillError(f"{self.path}: cannot open the store: {e}", hint=_db_hint(e)) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions -------------------------------------------------------------------------------
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write. BEGIN IMMEDIATE takes the write lock up front so two processes never
+        interleave half-written work; on any error the whole transaction rolls back."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise DistillError(f"{self.path}: cannot write: {e}", hint=_db_hint(e)) from None
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self.conn.execute("ROLLBACK")
+                raise DistillError(f"{self.path}: commit failed: {e}", hint=_db_hint(e)) from None
+
+    def q(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: tuple | dict = ()) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    # -- meta ---------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        return self.one("SELECT value FROM meta WHERE key=?", (key,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    # -- teacher calls (cache + ledger) --------------------------------------------------------------
+    def get_call(self, key: str) -> sqlite3.Row | None:
+        rows = self.q("SELECT * FROM teacher_calls WHERE key=?", (key,))
+        return rows[0] if rows else None
+
+    def spend(self, teacher: str | None = None) -> float:
+        if teacher:
+            return float(self.one("SELECT COALESCE(SUM(cost),0) FROM teacher_calls WHERE teacher=?", (teacher,)))
+        return float(self.one("SELECT COALESCE(SUM(cost),0) FROM teacher_calls"))
+
+    # -- runs ----------------------------------------------------------------------------------------
+    def put_run(self, run_id: str, kind: str, status: str, path: str | None, record: dict) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO runs(id, kind, status, path, record, created_at) VALUES(?,?,?,?,?,?)",
+                (run_id, kind, status, path, json.dumps(record), time.time()),
+            )
+
+    def latest_run(self, kind: str, status: str | None = "done") -> sqlite3.Row | None:
+        sql = "SELECT * FROM runs WHERE kind=?" + (" AND status=?" if status else "") + " ORDER BY created_at DESC LIMIT 1"
+        rows = self.q(sql, (kind, status) if status else (kind,))
+        return rows[0] if rows else None
+
+
+def _db_hint(e: Exception) -> str:
+    s = str(e).lower()
+    if "readonly" in s or "read-only" in s:
+        return "the project folder is read-only; make it writable (nothing was changed)"
+    if "full" in s or "disk" in s:
+        return "the disk is full; free space and re-run (the last committed work is kept)"
+    if "locked" in s or "busy" in s:
+        return "another distill process is writing to this project; wait for it or stop it"
+    return "check the file and its folder's permissions"
+
+
+def loads(s: str | None) -> Any:
+    return None if s is None else json.loads(s)
