@@ -14,6 +14,8 @@ Tables (JSON columns hold JSON text):
 - ``filter_runs`` / ``filter_decisions``   each filter run and each example's keep/drop with a reason.
 - ``runs``            trained models, evaluations and other artefacts with their lineage (JSON).
 - ``meta``            schema version and flags.
+- ``failure_queue``   serve: routed / shadow-disagreement / feedback / degraded inputs for the next round.
+- ``api_keys``        serve: salted hashes of the service's API keys.
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ CREATE TABLE IF NOT EXISTS filter_decisions(
 CREATE TABLE IF NOT EXISTS runs(
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, path TEXT, record TEXT NOT NULL DEFAULT '{}',
   created_at REAL NOT NULL);
+-- serve: inputs the deployed system wants a teacher/human look at; the next round consumes them
+CREATE TABLE IF NOT EXISTS failure_queue(
+  id INTEGER PRIMARY KEY,
+  created_at REAL NOT NULL,
+  text TEXT NOT NULL,
+  student_answer TEXT, student_conf REAL,   -- student_answer / teacher_answer: JSON
+  teacher_answer TEXT,
+  reason TEXT NOT NULL CHECK (reason IN ('routed','shadow_disagreement','feedback','degraded')),
+  note TEXT,
+  status TEXT NOT NULL DEFAULT 'new' CHECK (status IN ('new','consumed')),
+  round INTEGER);
+CREATE INDEX IF NOT EXISTS failure_queue_status ON failure_queue(status);
+-- serve: API keys, salted sha256 only; the raw key is shown once at creation and never stored
+CREATE TABLE IF NOT EXISTS api_keys(
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, salt TEXT NOT NULL, hash TEXT NOT NULL,
+  created_at REAL NOT NULL, revoked_at REAL);
 """
 
 
@@ -138,8 +156,12 @@ class Store:
             raise DistillError(f"{self.path}: cannot write: {e}", hint=_db_hint(e)) from None
         try:
             yield self.conn
+        except sqlite3.OperationalError as e:
+            # read-only file, disk full, lock timeout: the transaction is undone as a whole
+            self._rollback()
+            raise DistillError(f"{self.path}: write failed: {e}", hint=_db_hint(e)) from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         else:
             try:
@@ -147,6 +169,10 @@ class Store:
             except sqlite3.OperationalError as e:
                 self.conn.execute("ROLLBACK")
                 raise DistillError(f"{self.path}: commit failed: {e}", hint=_db_hint(e)) from None
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     def q(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         return self.conn.execute(sql, params).fetchall()

@@ -12,6 +12,7 @@ Three kinds of task:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -321,6 +322,13 @@ DEFAULT_SYSTEM = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _template(source: str) -> jinja2.Template:
+    # compiling a template costs ~5 ms; labelling renders every input's prompt on every run (to find the
+    # inputs whose cache key changed), so 100k inputs would spend minutes compiling the same two strings
+    return _ENV.from_string(source)
+
+
 def render_messages(spec: ProjectSpec, text: str, segment: str | None = None, meta: dict | None = None,
                     rationale: bool = False) -> list[dict[str, str]]:
     """Chat messages for one input. Deterministic: the same input always renders the same bytes, which is
@@ -336,8 +344,8 @@ def render_messages(spec: ProjectSpec, text: str, segment: str | None = None, me
     }
     system_tpl = spec.prompt.system if spec.prompt.system is not None else DEFAULT_SYSTEM[spec.kind]
     try:
-        system = _ENV.from_string(system_tpl).render(**ctx).strip()
-        user = _ENV.from_string(spec.prompt.user).render(**ctx)
+        system = _template(system_tpl).render(**ctx).strip()
+        user = _template(spec.prompt.user).render(**ctx)
     except jinja2.UndefinedError as e:
         raise DistillError(
             f"prompt template uses an unknown variable: {e.message}",
@@ -398,8 +406,8 @@ def parse_answer(spec: ProjectSpec, text: str | None) -> Any:
         if cand.startswith("{"):
             try:
                 obj = json.loads(_FENCE.sub("", cand))
-                cand = str(obj.get("label", "")) if isinstance(obj, dict) else cand
-            except json.JSONDecodeError:
+                cand = str(obj.get("label", "")).strip() if isinstance(obj, dict) else cand
+            except (ValueError, RecursionError):  # bad JSON, >4300-digit ints, absurd nesting: not a JSON label
                 pass
         cand = cand.splitlines()[0] if cand.strip() else cand
         by_norm = {_norm_label(n): n for n in spec.label_names}
@@ -417,6 +425,8 @@ def parse_answer(spec: ProjectSpec, text: str | None) -> Any:
             obj = json.loads(body)
         except json.JSONDecodeError as e:
             raise ParseError("bad_json", f"{e.msg} at char {e.pos}") from None
+        except (ValueError, RecursionError) as e:  # >4300-digit integers, nesting deeper than the stack
+            raise ParseError("bad_json", str(e)[:200]) from None
         try:
             jsonschema.validate(obj, spec.json_schema or {})
         except jsonschema.ValidationError as e:

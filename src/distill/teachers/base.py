@@ -52,3 +52,14 @@ class TeacherUnavailable(DistillError):
 
 class TeacherAuthError(DistillError):
     """The teacher rejected our credentials. Stop the run: every further call would fail the same way."""
+
+
+class NoAnswer(Exception):
+    """This one input gets no answer, for a reason that retrying will not fix (e.g. a replay recording
+    has no entry for it). The labeller records a failed label with ``reason`` and moves on; nothing was
+    paid, so no teacher_calls row is written."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,654 @@
+"""``distill eval``: student vs teacher vs a cheap baseline on the locked test split, with a quality gate.
+
+The recipe, top to bottom (``evaluate``):
+
+1. Load the student (the latest ``train`` run unless a folder is given) and the test split. Test rows are
+   never filtered (``dataset.rows``): dropping the hard cases would flatter everyone.
+2. Three systems answer every test row:
+   - **student**: argmax of ``predict_proba``;
+   - **teacher**: its stored label. Rows where it failed or never answered count as *wrong* against gold
+     (counted in ``test.teacher_failed``). Human corrections are not the teacher's work, so the teacher is
+     scored on its own label even where a correction exists;
+   - **base**: TF-IDF + logistic regression fit on the same kept train rows the student saw. It is the
+     first thing a sceptic tries; a student that does not beat it is not worth serving.
+3. Each system is scored vs **gold** (accuracy, macro-F1) and vs the **teacher** (agreement), with seeded
+   percentile-bootstrap 95% CIs; retention = student/teacher on gold, recomputed per resample; per segment;
+   calibration (ECE); the student's top confusions with example texts.
+4. Latency and cost: the student and base are timed here; the teacher's latency and cost come from the
+   ledger (``teacher_calls``), i.e. what labelling actually took and cost.
+5. The gate (``spec.quality``) turns all that into pass/fail with sentences a person can act on.
+6. The JSON is written atomically to ``reports/eval-<model run id>.json`` and registered as an ``eval`` run.
+
+Only ``classify`` projects are evaluated today (the student is a classifier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from distill import metrics as M
+from distill.dataset import rows as dataset_rows
+from distill.errors import DistillError
+from distill.project import Project
+from distill.runinfo import git_sha
+
+RESAMPLES = 1000   # bootstrap draws per CI; >= 1000 keeps the 2.5% tail stable (25 draws beyond it)
+SEED = 0           # one seed for every CI, so systems are compared on the same resamples (paired)
+N_BINS = 10        # reliability-diagram bins (Guo et al. use 15; 10 reads better at test-set sizes)
+TOP_CONFUSIONS = 10
+EXAMPLES_PER_CONFUSION = 3
+EXAMPLE_CHARS = 300  # example texts are cut so the JSON/HTML stay small
+BATCH = 32           # throughput batch size
+
+
+@dataclass
+class EvalResult:
+    """Everything ``distill eval`` measured. ``to_dict()`` is the JSON written to ``reports/``."""
+
+    model_run_id: str
+    model_path: str | None
+    teacher: str
+    task: str
+    created_at: float
+    test: dict                       # n, n_gold, teacher_failed, label counts, test-set hash
+    systems: dict                    # name -> scores (see _score_system)
+    headline: dict                   # name -> {metric: {value, ci}} (the table the CLI prints)
+    teacher_quality: str             # the teacher's own quality vs gold, in one sentence
+    confusions: dict                 # student vs gold (or teacher) top confused pairs with examples
+    latency: dict
+    cost: dict
+    lineage: dict
+    gate: dict                       # {passed, metric, against, failures, warnings}
+    notes: list[str] = field(default_factory=list)
+    json_path: str | None = None
+    version: int = 1
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+def evaluate(project: Project, *, model_path: str | None = None, student=None, teacher: str | None = None,
+             cpu_hour_usd: float = 0.10, latency_samples: int = 200, progress: bool = True) -> EvalResult:
+    """Evaluate the student (a folder, the latest trained model, or an already loaded ``student`` object with
+    ``labels``, ``predict_proba(texts, batch_size)`` and ``size_bytes()``) on the locked test split."""
+    spec = project.spec
+    say = _say if progress else (lambda *a: None)
+    if spec.kind != "classify":
+        raise DistillError(
+            f"`distill eval` supports kind 'classify' today; this project is '{spec.kind}'",
+            hint="extract/generate students are evaluated by their own recipes for now",
+        )
+    if cpu_hour_usd < 0:
+        raise DistillError(f"--cpu-hour-usd must be >= 0, got {cpu_hour_usd}")
+    if latency_samples < 0:
+        raise DistillError(f"latency_samples must be >= 0, got {latency_samples}")
+
+    # 1. model, teacher, test split ------------------------------------------------------------------
+    student, run_id, path, record = _resolve_student(project, model_path, student)
+    tname = teacher or _record_teacher(record) or spec.get_teacher(None).name
+    tspec = spec.get_teacher(tname)
+    notes: list[str] = []
+    test = _test_table(project, tname, notes)
+    n = len(test["ids"])
+    classes = list(spec.label_names)
+    extra = sorted({g for g in test["gold"] if g is not None and g not in classes}, key=str)
+    if extra:
+        notes.append(f"gold labels not in the spec's label set were kept as their own classes: {extra}")
+        classes += extra
+    unknown = [lab for lab in student.labels if lab not in classes]
+    if unknown:
+        raise DistillError(
+            f"the model at {path} predicts labels that are not in distill.yaml: {unknown}",
+            hint="the label set changed after training; retrain with `distill train`",
+        )
+    say(f"eval: {n} test rows ({test['n_gold']} with gold), teacher '{tname}', model {run_id}")
+
+    # 2. three systems answer -------------------------------------------------------------------------
+    say("eval: student predictions")
+    texts = test["texts"]
+    _ = student.predict_proba(texts[:2], batch_size=BATCH)  # warm-up (lazy init, allocator) before timing
+    t0 = time.perf_counter()
+    probs = np.asarray(student.predict_proba(texts, batch_size=BATCH), dtype=float)
+    student_batch_s = time.perf_counter() - t0
+    if probs.shape != (n, len(student.labels)):
+        raise DistillError(f"the model returned probabilities of shape {probs.shape}, expected ({n}, {len(student.labels)})",
+                           hint="the model folder may be damaged; retrain it")
+    s_pred = [student.labels[i] for i in probs.argmax(axis=1)]
+    s_conf = probs.max(axis=1).tolist()
+
+    say("eval: TF-IDF + logistic regression baseline")
+    base, base_reason = _train_baseline(project, tname)
+    if base is not None:
+        bp = base.predict_proba(texts)
+        b_pred = [str(base.classes_[i]) for i in bp.argmax(axis=1)]
+        b_conf = bp.max(axis=1).tolist()
+        unknown_b = sorted({b for b in b_pred if b not in classes})
+        if unknown_b:  # the teacher answered something outside the label set; keep it visible as a class
+            classes += unknown_b
+
+    # 3. scores ---------------------------------------------------------------------------------------
+    say("eval: scoring with bootstrap CIs")
+    t_pred, t_conf = test["teacher_pred"], test["teacher_conf"]
+    for t in t_pred:
+        if t is not None and t not in classes:
+            classes.append(t)
+    codes = _Codes(classes, test["gold"], t_pred, test["segments"])
+    min_seg = spec.quality.min_segment_size
+    f1_vs_teacher = spec.quality.against == "teacher" and spec.quality.metric == "macro_f1"
+    systems: dict[str, dict] = {
+        "student": _score_system("student", s_pred, s_conf, codes, min_seg, f1_vs_teacher),
+        "teacher": _score_system("teacher", t_pred, t_conf, codes, min_seg),
+    }
+    cfg = record.get("config") if isinstance(record.get("config"), dict) else {}
+    systems["student"]["description"] = f"distilled student ({cfg.get('base') or cfg.get('model') or path})"
+    systems["teacher"]["description"] = f"teacher '{tname}' ({tspec.kind}: {tspec.model or tspec.path or ''})"
+    if base is not None:
+        systems["base"] = _score_system("base", b_pred, b_conf, codes, min_seg)
+        systems["base"]["description"] = "TF-IDF (1-2 grams) + logistic regression on the same kept train labels"
+    else:
+        systems["base"] = {"available": False, "reason": base_reason}
+    for name in ("student", "base"):
+        if systems[name].get("available", True) and codes.n_gold:
+            systems[name]["retention"] = _retention(codes, codes.encode(s_pred if name == "student" else b_pred),
+                                                    codes.teacher)
+
+    confusions = _confusions(codes, s_pred, test)
+
+    # 4. latency and cost -----------------------------------------------------------------------------
+    say(f"eval: latency ({latency_samples} requests at batch 1)")
+    latency = {"student": _time_student(student, texts, latency_samples, student_batch_s),
+               "teacher": _teacher_ledger(project, tname)}
+    latency["student"]["size_bytes"] = int(student.size_bytes())
+    if base is not None:
+        latency["base"] = _time_base(base, texts, latency_samples)
+    cost = _cost(latency, tspec.price.per_hour, cpu_hour_usd)
+
+    # 5. gate, headline -------------------------------------------------------------------------------
+    gate = _gate(spec.quality, systems["student"], codes)
+    headline = _headline(systems)
+    tq = _teacher_sentence(tname, systems["teacher"], test)
+    lineage = {
+        "model_run_id": run_id,
+        "model_path": path,
+        "training_record": record,
+        "teacher": {"name": tname, **tspec.identity(), "terms": tspec.terms.model_dump()},
+        "filters": spec.filters.model_dump(),
+        "filter_run": _latest_filter_run(project, tname),
+        "test_hash": test["hash"],
+        "code_git_sha": git_sha(),
+    }
+    res = EvalResult(
+        model_run_id=run_id, model_path=path, teacher=tname, task=spec.name, created_at=time.time(),
+        test={k: test[k] for k in ("n", "n_gold", "teacher_failed", "teacher_unlabelled", "teacher_failed_reasons",
+                                   "gold_counts", "segment_counts", "hash")},
+        systems=systems, headline=headline, teacher_quality=tq, confusions=confusions, latency=latency,
+        cost=cost, lineage=lineage, gate=gate, notes=notes + _standing_notes(test),
+    )
+
+    # 6. write + register -----------------------------------------------------------------------------
+    out = project.reports_dir / f"eval-{_safe(run_id)}.json"
+    res.json_path = str(out)
+    _write_json_atomic(out, res.to_dict())
+    project.store.put_run(f"eval-{run_id}", "eval", "done", str(out), {
+        "model_run_id": run_id, "teacher": tname, "gate": {"passed": gate["passed"]}, "headline": headline,
+    })
+    say(f"eval: {tq}")
+    say(f"eval: wrote {out}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. inputs
+
+
+def _resolve_student(project: Project, model_path: str | None, student) -> tuple[Any, str, str | None, dict]:
+    """(student object, model run id, folder, training record). The run is the one whose ``path`` is the
+    given folder, else the latest done ``train`` run."""
+    if model_path is not None:
+        # The trainer registers resolved paths; accept the folder as typed or resolved.
+        rows = project.store.q("SELECT * FROM runs WHERE kind='train' AND path IN (?, ?) ORDER BY created_at DESC "
+                               "LIMIT 1", (str(model_path), str(Path(model_path).resolve())))
+        run = rows[0] if rows else None
+        if student is None and not Path(model_path).exists():
+            raise DistillError(f"--model {model_path}: no such folder", hint="pass a folder written by `distill train`")
+    else:
+        run = project.store.latest_run("train")
+    path = model_path or (run["path"] if run is not None else None)
+    if student is None:
+        if path is None:
+            raise DistillError(f"{project.root}: no trained model to evaluate",
+                               hint="run `distill train` first, or pass --model FOLDER")
+        if not Path(path).exists():
+            raise DistillError(f"the latest trained model's folder {path} is missing",
+                               hint="retrain with `distill train` or pass --model FOLDER")
+        from distill.students.classifier import ClassifierStudent  # heavy (torch); only when needed
+
+        student = ClassifierStudent.load(path, device="auto")
+    record = json.loads(run["record"]) if run is not None else {}
+    run_id = run["id"] if run is not None else (Path(path).name if path else "student")
+    return student, run_id, path, record
+
+
+def _record_teacher(record: dict) -> str | None:
+    """The teacher a model was trained on: the training record stores {identity: {name, ...}, terms, ...}."""
+    t = record.get("teacher")
+    if isinstance(t, dict):
+        return (t.get("identity") or {}).get("name") or t.get("name")
+    return t if isinstance(t, str) else None
+
+
+def _test_table(project: Project, teacher: str, notes: list[str]) -> dict:
+    """The locked test split as parallel lists, plus the teacher's *own* label per row (not corrections)."""
+    rows = dataset_rows(project, teacher, ("test",))
+    if not rows:
+        raise DistillError(f"{project.root}: the test split is empty",
+                           hint="import more inputs (splits.test in distill.yaml sets the share that goes to test)")
+    labels = {r["example_id"]: r for r in project.store.q(
+        "SELECT example_id, status, answer, probs, confidence, reason FROM labels WHERE teacher=? AND example_id IN "
+        "(SELECT id FROM examples WHERE split='test')", (teacher,))}
+    t_pred, t_conf, failed, unlabelled, reasons = [], [], 0, 0, {}
+    for r in rows:
+        lab = labels.get(r.id)
+        if lab is None or lab["status"] != "ok":
+            t_pred.append(None)
+            t_conf.append(None)
+            if lab is None:
+                unlabelled += 1
+            else:
+                failed += 1
+                reasons[lab["reason"] or "unknown"] = reasons.get(lab["reason"] or "unknown", 0) + 1
+            continue
+        ans = json.loads(lab["answer"])
+        pr = json.loads(lab["probs"]) if lab["probs"] else None
+        t_pred.append(ans)
+        # The teacher's probability of its own answer: from its distribution when stored, else its confidence.
+        t_conf.append(float(pr[ans]) if pr and ans in pr else lab["confidence"])
+    if unlabelled:
+        notes.append(f"{unlabelled} test rows have no label from teacher '{teacher}' (run `distill label`); "
+                     "they count as wrong for the teacher")
+    gold = [r.gold for r in rows]
+    h = hashlib.sha256(json.dumps([[r.id, r.gold] for r in rows], sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "ids": [r.id for r in rows], "texts": [r.text for r in rows], "segments": [r.segment for r in rows],
+        "gold": gold, "teacher_pred": t_pred, "teacher_conf": t_conf,
+        "n": len(rows), "n_gold": sum(g is not None for g in gold),
+        "teacher_failed": failed, "teacher_unlabelled": unlabelled, "teacher_failed_reasons": reasons,
+        "gold_counts": M.counts([g for g in gold if g is not None]),
+        "segment_counts": M.counts(["(none)" if s is None else s for s in (r.segment for r in rows)]),
+        "hash": h,
+    }
+
+
+def _train_baseline(project: Project, teacher: str):
+    """TF-IDF + logistic regression on the kept train rows' effective answers (the student's training data)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    train = [r for r in dataset_rows(project, teacher, ("train",)) if r.answer is not None]
+    ys = [str(r.answer) for r in train]
+    if len(set(ys)) < 2:
+        return None, f"needs kept train rows with at least two different labels; found {len(train)} rows, {len(set(ys))} labels"
+    # sublinear tf and word 1-2 grams: the standard strong linear text baseline (e.g. Wang & Manning 2012).
+    pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                         LogisticRegression(max_iter=2000, C=10.0))
+    pipe.fit([r.text for r in train], ys)
+    pipe.n_train_ = len(train)
+    return pipe, None
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. scores
+
+
+class _Codes:
+    """Integer-coded gold / teacher / segments, so each bootstrap resample is a few numpy ops."""
+
+    def __init__(self, classes: list, gold: list, teacher: list, segments: list):
+        self.classes = classes
+        self.k = len(classes)
+        self.gold = M.encode(gold, classes)          # -1 = no gold
+        self.teacher = M.encode(teacher, classes)    # -1 = teacher failed
+        self.segments = segments
+        self.gi = np.flatnonzero(self.gold >= 0)     # rows with gold
+        self.ti = np.flatnonzero(self.teacher >= 0)  # rows where the teacher answered
+        self.n_gold = len(self.gi)
+
+    def encode(self, pred: list) -> np.ndarray:
+        return M.encode(pred, self.classes)
+
+
+def _stat(value: float, ci: tuple[float, float], n: int) -> dict:
+    return {"value": value, "ci": [ci[0], ci[1]], "n": n}
+
+
+def _metric(stat: Callable[[np.ndarray], float], n: int) -> dict:
+    return _stat(stat(np.arange(n)), M.bootstrap_ci(stat, n, resamples=RESAMPLES, seed=SEED), n)
+
+
+def _gold_stats(c: _Codes, p: np.ndarray) -> dict[str, Callable[[np.ndarray], float]]:
+    g, pg = c.gold[c.gi], p[c.gi]
+    right = (pg == g).astype(float)
+    return {"accuracy": lambda i: float(right[i].sum()) / len(i) if len(i) else math.nan,
+            "macro_f1": lambda i: M.macro_f1_codes(g[i], pg[i], c.k)}
+
+
+def _teacher_stats(c: _Codes, p: np.ndarray) -> dict[str, Callable[[np.ndarray], float]]:
+    t, pt = c.teacher[c.ti], p[c.ti]
+    same = (pt == t).astype(float)
+    return {"agreement": lambda i: float(same[i].sum()) / len(i) if len(i) else math.nan,
+            "macro_f1": lambda i: M.macro_f1_codes(t[i], pt[i], c.k)}
+
+
+def _score_system(name: str, pred: list, conf: list, c: _Codes, min_seg: int, seg_teacher_f1: bool = False) -> dict:
+    """vs gold, vs teacher, per segment and calibration for one system's predictions."""
+    p = c.encode(pred)
+    out: dict[str, Any] = {"available": True, "n": len(pred), "no_answer": int((p < 0).sum())}
+    seg_gold = [c.segments[i] for i in c.gi]
+    seg_teacher = [c.segments[i] for i in c.ti]
+    segs: dict[str, dict] = {}
+    if c.n_gold:
+        gs = _gold_stats(c, p)
+        out["vs_gold"] = {m: _metric(f, c.n_gold) for m, f in gs.items()}
+        for m, f in gs.items():
+            for b in M.per_segment(seg_gold, f, min_size=min_seg, resamples=RESAMPLES, seed=SEED):
+                segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_gold"] = b
+    else:
+        out["vs_gold"] = None
+    if name != "teacher" and len(c.ti):
+        ts = _teacher_stats(c, p)
+        out["vs_teacher"] = {m: _metric(f, len(c.ti)) for m, f in ts.items()}
+        # Per segment vs the teacher: agreement only, unless the gate scores macro-F1 against the teacher
+        # (each per-segment CI is another 1000 resamples per segment).
+        for m, f in ts.items():
+            if m == "macro_f1" and not seg_teacher_f1:
+                continue
+            for b in M.per_segment(seg_teacher, f, min_size=min_seg, resamples=RESAMPLES, seed=SEED):
+                segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_teacher"] = b
+    else:
+        out["vs_teacher"] = None
+    for s in segs.values():
+        s["n"] = sum(1 for x in c.segments if ("(none)" if x is None else str(x)) == s["segment"])
+    out["segments"] = [segs[k] for k in sorted(segs)]
+    out["calibration"] = _calibration(p, conf, c)
+    return out
+
+
+def _calibration(p: np.ndarray, conf: list, c: _Codes) -> dict | None:
+    """ECE + reliability bins against gold where there is gold, else against the teacher."""
+    ref, idx, against = (c.gold, c.gi, "gold") if c.n_gold else (c.teacher, c.ti, "teacher")
+    rows = [i for i in idx if conf[i] is not None and p[i] >= 0]
+    if not rows:
+        return None
+    cf = [float(conf[i]) for i in rows]
+    right = [bool(p[i] == ref[i]) for i in rows]
+    return {"against": against, "n": len(rows), "ece": M.ece(cf, right, N_BINS),
+            "bins": M.reliability_bins(cf, right, N_BINS), "mean_confidence": float(np.mean(cf)),
+            "accuracy": float(np.mean(right))}
+
+
+def _retention(c: _Codes, p: np.ndarray, t: np.ndarray) -> dict:
+    """system metric / teacher metric on gold, with the ratio recomputed on each (paired) resample."""
+    sg, tg = _gold_stats(c, p), _gold_stats(c, t)
+    out = {}
+    for m in ("accuracy", "macro_f1"):
+        f = (lambda i, m=m: M.retention(sg[m](i), tg[m](i)))
+        out[m] = _metric(f, c.n_gold)
+    return out
+
+
+def _confusions(c: _Codes, s_pred: list, test: dict) -> dict:
+    against = "gold" if c.n_gold else "teacher"
+    idx = c.gi if c.n_gold else c.ti
+    ref = [test["gold"][i] if against == "gold" else test["teacher_pred"][i] for i in idx]
+    pred = [s_pred[i] for i in idx]
+    pairs = M.confused_pairs(ref, pred, top=TOP_CONFUSIONS)
+    for pr in pairs:
+        rows = [idx[r] for r in pr.pop("rows")]
+        pr["examples"] = [{"id": test["ids"][i], "text": _cut(test["texts"][i]), "segment": test["segments"][i],
+                           "teacher": test["teacher_pred"][i]} for i in rows[:EXAMPLES_PER_CONFUSION]]
+    return {"system": "student", "against": against, "n": len(idx), "n_errors": sum(r != p for r, p in zip(ref, pred)),
+            "pairs": pairs}
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. latency and cost
+
+
+def _time_student(student, texts: list[str], samples: int, batch_s: float) -> dict:
+    """p50/p95 of single-text requests (what one API call to a served student costs) and throughput at
+    batch 32 from the full test-set pass (what bulk scoring costs)."""
+    lat = []
+    for i in range(samples):
+        t = texts[i % len(texts)]
+        t0 = time.perf_counter()
+        student.predict_proba([t], batch_size=1)
+        lat.append(time.perf_counter() - t0)
+    out = {"batch1": M.latency_percentiles(lat)}
+    out["throughput"] = {"batch_size": BATCH, "n": len(texts), "seconds": batch_s,
+                         "texts_per_s": len(texts) / batch_s if batch_s > 0 else None}
+    return out
+
+
+def _time_base(base, texts: list[str], samples: int) -> dict:
+    lat = []
+    for i in range(samples):
+        t0 = time.perf_counter()
+        base.predict_proba([texts[i % len(texts)]])
+        lat.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    base.predict_proba(texts)
+    s = time.perf_counter() - t0
+    return {"batch1": M.latency_percentiles(lat),
+            "throughput": {"batch_size": len(texts), "n": len(texts), "seconds": s,
+                           "texts_per_s": len(texts) / s if s > 0 else None}}
+
+
+def _teacher_ledger(project: Project, teacher: str) -> dict:
+    """The teacher's real latency and cost, from every call in the ledger (all splits, retries included)."""
+    calls = project.store.q("SELECT latency_s, cost FROM teacher_calls WHERE teacher=?", (teacher,))
+    lat = [float(r["latency_s"]) for r in calls]
+    costs = [float(r["cost"]) for r in calls]
+    return {"source": "ledger", "calls": len(calls), "total_cost_usd": float(sum(costs)),
+            "mean_cost_usd": float(np.mean(costs)) if costs else None, "batch1": M.latency_percentiles(lat)}
+
+
+def _cost(latency: dict, teacher_per_hour: float, cpu_hour_usd: float) -> dict:
+    """USD per 1M requests. Student/base: measured mean seconds per single request × CPU-hour price.
+    Teacher: mean ledger cost per call × 1e6. For a local teacher priced by the hour the labeller already
+    charges wall time into the ledger, so the per-hour estimate is shown separately and only used when the
+    ledger holds no cost at all (never added, which would count the same hours twice)."""
+    out: dict[str, Any] = {"cpu_hour_usd": cpu_hour_usd}
+    for name in ("student", "base"):
+        if name in latency:
+            mean_s = latency[name]["batch1"]["mean_s"]
+            tput = latency[name]["throughput"]["texts_per_s"]
+            out[name] = {
+                "per_1m_usd": None if mean_s is None else mean_s * cpu_hour_usd / 3600 * 1e6,
+                "per_1m_usd_batched": None if not tput else (1 / tput) * cpu_hour_usd / 3600 * 1e6,
+                "basis": "mean seconds per request at batch 1 × cpu_hour_usd",
+            }
+    t = latency["teacher"]
+    ledger = None if t["mean_cost_usd"] is None else t["mean_cost_usd"] * 1e6
+    hourly = (t["batch1"]["mean_s"] * teacher_per_hour / 3600 * 1e6
+              if teacher_per_hour and t["batch1"]["mean_s"] is not None else None)
+    use = ledger if ledger else hourly if hourly is not None else ledger
+    out["teacher"] = {"per_1m_usd": use, "ledger_per_1m_usd": ledger, "per_hour_usd": teacher_per_hour or None,
+                      "per_hour_per_1m_usd": hourly,
+                      "basis": "ledger mean cost per call" if ledger else
+                      ("spec price.per_hour × mean ledger latency" if hourly is not None else "no calls in the ledger")}
+    s = out["student"]["per_1m_usd"]
+    out["teacher_over_student"] = use / s if use and s else None
+    tl, sl = t["batch1"]["p50_s"], latency["student"]["batch1"]["p50_s"]
+    latency["teacher_over_student_p50"] = tl / sl if tl and sl else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. gate and summary
+
+
+def _gate(q, student: dict, c: _Codes) -> dict:
+    """Apply ``spec.quality`` to the student. Point estimates decide; a CI reaching below the threshold is a
+    warning (the test set is too small to be sure), not a failure."""
+    metric, against = q.metric, q.against
+    failures: list[str] = []
+    warnings: list[str] = []
+    if metric == "agreement":
+        against = "teacher"
+    if metric in ("field_f1",):
+        failures.append(f"quality.metric '{metric}' applies to extract tasks; use accuracy, macro_f1 or agreement")
+        return {"passed": False, "metric": metric, "against": against, "failures": failures, "warnings": warnings}
+    if metric == "exact_match":
+        warnings.append("quality.metric exact_match on a classify task is accuracy")
+    key = {"gold": {"accuracy": "accuracy", "exact_match": "accuracy", "macro_f1": "macro_f1"},
+           "teacher": {"accuracy": "agreement", "exact_match": "agreement", "agreement": "agreement",
+                       "macro_f1": "macro_f1"}}[against][metric]
+    scores = student.get(f"vs_{against}")
+    label = f"student {key} vs {against}"
+    if not scores:
+        failures.append(f"cannot compute {label}: the test split has no "
+                        + ("gold labels (import a gold column, or set quality.against: teacher)" if against == "gold"
+                           else "teacher labels (run `distill label`)"))
+        return {"passed": False, "metric": key, "against": against, "failures": failures, "warnings": warnings}
+    s = scores[key]
+    _check(f"{label} = {_f(s['value'])} [95% CI {_f(s['ci'][0])}, {_f(s['ci'][1])}] on n={s['n']}",
+           s, q.overall, "quality.overall", failures, warnings)
+    segs = [x[f"{key}_vs_{against}"] for x in student["segments"] if f"{key}_vs_{against}" in x]
+    worst = M.worst_segment(segs)
+    small = [x["segment"] for x in segs if not x["gated"]]
+    if worst is None:
+        warnings.append(f"no segment has >= {q.min_segment_size} rows (quality.min_segment_size); "
+                        "worst-segment check skipped")
+    else:
+        _check(f"worst segment '{worst['segment']}' (n={worst['n']}): {label} = {_f(worst['value'])} "
+               f"[95% CI {_f(worst['ci'][0])}, {_f(worst['ci'][1])}]", worst, q.worst_segment,
+               "quality.worst_segment", failures, warnings)
+    if small:
+        warnings.append(f"segments smaller than {q.min_segment_size} rows are reported but not gated: {small}")
+    return {"passed": not failures, "metric": key, "against": against, "overall_threshold": q.overall,
+            "worst_segment_threshold": q.worst_segment, "min_segment_size": q.min_segment_size,
+            "value": s["value"], "ci": s["ci"], "worst_segment": worst, "failures": failures, "warnings": warnings}
+
+
+def _check(what: str, s: dict, threshold: float, name: str, failures: list, warnings: list) -> None:
+    v = s["value"]
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v < threshold:
+        failures.append(f"{what} is below the threshold {name} = {threshold:g}")
+    elif s["ci"][0] is not None and s["ci"][0] < threshold:
+        warnings.append(f"{what} passes {name} = {threshold:g}, but the CI's lower end is below it: "
+                        "more test rows are needed to be sure")
+
+
+def _headline(systems: dict) -> dict:
+    out = {}
+    for name, s in systems.items():
+        if not s.get("available"):
+            continue
+        row = {}
+        for m, v in (s.get("vs_gold") or {}).items():
+            row[f"{m} (gold)"] = {"value": v["value"], "ci": v["ci"]}
+        for m, v in (s.get("vs_teacher") or {}).items():
+            row[f"{m} (teacher)" if m != "agreement" else "agreement"] = {"value": v["value"], "ci": v["ci"]}
+        if s.get("retention"):
+            r = s["retention"]["accuracy"]
+            row["retention"] = {"value": r["value"], "ci": r["ci"]}
+        out[name] = {k: v for k, v in row.items() if not _bad(v["value"])}
+    return _jsonable(out)
+
+
+def _teacher_sentence(name: str, t: dict, test: dict) -> str:
+    g = t.get("vs_gold")
+    if not g:
+        return (f"teacher {name}: quality vs gold unknown — the test split has no gold labels, so the student is "
+                "only measured against the teacher")
+    a, f1 = g["accuracy"], g["macro_f1"]
+    miss = test["teacher_failed"] + test["teacher_unlabelled"]
+    return (f"teacher {name}: accuracy {_f(a['value'])} [{_f(a['ci'][0])}, {_f(a['ci'][1])}], macro-F1 "
+            f"{_f(f1['value'])} [{_f(f1['ci'][0])}, {_f(f1['ci'][1])}] vs gold on n={a['n']}"
+            + (f" ({miss} {'row' if miss == 1 else 'rows'} without a teacher answer counted as wrong)" if miss else ""))
+
+
+def _standing_notes(test: dict) -> list[str]:
+    return [
+        "all rows of the locked test split are scored; nothing is filtered out",
+        f"rows where the teacher failed ({test['teacher_failed']}) or never answered ({test['teacher_unlabelled']}) "
+        "count as wrong for the teacher vs gold; agreement with the teacher is measured on the rows it answered",
+        "CIs are seeded percentile-bootstrap 95% intervals over test rows (1000 resamples); retention is "
+        "recomputed per resample",
+    ]
+
+
+def _latest_filter_run(project: Project, teacher: str) -> dict | None:
+    rows = project.store.q("SELECT * FROM filter_runs WHERE teacher=? ORDER BY id DESC LIMIT 1", (teacher,))
+    if not rows:
+        return None
+    r = rows[0]
+    return {"id": r["id"], "config": json.loads(r["config"]), "kept": r["kept"], "dropped": r["dropped"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg, highlight=False, markup=False)
+
+
+def _f(x) -> str:
+    return "n/a" if _bad(x) else f"{x:.3f}"
+
+
+def _bad(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 1] + "…"
+
+
+def _safe(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
+
+
+def _jsonable(x):
+    """NaN/inf -> None (JSON has no NaN), numpy scalars -> Python, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file or the
+    new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DistillError(f"cannot write {path}: {e.strerror}", hint="check free space and permissions of reports/") from None

@@ -1,0 +1,592 @@
+"""Labelling at volume: ask a teacher about every input once, pay once, lose nothing.
+
+    python -m distill.labeling PROJECT [--teacher NAME] [--budget USD] [--limit N]
+    (the CLI equivalent is ``distill label PROJECT --teacher NAME``)
+
+The recipe, top to bottom (``label``):
+1. take the project's exclusive lock (two labellers would pay twice for the same inputs);
+2. refuse a teacher whose terms forbid training on its outputs unless ``accept_terms``;
+3. find the work: every example of ``splits`` whose ok label is not *current*. A label is current when
+   its ``call_key`` is one of the keys the example renders to now (attempt 0..max_parse_retries). So a
+   new prompt template or new sampling parameters make new keys and the inputs are labelled again,
+   while an unchanged project does no work. Failed inputs are always re-processed: with an unchanged
+   prompt every attempt is answered from the cache, so they stay failed for free; with a changed prompt
+   they get a fresh chance (new keys, new paid calls);
+4. for each input, under the limiter (RPM/TPM/concurrency): for attempt 0..max_parse_retries, key =
+   ``cache_key(identity, messages, attempt)``; a key already in ``teacher_calls`` is a cache hit (no
+   call); otherwise check the budget, call the teacher, and commit in ONE transaction the ledger row
+   and (when the answer parses, or when this was the last attempt) the labels row. An answer that does
+   not parse is stored as a ``parse_error`` call and re-asked with the next attempt's key. Nothing is
+   counted done before its commit, so ``kill -9`` loses at most the calls in flight - and those are sent
+   again with the same Idempotency-Key, so a provider that honours it does not charge twice;
+5. ensembles: label with each member (their own rows), then write one combined label per input.
+
+Probabilities for classify (``labels.probs`` / ``confidence``), in order of preference:
+- ``reply.label_probs`` (a local teacher that scored every label): exact, renormalised over the labels;
+- n > 1 samples: vote shares among the samples that parsed;
+- logprobs of one sample: confidence = exp(sum of the log-probabilities of the answer's tokens), the
+  probability the teacher gave to the exact answer string. probs is an approximation from the
+  first answer token's top_logprobs: each alternative token's probability goes to the labels whose name
+  starts with that token (split equally between labels that share it), renormalised over the labels.
+  It ignores later tokens, so labels with a common first token ("neg" in negative/negation) are not
+  told apart; when no alternative matches a label, probs is None.
+``agreement`` is the share of the n samples whose answer equals the first sample's (n > 1 only).
+
+asyncio + httpx: all sqlite writes happen in the event-loop thread (sqlite3 connections are
+single-thread), and each is synchronous, so cancellation (Ctrl-C) can never interrupt half a transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from distill.errors import DistillError
+from distill.project import Project
+from distill.ratelimit import Limiter, estimate_prompt_tokens
+from distill.task import (ParseError, ProjectSpec, TeacherSpec, answer_key, cache_key, parse_answer,
+                          render_messages, split_rationale)
+from distill.teachers import make_teacher
+from distill.teachers.base import NoAnswer, Teacher, TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
+from distill.teachers.ensemble import MemberAnswer, combine
+
+SPLITS = ("train", "validation", "test")
+# A single TeacherUnavailable is one input whose retries ran out (left unlabelled, retried next run). This
+# many in a row with no success in between means the teacher is down: stop instead of burning retries.
+MAX_CONSECUTIVE_UNAVAILABLE = 3
+
+_console = Console(stderr=True)
+
+
+@dataclass
+class LabelReport:
+    teacher: str
+    total: int = 0                    # examples in the requested splits
+    already_labelled: int = 0         # had a current ok label; not touched
+    cache_hits: int = 0               # attempts answered from teacher_calls (no call)
+    calls: int = 0                    # paid calls made by this run
+    ok: int = 0                       # inputs that ended this run with an ok label
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    spend: float = 0.0                # USD of this run's calls
+    elapsed_s: float = 0.0
+    stopped: str | None = None        # None | 'budget' | 'interrupted' | 'auth' | 'teacher_unavailable'
+    budget: float | None = None
+    ledger_spend: float = 0.0         # the teacher's total spend in the store after this run (what --budget caps)
+    retries: int = 0                  # transport retries (429/5xx/timeouts) inside the calls
+    tokens_in: int = 0
+    tokens_out: int = 0
+    members: list["LabelReport"] = field(default_factory=list)   # ensemble: one report per member
+
+    def message(self) -> str:
+        if self.stopped == "budget":
+            return (f"stopped at ${self.ledger_spend:.4f} of ${self.budget:.4f} budget; "
+                    f"re-run with a larger --budget to continue")
+        if self.stopped == "interrupted":
+            return "interrupted; finished work is saved, re-run to continue"
+        failed = sum(self.failed_by_reason.values())
+        return (f"{self.teacher}: {self.ok} ok, {failed} failed, {self.already_labelled} already labelled; "
+                f"{self.calls} calls, {self.cache_hits} cache hits, ${self.spend:.4f}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- the recipe --------------------------------------------------------------------------------------
+
+
+def label(project: Project, teacher: str | None = None, *, budget: float | None = None, limit: int | None = None,
+          splits: Iterable[str] = SPLITS, accept_terms: bool = False, wait: bool = False,
+          progress: bool = True) -> LabelReport:
+    """Label every input of ``splits`` with ``teacher`` (default: the project's). See the module docstring.
+
+    ``budget`` caps the teacher's *total* ledger spend in USD (all runs), so re-running with a larger budget
+    continues. It is never exceeded: a call starts only if the spend so far, plus the worst-case estimate of
+    every call in flight, plus this call's worst-case estimate (prompt + max_tokens * n) fits. Near the
+    limit a run therefore stops up to ``concurrency`` worst-case calls below the budget. ``limit`` caps the number of inputs worked on in this
+    run. Raises DistillError when the teacher rejects the key or is down (work already committed is kept)."""
+    tspec = project.spec.get_teacher(teacher)
+    splits = _check_splits(splits)
+    if budget is not None and budget < 0:
+        raise DistillError(f"--budget must be >= 0, got {budget}")
+    with project.exclusive("label", wait=wait):
+        members = [project.spec.get_teacher(m) for m in tspec.members] if tspec.kind == "ensemble" else [tspec]
+        for m in members:
+            check_terms(m, accept_terms)
+        scope = [m.name for m in members]
+        if tspec.kind != "ensemble":
+            return _label_one(project, tspec, budget=budget, budget_scope=scope, limit=limit, splits=splits,
+                              progress=progress)
+        report = LabelReport(teacher=tspec.name, budget=budget)
+        t0 = time.monotonic()
+        for m in members:
+            r = _label_one(project, m, budget=budget, budget_scope=scope, limit=limit, splits=splits,
+                           progress=progress)
+            report.members.append(r)
+            for f in ("calls", "cache_hits", "spend", "retries", "tokens_in", "tokens_out"):
+                setattr(report, f, getattr(report, f) + getattr(r, f))
+            report.ledger_spend = r.ledger_spend
+            if r.stopped:
+                report.stopped = r.stopped
+                break
+        write_ensemble_labels(project, tspec, splits, report)
+        report.elapsed_s = time.monotonic() - t0
+        return report
+
+
+def _label_one(project: Project, tspec: TeacherSpec, *, budget: float | None, budget_scope: list[str],
+               limit: int | None, splits: tuple[str, ...], progress: bool) -> LabelReport:
+    limiter = Limiter.from_spec(tspec)
+    teacher = make_teacher(tspec, project, limiter)
+    return label_with(project, tspec, teacher, limiter=limiter, budget=budget, budget_scope=budget_scope,
+                      limit=limit, splits=splits, progress=progress)
+
+
+def label_with(project: Project, tspec: TeacherSpec, teacher: Teacher, *, limiter: Limiter | None = None,
+               budget: float | None = None, budget_scope: list[str] | None = None, limit: int | None = None,
+               splits: Iterable[str] = SPLITS, progress: bool = False) -> LabelReport:
+    """Label with an already-built ``teacher`` object (no lock, no terms check: ``label`` does those).
+    Useful to drive any Teacher implementation, e.g. a test double. Closes the teacher when done."""
+    run = _Run(project, tspec, teacher, limiter or Limiter.from_spec(tspec), budget,
+               budget_scope or [tspec.name], limit, _check_splits(splits), progress)
+    report = asyncio.run(run.main())
+    if run.fatal is not None:
+        e = run.fatal
+        raise type(e)(e.message, hint=(e.hint + "; " if e.hint else "")
+                      + f"{report.ok} labels and {report.calls} calls from this run are saved; re-run to continue")
+    return report
+
+
+def check_terms(tspec: TeacherSpec, accept_terms: bool) -> None:
+    terms = tspec.terms
+    where = f" ({terms.url})" if terms.url else ""
+    if terms.outputs_may_train_models is False and not accept_terms:
+        raise DistillError(
+            f"teacher '{tspec.name}': its terms{where} do not allow training models on its outputs "
+            f"(distill.yaml: teachers[{tspec.name}].terms.outputs_may_train_models is false)",
+            hint="use another teacher, or pass --accept-terms if you have permission (recorded with the data)",
+        )
+    if terms.outputs_may_train_models is None:
+        _console.print(f"[yellow]warning[/]: teacher '{tspec.name}': terms.outputs_may_train_models is not set; "
+                       f"check the provider's terms{where} and set it in distill.yaml")
+
+
+def _check_splits(splits: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(splits)
+    bad = [s for s in out if s not in SPLITS]
+    if bad or not out:
+        raise DistillError(f"unknown split(s) {bad or '(none given)'}", hint=f"use some of {list(SPLITS)}")
+    return out
+
+
+# -- one run against one teacher ---------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    id: str
+    messages: list[dict[str, str]]
+    keys: list[str]                   # one per attempt
+
+
+class _Run:
+    def __init__(self, project: Project, tspec: TeacherSpec, teacher: Teacher, limiter: Limiter,
+                 budget: float | None, budget_scope: list[str], limit: int | None, splits: tuple[str, ...],
+                 progress: bool):
+        self.project, self.spec, self.store = project, project.spec, project.store
+        self.tspec, self.teacher, self.limiter = tspec, teacher, limiter
+        self.budget, self.limit, self.splits, self.show_progress = budget, limit, splits, progress
+        self.budget_scope = budget_scope
+        self.report = LabelReport(teacher=tspec.name, budget=budget)
+        self.fatal: DistillError | None = None
+        self.bug: BaseException | None = None
+        self.spent_before = 0.0           # ledger spend of the budget's teachers when this run started
+        self.reserved = 0.0               # estimated cost of calls in flight (counted against the budget)
+        self.consecutive_unavailable = 0
+        self.inflight: dict[str, asyncio.Future] = {}   # key -> reply, so identical prompts are paid once
+        self.latencies: list[float] = []
+        self.request_params = {k: v for k, v in tspec.identity().items() if k != "name"}
+
+    # -- plan -----------------------------------------------------------------------------------------
+    def plan(self) -> list[_Item]:
+        marks = ",".join("?" * len(self.splits))
+        rows = self.store.q(
+            f"""SELECT e.id, e.text, e.segment, e.meta, l.status AS lstatus, l.call_key
+                FROM examples e LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ?
+                WHERE e.split IN ({marks}) ORDER BY e.id""", (self.tspec.name, *self.splits))
+        self.report.total = len(rows)
+        identity = self.tspec.identity()
+        todo = []
+        for r in rows:
+            msgs = render_messages(self.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"),
+                                   rationale=self.tspec.rationale)
+            keys = [cache_key(identity, msgs, a) for a in range(self.tspec.max_parse_retries + 1)]
+            if r["lstatus"] == "ok" and r["call_key"] in keys:
+                self.report.already_labelled += 1
+                continue
+            todo.append(_Item(r["id"], msgs, keys))
+        return todo[: self.limit] if self.limit is not None else todo
+
+    # -- main loop ------------------------------------------------------------------------------------
+    async def main(self) -> LabelReport:
+        t0 = time.monotonic()
+        self.spent_before = self.store_spend()
+        todo = self.plan()
+        bar = _progress_bar(self.show_progress)
+        task_id = bar.add_task(self._describe(t0), total=len(todo)) if bar else None
+        tasks: set[asyncio.Task] = set()
+
+        def done(t: asyncio.Task) -> None:
+            self.limiter.slots.release()
+            tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None and self.bug is None:
+                self.bug = t.exception()
+                self.report.stopped = self.report.stopped or "error"
+            if bar:   # advance for inputs that ended (ok or failed), not for those a stop left undone
+                ended = not t.cancelled() and t.exception() is None and t.result()
+                bar.update(task_id, advance=1 if ended else 0, description=self._describe(t0))
+
+        try:
+            if bar:
+                bar.start()
+            for item in todo:
+                await self.limiter.slots.acquire()
+                if self.report.stopped:
+                    self.limiter.slots.release()
+                    break
+                t = asyncio.create_task(self.process(item))
+                tasks.add(t)
+                t.add_done_callback(done)
+            # let the calls in flight finish and commit, also after a stop (budget, auth, teacher down)
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+        except asyncio.CancelledError:
+            # Ctrl-C: asyncio.run cancels us. Finished inputs are committed already; abandon the ones in flight
+            # (their calls are re-sent with the same Idempotency-Key next time).
+            for t in list(tasks):
+                t.cancel()
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+            self.report.stopped = "interrupted"
+        finally:
+            if bar:
+                bar.stop()
+            await self.teacher.aclose()
+        if self.bug is not None:
+            raise self.bug
+        self.report.elapsed_s = time.monotonic() - t0
+        self.report.ledger_spend = self.store_spend()
+        return self.report
+
+    def store_spend(self) -> float:
+        marks = ",".join("?" * len(self.budget_scope))
+        return float(self.store.one(f"SELECT COALESCE(SUM(cost),0) FROM teacher_calls WHERE teacher IN ({marks})",
+                                    tuple(self.budget_scope)))
+
+    def _describe(self, t0: float) -> str:
+        r = self.report
+        rate = r.calls / max(1e-9, time.monotonic() - t0)
+        return f"{self.tspec.name}: {r.calls} calls ({rate:.1f}/s) {r.cache_hits} cached ${r.spend:.4f}"
+
+    # -- one input ------------------------------------------------------------------------------------
+    async def process(self, item: _Item) -> bool:
+        """Work one input through its attempts; True when it ended with an ok or failed label."""
+        for attempt, key in enumerate(item.keys):
+            last = attempt == len(item.keys) - 1
+            row = self.store.get_call(key)
+            if row is not None:
+                self.report.cache_hits += 1
+                reply, paid = reply_from_row(row), False
+            elif key in self.inflight:
+                # the same prompt is being asked right now for another input: share that answer. The
+                # owner commits the call row before we resume (no await between its reply and its commit).
+                try:
+                    reply = await asyncio.shield(self.inflight[key])
+                except Exception:
+                    return False
+                self.report.cache_hits += 1
+                paid = False
+            else:
+                try:
+                    reply = await self.call(item, key)
+                except NoAnswer as e:
+                    # nothing was paid: no ledger row, a failed label with the teacher's reason
+                    with self.store.tx() as c:
+                        upsert_label(c, item.id, self.tspec.name, status="failed", reason=e.reason, call_key=None)
+                    self.fail(e.reason)
+                    return True
+                if reply is None:
+                    return False
+                paid = True
+            try:
+                answer = parse_answer(self.spec, reply.texts[0] if reply.texts else None)
+            except ParseError as e:
+                with self.store.tx() as c:
+                    if paid:
+                        self.insert_call(c, item, key, attempt, reply, "parse_error", e.reason)
+                    if last:
+                        upsert_label(c, item.id, self.tspec.name, status="failed", reason=e.reason, call_key=key)
+                if last:
+                    self.fail(e.reason)
+                    return True
+                continue
+            fields = label_fields(self.spec, reply, answer)
+            with self.store.tx() as c:
+                if paid:
+                    self.insert_call(c, item, key, attempt, reply, "ok", None)
+                upsert_label(c, item.id, self.tspec.name, status="ok", call_key=key, **fields)
+            self.report.ok += 1
+            return True
+        return True   # not reached: the last attempt returns above
+
+    async def call(self, item: _Item, key: str) -> TeacherReply | None:
+        """One paid call; None when the input is left for another run (stop, auth, teacher down), NoAnswer
+        when the teacher says it can never answer this input."""
+        if self.report.stopped:
+            return None
+        estimate = self.estimate_cost(item.messages)
+        if self.budget is not None and self.spent_before + self.report.spend + self.reserved + estimate > self.budget:
+            self.report.stopped = "budget"
+            return None
+        self.reserved += estimate
+        fut = asyncio.get_running_loop().create_future()
+        self.inflight[key] = fut
+        try:
+            req = TeacherRequest(key=key, messages=item.messages, kind=self.spec.kind,
+                                 labels=self.spec.label_names or None)
+            reply = await self.teacher.ask(req)
+        except NoAnswer as e:
+            fut.set_exception(e)
+            raise
+        except TeacherAuthError as e:
+            self.fatal, self.report.stopped = e, "auth"
+            fut.set_exception(e)
+            return None
+        except TeacherUnavailable as e:
+            self.fail("teacher_unavailable")
+            self.consecutive_unavailable += 1
+            if self.consecutive_unavailable >= MAX_CONSECUTIVE_UNAVAILABLE and self.fatal is None:
+                self.fatal, self.report.stopped = e, "teacher_unavailable"
+            fut.set_exception(e)
+            return None
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            self.reserved -= estimate
+            self.inflight.pop(key, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()   # mark it retrieved: usually nobody else waits for this key
+        self.consecutive_unavailable = 0
+        self.report.calls += 1
+        self.report.retries += reply.retries
+        self.latencies.append(reply.latency_s)
+        fut.set_result(reply)
+        return reply
+
+    def estimate_cost(self, messages: list[dict[str, str]]) -> float:
+        """Upper-ish estimate before a call: estimated prompt tokens, the full max_tokens for each of the n
+        samples, and (for per-hour priced local teachers) the mean latency so far."""
+        lat = sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
+        return cost_of(self.tspec, estimate_prompt_tokens(messages), self.tspec.max_tokens * self.tspec.n, lat)
+
+    def insert_call(self, c, item: _Item, key: str, attempt: int, reply: TeacherReply, status: str,
+                    error: str | None) -> None:
+        cost = cost_of(self.tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
+        request = {"messages": item.messages, "params": self.request_params}   # no secrets: see identity()
+        response = {"texts": reply.texts, "label_probs": reply.label_probs, "logprobs": reply.logprobs,
+                    "raw": reply.raw}
+        c.execute(
+            """INSERT INTO teacher_calls(key, teacher, model, attempt, request, response, status, error,
+               tokens_in, tokens_out, cost, latency_s, retries, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+            (key, self.tspec.name, self.tspec.model, attempt, json.dumps(request, ensure_ascii=False),
+             json.dumps(response, ensure_ascii=False), status, error, reply.tokens_in, reply.tokens_out, cost,
+             reply.latency_s, reply.retries, time.time()))
+        # counted only here, i.e. inside the transaction that records the call
+        self.report.spend += cost
+        self.report.tokens_in += reply.tokens_in
+        self.report.tokens_out += reply.tokens_out
+
+    def fail(self, reason: str) -> None:
+        self.report.failed_by_reason[reason] = self.report.failed_by_reason.get(reason, 0) + 1
+
+
+# -- plain functions shared by the run and the ensemble ------------------------------------------------
+
+
+def _progress_bar(show: bool) -> Progress | None:
+    if not show:
+        return None
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=_console)
+
+
+def cost_of(tspec: TeacherSpec, tokens_in: float, tokens_out: float, latency_s: float) -> float:
+    p = tspec.price
+    return tokens_in / 1e6 * p.input_per_1m + tokens_out / 1e6 * p.output_per_1m + latency_s / 3600 * p.per_hour
+
+
+def reply_from_row(row: Any) -> TeacherReply:
+    resp = json.loads(row["response"] or "{}")
+    return TeacherReply(texts=resp.get("texts") or [], label_probs=resp.get("label_probs"),
+                        logprobs=resp.get("logprobs"), tokens_in=row["tokens_in"], tokens_out=row["tokens_out"],
+                        latency_s=row["latency_s"], retries=row["retries"], raw=resp.get("raw") or {})
+
+
+def upsert_label(c, example_id: str, teacher: str, *, status: str, answer: Any = None,
+                 probs: dict | None = None, confidence: float | None = None, agreement: float | None = None,
+                 samples: list | None = None, rationale: str | None = None, logprobs: list | None = None,
+                 reason: str | None = None, call_key: str | None = None) -> None:
+    def j(v: Any) -> str | None:
+        return None if v is None else json.dumps(v, ensure_ascii=False)
+
+    c.execute(
+        """INSERT INTO labels(example_id, teacher, status, answer, probs, confidence, agreement, samples,
+           rationale, logprobs, reason, call_key, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)
+           ON CONFLICT(example_id, teacher) DO UPDATE SET status=excluded.status, answer=excluded.answer,
+           probs=excluded.probs, confidence=excluded.confidence, agreement=excluded.agreement,
+           samples=excluded.samples, rationale=excluded.rationale, logprobs=excluded.logprobs,
+           reason=excluded.reason, call_key=excluded.call_key, created_at=excluded.created_at""",
+        (example_id, teacher, status, j(answer) if status == "ok" else None, j(probs), confidence, agreement,
+         j(samples), rationale, j(logprobs), reason, call_key, time.time()))
+
+
+def label_fields(spec: ProjectSpec, reply: TeacherReply, answer: Any) -> dict[str, Any]:
+    """Everything the labels row holds besides status/key, for an answer that parsed."""
+    rationale, answer_text = split_rationale(reply.texts[0])
+    samples = None
+    agreement = None
+    if len(reply.texts) > 1:
+        samples = [_try_parse(spec, t) for t in reply.texts]
+        key = answer_key(spec, answer)
+        agreement = sum(1 for s in samples if s is not None and answer_key(spec, s) == key) / len(samples)
+    probs, confidence = None, None
+    if spec.kind == "classify" and reply.label_probs:
+        probs = _normalise({n: float(reply.label_probs.get(n, 0.0)) for n in spec.label_names})
+        confidence = probs.get(answer) if probs else None
+    elif spec.kind == "classify" and samples is not None:
+        parsed = [s for s in samples if s is not None]
+        probs = {n: sum(1 for s in parsed if s == n) / len(parsed) for n in spec.label_names}
+        confidence = probs[answer]
+    elif reply.logprobs:
+        span = answer_token_span(reply.logprobs, answer_text)
+        confidence = math.exp(sum(reply.logprobs[i]["logprob"] for i in span)) if span else None
+        if spec.kind == "classify" and span:
+            probs = first_token_distribution(reply.logprobs[span[0]], spec.label_names)
+    return {"answer": answer, "probs": probs, "confidence": confidence, "agreement": agreement,
+            "samples": samples, "rationale": rationale, "logprobs": reply.logprobs}
+
+
+def _try_parse(spec: ProjectSpec, text: str) -> Any:
+    try:
+        return parse_answer(spec, text)
+    except ParseError:
+        return None
+
+
+def _normalise(d: dict[str, float]) -> dict[str, float] | None:
+    total = sum(d.values())
+    return {k: v / total for k, v in d.items()} if total > 0 else None
+
+
+def answer_token_span(logprobs: list[dict[str, Any]], answer_text: str) -> list[int]:
+    """Indices of the tokens that spell ``answer_text`` (the last occurrence in the generated text, since a
+    rationale comes first). Falls back to every token when the answer is not found verbatim."""
+    tokens = [t.get("token", "") for t in logprobs]
+    joined = "".join(tokens)
+    start = joined.rfind(answer_text) if answer_text else -1
+    if start < 0:
+        return list(range(len(tokens)))
+    end = start + len(answer_text)
+    span, pos = [], 0
+    for i, tok in enumerate(tokens):
+        if pos < end and pos + len(tok) > start:
+            span.append(i)
+        pos += len(tok)
+    return span
+
+
+def first_token_distribution(position: dict[str, Any], labels: list[str]) -> dict[str, float] | None:
+    """Approximate p(label) from the alternatives at the answer's first token (see module docstring)."""
+    alts = {a["token"]: a["logprob"] for a in position.get("top_logprobs") or []}
+    alts.setdefault(position.get("token", ""), position.get("logprob", -math.inf))
+    mass = {n: 0.0 for n in labels}
+    for tok, lp in alts.items():
+        t = tok.strip().lower()
+        if not t:
+            continue
+        hits = [n for n in labels if n.lower().startswith(t) or t.startswith(n.lower())]
+        for n in hits:
+            mass[n] += math.exp(lp) / len(hits)
+    return _normalise(mass)
+
+
+def write_ensemble_labels(project: Project, tspec: TeacherSpec, splits: tuple[str, ...],
+                          report: LabelReport) -> None:
+    """One combined label per input for which every member has a label row (ok or failed)."""
+    store, spec = project.store, project.spec
+    members = tspec.members
+    marks, mmarks = ",".join("?" * len(splits)), ",".join("?" * len(members))
+    rows = store.q(
+        f"""SELECT e.id, l.teacher, l.status, l.answer, l.probs FROM examples e
+            JOIN labels l ON l.example_id = e.id WHERE e.split IN ({marks}) AND l.teacher IN ({mmarks})""",
+        (*splits, *members))
+    by_ex: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_ex.setdefault(r["id"], {})[r["teacher"]] = r
+    report.total = store.one(f"SELECT COUNT(*) FROM examples WHERE split IN ({marks})", splits)
+    with store.tx() as c:
+        for ex_id, got in by_ex.items():
+            if len(got) < len(members):
+                continue      # a member has not finished this input yet (budget/limit): combine next run
+            answers = []
+            for m in members:
+                r = got[m]
+                ok = r["status"] == "ok"
+                answers.append(MemberAnswer(m, json.loads(r["answer"]) if ok else None,
+                                            json.loads(r["probs"]) if ok and r["probs"] else None))
+            comb = combine(spec, answers)
+            if comb is None:
+                upsert_label(c, ex_id, tspec.name, status="failed", reason="no_member_answer")
+                report.failed_by_reason["no_member_answer"] = report.failed_by_reason.get("no_member_answer", 0) + 1
+                continue
+            upsert_label(c, ex_id, tspec.name, status="ok", answer=comb.answer, probs=comb.probs,
+                         confidence=comb.confidence, agreement=comb.agreement, samples=comb.samples)
+            report.ok += 1
+
+
+# -- `python -m distill.labeling` (until the CLI's `distill label` takes over) ---------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m distill.labeling", description="Label a project's inputs.")
+    ap.add_argument("project")
+    ap.add_argument("--teacher")
+    ap.add_argument("--budget", type=float)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--split", action="append", dest="splits")
+    ap.add_argument("--accept-terms", action="store_true")
+    ap.add_argument("--wait", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        project = Project.open(args.project)
+        report = label(project, args.teacher, budget=args.budget, limit=args.limit,
+                       splits=tuple(args.splits or SPLITS), accept_terms=args.accept_terms, wait=args.wait,
+                       progress=not args.no_progress)
+    except DistillError as e:
+        _console.print(f"[red]error[/]: {e}")
+        return 2
+    print(json.dumps(report.to_dict()))
+    _console.print(report.message())
+    return {"budget": 3, "interrupted": 130}.get(report.stopped or "", 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

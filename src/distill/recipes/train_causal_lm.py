@@ -1,0 +1,556 @@
+"""Recipe: train a generative student (an open causal LM, LoRA by default) on a teacher's outputs.
+
+    from distill.recipes.train_causal_lm import LMTrainConfig, train_lm
+    train_lm(Project.open("my-project"), LMTrainConfig(loss="sft", max_steps=200), "my-project/models/lm")
+
+Reads top to bottom: examples -> tokens -> model (+ LoRA) -> loop (accumulate, step, log, checkpoint)
+-> save adapter + record. The losses (one module each, with their papers) are:
+
+==============  ==============================================  ==========================================
+loss            what the teacher must provide                   module
+==============  ==============================================  ==========================================
+sft             its answer text (any teacher, any tokenizer)    distill.losses.sequence (Kim & Rush 2016)
+kd_forward      a local teacher model with the same tokenizer   distill.losses.kl.forward_kl
+kd_reverse      same                                            distill.losses.kl.reverse_kl
+jsd             same (``beta``: 0 forward ... 1 reverse KL)     distill.losses.kl.generalized_jsd (GKD)
+sparse_topk     stored API ``top_logprobs`` (k <= 20)           distill.losses.sparse_topk
+step_by_step    a rationale with each answer                    distill.losses.rationale (Hsieh 2023)
+==============  ==============================================  ==========================================
+
+Why a plain PyTorch loop and not ``transformers.Trainer``: three things this recipe must guarantee are
+simpler to see than to configure. (1) Gradient-accumulation invariance: every micro-batch loss is a *sum*
+over tokens divided by the completion-token count of the whole optimizer step, so batch 8 x accumulation
+1 and batch 1 x accumulation 8 give the same gradient (Trainer gets this right only when a custom
+compute_loss handles ``num_items_in_batch`` itself). (2) Exact resume after ``kill -9``: the data order is
+a pure function of (seed, epoch), and a checkpoint holds the trainable weights, optimizer, scheduler and
+RNG state, written to a temporary folder and renamed into place, so a resumed run repeats the
+uninterrupted one. (3) Teacher logits (local model or sparse API log-probs) enter the loss directly.
+It is single-device; multi-GPU would need accelerate (not done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from distill.errors import DistillError
+from distill.losses.kl import check_same_tokenizer, forward_kl, generalized_jsd, reverse_kl
+from distill.losses.rationale import PREFIXES, step_by_step_loss
+from distill.losses.sequence import IGNORE, next_token_view, sequence_kd_loss
+from distill.losses.sparse_topk import (
+    SparseStats,
+    pad_sparse_targets,
+    sparse_targets_for_completion,
+    sparse_topk_kd_loss,
+    teacher_text,
+)
+from distill.students.causal_lm import (
+    Encoded,
+    add_lora,
+    encode_example,
+    has_chat_template,
+    load_base,
+    pad_batch,
+    write_student_info,
+)
+
+LossName = Literal["sft", "kd_forward", "kd_reverse", "jsd", "sparse_topk", "step_by_step"]
+LOGIT_LOSSES = ("kd_forward", "kd_reverse", "jsd")
+RECORD_FILE = "training_record.json"
+
+
+@dataclass
+class LMTrainConfig:
+    """Everything ``train_lm`` needs. Unknown keys fail in ``from_dict``; ranges are checked here."""
+
+    base_model: str = "smollm2-135m-instruct"  # packaged name, HF folder or .gguf; never a hub id
+    loss: LossName = "sft"                     # see the table in the module docstring
+    teacher_model: str | None = None           # local teacher for kd_forward / kd_reverse / jsd (same tokenizer)
+    beta: float = 0.5                          # jsd: teacher weight in the mixture; 0 = forward KL, 1 = reverse KL
+    temperature: float = 1.0                   # logit losses: softens both distributions
+    lambda_rationale: float = 1.0              # step_by_step: weight of the rationale task (paper uses 1)
+    lora_rank: int = 16                        # higher = more capacity, more memory; 8-64 typical
+    lora_alpha: float = 32.0                   # LoRA scale is alpha / rank
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] = "all-linear"  # all linear layers beat attention-only (QLoRA, arXiv 2305.14314)
+    full_finetune: bool = False                # train every weight instead of adapters (needs far more memory)
+    lr: float = 2e-4                           # LoRA likes ~10x the full fine-tune learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 0                      # then linear decay to 0 at the last step
+    max_grad_norm: float = 1.0                 # gradient clipping; 0 disables
+    epochs: int = 1
+    max_steps: int | None = None               # optimizer steps; overrides epochs when set
+    batch_size: int = 8                        # sequences per forward pass
+    grad_accum: int = 1                        # forward passes per optimizer step
+    max_length: int = 512                      # tokens; longer sequences are cut (and counted)
+    save_every: int = 50                       # checkpoint every N optimizer steps (and at the end)
+    keep_checkpoints: int = 2                  # older checkpoints are deleted
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"                       # auto = cuda if available
+    bf16: bool | Literal["auto"] = "auto"      # auto = bf16 autocast on a GPU that supports it; never on CPU
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> DistillError:
+            return DistillError(f"student setting `{name}`: {why}", hint="fix it under `student:` in distill.yaml")
+
+        if self.loss not in ("sft", "kd_forward", "kd_reverse", "jsd", "sparse_topk", "step_by_step"):
+            raise bad("loss", f"'{self.loss}' is not one of sft, kd_forward, kd_reverse, jsd, sparse_topk, step_by_step")
+        if not 0.0 <= self.beta <= 1.0:
+            raise bad("beta", f"must be in [0, 1], got {self.beta}")
+        if self.temperature <= 0:
+            raise bad("temperature", f"must be > 0, got {self.temperature}")
+        if self.lambda_rationale < 0:
+            raise bad("lambda_rationale", f"must be >= 0, got {self.lambda_rationale}")
+        for name in ("lora_rank", "epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("max_steps", f"must be >= 1, got {self.max_steps}")
+        if self.max_length < 8:
+            raise bad("max_length", f"must be >= 8 tokens, got {self.max_length}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "student") -> "LMTrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DistillError(f"`{where}`: unknown setting(s) {unknown} (typo?)",
+                               hint="valid settings: " + ", ".join(sorted(known)))
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise DistillError(f"`{where}`: {e}", hint="check the value types") from None
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change the trained weights (a checkpoint from other settings is not resumed)."""
+        d = asdict(self)
+        for k in ("save_every", "keep_checkpoints", "log_every", "device"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class LMExample:
+    """One training example: the prompt as chat messages and the target text."""
+
+    id: str
+    messages: list[dict[str, str]]   # system + user, as the teacher saw them (``task.render_messages``)
+    answer: str                      # the teacher's answer as text
+    rationale: str | None = None     # step_by_step's second task
+    logprobs: list[dict] | None = None  # sparse_topk: per-token {token, logprob, top_logprobs}
+
+
+def answer_text(kind: str, answer: Any) -> str:
+    """An answer as the text the student should write: the label, the JSON object, or the text."""
+    if kind == "extract":
+        return json.dumps(answer, ensure_ascii=False)
+    return str(answer)
+
+
+def examples_from_rows(spec, rows: Sequence[Any]) -> list[LMExample]:
+    """``dataset.Row``s -> examples, prompts rendered exactly as for the teacher (without rationale request)."""
+    from distill.task import render_messages
+
+    out = []
+    for r in rows:
+        if r.answer is None:
+            continue
+        out.append(LMExample(id=r.id, messages=render_messages(spec, r.text, r.segment, r.meta),
+                             answer=answer_text(spec.kind, r.answer), rationale=r.rationale, logprobs=r.logprobs))
+    return out
+
+
+def examples_from_project(project, teacher: str | None = None) -> list[LMExample]:
+    """The kept, uncontaminated train rows of a project with the teacher's (or corrected) answers."""
+    from distill.dataset import rows
+
+    name = project.spec.get_teacher(teacher).name
+    ex = examples_from_rows(project.spec, rows(project, name, splits=("train",)))
+    if not ex:
+        raise DistillError(f"{project.root}: no labelled training rows for teacher '{name}'",
+                           hint="run `distill label` (and `distill filter`) first")
+    return ex
+
+
+def data_hash(examples: Sequence[LMExample]) -> str:
+    blob = json.dumps([asdict(e) for e in sorted(examples, key=lambda e: e.id)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Examples -> tokens
+
+
+@dataclass
+class Prepared:
+    main: Encoded                                      # the answer (with "[label] " prefix for step_by_step)
+    rationale: Encoded | None = None                   # step_by_step only
+    sparse: tuple[list[list[int]], list[list[float]]] | None = None   # sparse_topk only
+
+    def tokens(self) -> int:
+        return len(self.main.input_ids) + (len(self.rationale.input_ids) if self.rationale else 0)
+
+
+def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, str]]:
+    return [dict(m, content=prefix + m["content"]) if m["role"] == "user" else m for m in messages]
+
+
+def prepare(examples: Sequence[LMExample], tokenizer, cfg: LMTrainConfig) -> tuple[list[Prepared], dict[str, Any]]:
+    """Tokenise every example once. Returns the items and counts for the training record."""
+    items: list[Prepared] = []
+    stats = SparseStats()
+    memo: dict[str, int | None] = {}
+    truncated = with_rationale = 0
+    for ex in examples:
+        if cfg.loss == "step_by_step":
+            main = encode_example(tokenizer, _with_prefix(ex.messages, PREFIXES["label"]), ex.answer, cfg.max_length)
+            rat = None
+            if ex.rationale:
+                with_rationale += 1
+                rat = encode_example(tokenizer, _with_prefix(ex.messages, PREFIXES["rationale"]), ex.rationale,
+                                     cfg.max_length)
+                truncated += rat.truncated
+            items.append(Prepared(main, rat))
+        elif cfg.loss == "sparse_topk":
+            # Train on the teacher's text exactly as its tokens spell it, so the positions line up.
+            text = teacher_text(ex.logprobs) if ex.logprobs else ex.answer
+            main = encode_example(tokenizer, ex.messages, text, cfg.max_length, want_offsets=True)
+            completion_ids = main.input_ids[main.completion_start:]
+            ids, lps, st = sparse_targets_for_completion(ex.logprobs or [], completion_ids,
+                                                         main.completion_offsets[: len(completion_ids)], tokenizer,
+                                                         memo=memo)
+            stats.add(st)
+            items.append(Prepared(main, sparse=(ids, lps)))
+        else:
+            main = encode_example(tokenizer, ex.messages, ex.answer, cfg.max_length)
+            items.append(Prepared(main))
+        truncated += main.truncated
+    info: dict[str, Any] = {"examples": len(items), "truncated": truncated}
+    if cfg.loss == "step_by_step":
+        if with_rationale == 0:
+            raise DistillError("loss 'step_by_step' needs teacher rationales, and no training row has one",
+                               hint="set `rationale: true` on the teacher and relabel, or use loss: sft")
+        info["with_rationale"] = with_rationale
+    if cfg.loss == "sparse_topk":
+        if stats.positions == 0:
+            raise DistillError("loss 'sparse_topk' needs stored teacher logprobs, and no training row has any",
+                               hint="set `logprobs: true` and `top_logprobs: 5` (<= 20) on the teacher and relabel")
+        info["sparse"] = stats.as_dict()
+    return items, info
+
+
+def completion_tokens(enc: Encoded) -> int:
+    """Tokens that carry loss after the next-token shift (labels[1:] != -100)."""
+    return sum(1 for x in enc.labels[1:] if x != IGNORE)
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimizer step's worth of gradient
+
+
+def accumulate_gradients(model, items: Sequence[Prepared], cfg: LMTrainConfig, pad_id: int, device: str,
+                         teacher=None, autocast=nullcontext) -> float:
+    """Forward + backward over ``items`` in micro-batches of ``cfg.batch_size``, leaving the summed gradient
+    in ``.grad``. Each micro-batch's token-summed loss is divided by the completion tokens of *all* items,
+    so the result does not depend on how the items are split (the accumulation invariance). Returns the
+    loss of the whole step (mean per completion token)."""
+    n_main = max(sum(completion_tokens(it.main) for it in items), 1)
+    n_rat = max(sum(completion_tokens(it.rationale) for it in items if it.rationale), 1)
+    total = 0.0
+    for i in range(0, len(items), cfg.batch_size):
+        chunk = items[i : i + cfg.batch_size]
+        with autocast():
+            loss = micro_batch_loss(model, chunk, cfg, pad_id, device, teacher, n_main, n_rat)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def micro_batch_loss(model, chunk: Sequence[Prepared], cfg: LMTrainConfig, pad_id: int, device: str, teacher,
+                     n_main: int, n_rat: int) -> torch.Tensor:
+    batch = {k: v.to(device) for k, v in pad_batch([it.main for it in chunk], pad_id).items()}
+    logits, labels = next_token_view(_forward(model, batch), batch["labels"])
+    if cfg.loss == "sft":
+        return sequence_kd_loss(logits, labels, reduction="sum") / n_main
+    if cfg.loss in LOGIT_LOSSES:
+        with torch.no_grad():
+            t_logits = _forward(teacher, batch)[:, :-1]
+        if cfg.loss == "kd_forward":
+            return forward_kl(logits, t_logits, labels, cfg.temperature, reduction="sum") / n_main
+        if cfg.loss == "kd_reverse":
+            return reverse_kl(logits, t_logits, labels, cfg.temperature, reduction="sum") / n_main
+        return generalized_jsd(logits, t_logits, labels, cfg.beta, cfg.temperature, reduction="sum") / n_main
+    if cfg.loss == "sparse_topk":
+        t_ids, t_lps = pad_sparse_targets([it.sparse for it in chunk], batch["input_ids"].shape[1],
+                                          [it.main.completion_start for it in chunk])
+        # targets sit at label positions, so they shift exactly like the labels do
+        return sparse_topk_kd_loss(logits, t_ids[:, 1:].to(device), t_lps[:, 1:].to(device), labels,
+                                   reduction="sum") / n_main
+    # step_by_step: the label task on this chunk, plus the rationale task for the rows that have one
+    rats = [it.rationale for it in chunk if it.rationale is not None]
+    r_logits = r_labels = None
+    if rats:
+        rb = {k: v.to(device) for k, v in pad_batch(rats, pad_id).items()}
+        r_logits, r_labels = next_token_view(_forward(model, rb), rb["labels"])
+    return step_by_step_loss(logits, labels, r_logits, r_labels, cfg.lambda_rationale,
+                             label_tokens=n_main, rationale_tokens=n_rat)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data order, checkpoints
+
+
+def step_indices(step: int, n: int, per_step: int, seed: int) -> list[int]:
+    """The example indices of optimizer step ``step``: a pure function of (seed, epoch), so a resumed run
+    sees exactly the batches the uninterrupted run would have. The last step of an epoch may be smaller."""
+    steps_per_epoch = math.ceil(n / per_step)
+    epoch, within = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return perm[within * per_step : (within + 1) * per_step]
+
+
+def _trainable_state(model, full: bool) -> dict[str, torch.Tensor]:
+    if full:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _load_trainable_state(model, state: dict[str, torch.Tensor], full: bool) -> None:
+    if full:
+        model.load_state_dict(state)
+        return
+    from peft import set_peft_model_state_dict
+
+    res = set_peft_model_state_dict(model, state)
+    unexpected = getattr(res, "unexpected_keys", [])
+    if unexpected:
+        raise DistillError(f"checkpoint does not match the model (unexpected keys {unexpected[:3]})",
+                           hint="the checkpoint was written by another model/LoRA setup; use a new output folder")
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, cfg: LMTrainConfig, state: dict) -> Path:
+    """Write checkpoint ``step-NNNNNN`` atomically (temp folder + rename): a kill at any moment leaves either
+    the previous checkpoint set or the new one, never a half-written folder that resume would trust."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step:06d}.", suffix=".tmp"))
+    torch.save(_trainable_state(model, cfg.full_finetune), tmp / "trainable.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")   # written last: marks completeness
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    ckpts = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in ckpts[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    ckpts = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: Path, model, opt, sched, cfg: LMTrainConfig) -> dict:
+    _load_trainable_state(model, torch.load(path / "trainable.pt", map_location="cpu"), cfg.full_finetune)
+    o = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
+    opt.load_state_dict(o["optimizer"])
+    sched.load_state_dict(o["scheduler"])
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path, *, teacher: str | None = None,
+             teacher_model: tuple[Any, Any] | None = None, log: Callable[[str], None] | None = print,
+             on_start: Callable[[Any], None] | None = None,
+             on_step: Callable[[int, dict, Any], None] | None = None) -> dict[str, Any]:
+    """Train a causal-LM student and return its training record (also written to ``output_dir``).
+
+    ``project_or_examples``: a ``Project`` (its kept train rows for ``teacher``) or a list of ``LMExample``.
+    ``teacher_model``: an already loaded ``(model, tokenizer)`` for the logit losses; otherwise
+    ``config.teacher_model`` is loaded. ``on_start(model)`` is called before the first step and
+    ``on_step(step, entry, model)`` after every optimizer step (tests snapshot weights and simulate
+    crashes). Re-running with the same ``output_dir`` resumes from the latest checkpoint; a finished
+    ``output_dir`` is refused rather than overwritten."""
+    from distill import runinfo
+    from distill.models import pick_device
+
+    cfg = config
+    out = Path(output_dir)
+    if (out / RECORD_FILE).exists() and json.loads((out / RECORD_FILE).read_text()).get("status") == "done":
+        raise DistillError(f"{out}: a finished training run is already there",
+                           hint="choose another output folder (finished models are never overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    # Half-written folders of a killed run (their names start with '.'; complete ones never do).
+    for junk in [*ckpt_root.glob(".step-*.tmp"), *out.glob(".adapter.*.tmp"), *out.glob(".model.*.tmp")]:
+        shutil.rmtree(junk, ignore_errors=True)
+
+    # 1. data
+    project = None
+    if hasattr(project_or_examples, "spec") and hasattr(project_or_examples, "store"):
+        project = project_or_examples
+        examples = examples_from_project(project, teacher)
+    else:
+        examples = list(project_or_examples)
+        if not examples:
+            raise DistillError("no training examples were given", hint="label some inputs first")
+    dhash = data_hash(examples)
+
+    # 2. models
+    device = pick_device(cfg.device)
+    use_bf16 = (cfg.bf16 is True or (cfg.bf16 == "auto" and device.startswith("cuda"))) and \
+        device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, tok = load_base(cfg.base_model, device=device)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    t_model = None
+    if cfg.loss in LOGIT_LOSSES:
+        if teacher_model is None:
+            if not cfg.teacher_model:
+                raise DistillError(f"loss '{cfg.loss}' needs a local teacher model to compute logits",
+                                   hint="set student.teacher_model to a packaged name or folder with the student's "
+                                        "tokenizer, or use loss: sft / sparse_topk")
+            from distill.models import load_causal_lm
+
+            teacher_model = load_causal_lm(cfg.teacher_model, device=device)
+        t_model, t_tok = teacher_model
+        check_same_tokenizer(tok, t_tok, cfg.loss)
+        t_model.to(device).eval()
+    items, data_info = prepare(examples, tok, cfg)
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: same seed, same start
+    if cfg.full_finetune:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(items) / per_step)
+    warm = cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+
+    # 3. resume
+    identity = {"config": cfg.identity(), "data_hash": dhash}
+    start, history = 0, []
+    ck = latest_checkpoint(ckpt_root)
+    if ck is not None:
+        st = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        if st.get("identity") != identity:
+            raise DistillError(f"{ck}: checkpoint from different settings or data; not resuming from it",
+                               hint=f"use a new output folder, or delete {ckpt_root} to start over")
+        st = load_checkpoint(ck, model, opt, sched, cfg)
+        start, history = st["step"], st["history"]
+        if log:
+            log(f"resuming from {ck.name} (step {start}/{total_steps})")
+
+    # 4. loop
+    pad_id = tok.pad_token_id
+    if on_start:
+        on_start(model)
+    t_train = time.perf_counter()
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        batch_items = [items[i] for i in step_indices(step, len(items), per_step, cfg.seed)]
+        loss = accumulate_gradients(model, batch_items, cfg, pad_id, device, t_model, autocast)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        ntok = sum(it.tokens() for it in batch_items)
+        entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": ntok,
+                 "step_s": dt, "tokens_per_s": ntok / dt if dt > 0 else None}
+        history.append(entry)
+        if log and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or step == start):
+            log(f"step {step + 1}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {entry['tokens_per_s']:.0f} tok/s")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+            save_checkpoint(ckpt_root, step + 1, model, opt, sched, cfg,
+                            {"step": step + 1, "history": history, "identity": identity})
+        if on_step:
+            on_step(step + 1, entry, model)
+    train_s = time.perf_counter() - t_train
+
+    # 5. save the student and its record
+    model.eval()
+    info = {"base_model": cfg.base_model, "loss": cfg.loss, "format": "chat" if has_chat_template(tok) else "plain",
+            "input_prefix": PREFIXES["label"] if cfg.loss == "step_by_step" else "", "data_hash": dhash}
+    final_dir = out / ("model" if cfg.full_finetune else "adapter")
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final_dir.name}.", suffix=".tmp"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_student_info(tmp, info)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+    timed = [h for h in history[1:]] or history  # the first step pays for warm-up allocations
+    record = {
+        "status": "done", "kind": "train_lm", "path": str(final_dir), "config": asdict(cfg), "data_hash": dhash,
+        "data": data_info, "steps": total_steps, "resumed_from": start or None, "history": history,
+        "final_loss": history[-1]["loss"] if history else None,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "mean_step_s": sum(h["step_s"] for h in timed) / len(timed) if timed else None,
+        "tokens_per_s": sum(h["tokens"] for h in timed) / sum(h["step_s"] for h in timed) if timed else None,
+        "train_s_this_process": train_s, "device": device, "bf16": use_bf16, "student": info,
+        "environment": runinfo.environment(),
+    }
+    try:
+        from distill.models import resolve_model
+
+        record["base_provenance"] = resolve_model(cfg.base_model).provenance()
+    except DistillError:
+        record["base_provenance"] = None
+    _atomic_json(out / RECORD_FILE, record)
+    if project is not None:
+        project.store.put_run(f"lm-{out.name}-{dhash[:8]}", "train_lm", "done", str(final_dir), record)
+    return record

