@@ -81,6 +81,11 @@ def measure_model(model: str, n: int, seed: int) -> dict:
     from distill.task import TeacherSpec
 
     spec = load_spec(DEMO / "distill.yaml")
+    from distill.models import converted_dir, resolve_model
+
+    resolved = resolve_model(model)
+    # a first load also joins/hashes the parts and converts the GGUF: slower and a higher RSS peak
+    converted_now = resolved.gguf is not None and not (converted_dir(resolved) / "config.json").exists()
     teacher = LocalTeacher(TeacherSpec(name=model, kind="local", path=model), None)
     t0 = time.perf_counter()
     teacher.load()
@@ -110,21 +115,29 @@ def measure_model(model: str, n: int, seed: int) -> dict:
         "per_intent_correct_of_n": per_intent,
         "seconds_per_input_mean": round(statistics.mean(lat), 3),
         "seconds_per_input_median": round(statistics.median(lat), 3),
-        "wall_seconds": round(wall, 1), "load_seconds": round(load_s, 1),
+        "wall_seconds": round(wall, 1), "load_seconds": round(load_s, 1), "load_included_gguf_conversion": converted_now,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def measure_recording(path: Path) -> dict:
-    gold = {r["id"]: r["intent"] for r in csv.DictReader(open(DEMO / "snips_intents.csv", newline="", encoding="utf-8"))}
+def _vm_hwm_gb(pid: int) -> float | None:
+    """Peak resident set of a running process (Linux /proc), e.g. the recorder before it is stopped."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024 ** 2, 2)
+    return None
+
+
+def measure_recording(path: Path, recorder_pid: int | None = None) -> dict:
+    gold = {r["id"]: r["intent"] for r in csv.DictReader(open(DEMO / "snips_intents_all.csv", newline="", encoding="utf-8"))}
     lines = [json.loads(ln) for ln in open(path, encoding="utf-8") if ln.strip()]
     prov, recs = lines[0]["provenance"], lines[1:]
     right = sum(r["reply"]["texts"][0] == gold[r["id"]] for r in recs)
     lat = [r["reply"]["latency_s"] for r in recs]
     seg = {}
-    rows = {r["id"]: r for r in csv.DictReader(open(DEMO / "snips_intents.csv", newline="", encoding="utf-8"))}
+    rows = {r["id"]: r for r in csv.DictReader(open(DEMO / "snips_intents_all.csv", newline="", encoding="utf-8"))}
     for r in recs:
         s = seg.setdefault(rows[r["id"]]["length"], [0, 0])
         s[0] += r["reply"]["texts"][0] == gold[r["id"]]
@@ -132,14 +145,16 @@ def measure_recording(path: Path) -> dict:
     n = len(recs)
     return {
         "teacher": prov["model"], "model": prov["teacher"], "package": prov["package"],
-        "weights_sha256": prov["sha256"], "task": "SNIPS 7 intents, the demo's 1204-utterance sample "
-        "(train_<I>_full + validate_<I>), scored from the recording",
+        "weights_sha256": prov["sha256"], "task": "SNIPS 7 intents, the recorded part of the demo sample "
+        "(snips_intents_all.csv: train_<I>_full + validate_<I>), scored from the recording",
         "config": {"recording": str(path.relative_to(ROOT)), "recording_provenance": prov},
         "n": n, "correct": right, "accuracy": round(right / n, 4), "accuracy_95ci_wilson": wilson(right, n),
         "per_length_segment_correct_of_n": seg,
         "seconds_per_input_mean": round(statistics.mean(lat), 3),
         "seconds_per_input_median": round(statistics.median(lat), 3),
-        "peak_rss_gb": None, "note": "latencies as recorded (CPU shared with other jobs); RSS not recorded",
+        "peak_rss_gb": _vm_hwm_gb(recorder_pid) if recorder_pid else None,
+        "note": "latencies as recorded (CPU shared with other jobs, load average 3-12); peak RSS is the "
+                "recorder process's VmHWM" if recorder_pid else "latencies as recorded; RSS not recorded",
     }
 
 
@@ -147,12 +162,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="packaged model name or path")
     ap.add_argument("--from-recording", type=Path)
+    ap.add_argument("--recorder-pid", type=int, help="with --from-recording: read the live recorder's peak RSS")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     info = run_info()
-    result = measure_recording(args.from_recording.resolve()) if args.from_recording else \
+    result = measure_recording(args.from_recording.resolve(), args.recorder_pid) if args.from_recording else \
         measure_model(args.model, args.n, args.seed)
     result["run_info"] = info
     data = json.loads(args.out.read_text()) if args.out.exists() else {

@@ -1,6 +1,8 @@
-"""Build snips_intents.csv from the upstream SNIPS files (a seeded, stratified sample).
+"""Build the demo's CSVs from the upstream SNIPS files (a seeded, stratified sample).
 
-    python examples/snips-intents/make_csv.py [--source /work/shared/datasets/snips_nlu_benchmark_2017]
+    python examples/snips-intents/make_csv.py            # -> snips_intents_all.csv (1204 rows)
+    python examples/snips-intents/make_csv.py --only-recorded teacher_qwen2.5-coder-1.5b.jsonl \
+        --out examples/snips-intents/snips_intents.csv     # -> the rows the recording covers
 
 Pools ``train_<I>_full.json`` + ``validate_<I>.json`` per intent, drops repeated texts (after lowercasing
 and collapsing spaces), and draws PER_INTENT utterances per intent with ``random.Random(SEED)``. The
@@ -37,7 +39,8 @@ def read_utterances(path: Path, intent: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="/work/shared/datasets/snips_nlu_benchmark_2017")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("snips_intents.csv")))
+    ap.add_argument("--out", default=str(Path(__file__).with_name("snips_intents_all.csv")))
+    ap.add_argument("--only-recorded", type=Path, help="keep only the ids recorded in this teacher JSONL")
     args = ap.parse_args()
     rng = random.Random(SEED)
     rows = []
@@ -52,6 +55,10 @@ def main() -> None:
                     pool.append((f"{intent}-{split}-{i:04d}", text))
         for uid, text in sorted(rng.sample(pool, PER_INTENT)):
             rows.append({"id": uid, "text": text, "intent": intent, "length": length_segment(text)})
+    if args.only_recorded:
+        path = args.only_recorded if args.only_recorded.exists() else Path(__file__).parent / args.only_recorded
+        recorded = {json.loads(ln).get("id") for ln in open(path, encoding="utf-8") if ln.strip()}
+        rows = [r for r in rows if r["id"] in recorded]
     with open(args.out, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["id", "text", "intent", "length"], lineterminator="\n")
         w.writeheader()

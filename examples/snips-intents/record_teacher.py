@@ -53,7 +53,7 @@ def _cut_partial_last_line(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="qwen-1.5b")
-    ap.add_argument("--csv", default=str(HERE / "snips_intents.csv"))
+    ap.add_argument("--csv", default=str(HERE / "snips_intents_all.csv"))
     ap.add_argument("--out", default=str(HERE / "teacher_qwen2.5-coder-1.5b.jsonl"))
     ap.add_argument("--limit", type=int, default=None, help="record at most this many inputs in total")
     ap.add_argument("--seed", type=int, default=0)

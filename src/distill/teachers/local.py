@@ -11,9 +11,9 @@ Why scoring instead of sampling: one forward pass over the prompt plus a short b
 far cheaper on CPU than generating text, and the answer is always a valid label.
 
 Speed, without changing the numbers (tested against a naive per-label forward):
-- the prompt is run once; its KV cache is copied and repeated for the batch of label continuations
-  (``DynamicCache.batch_repeat_interleave``), which are right-padded so padding never precedes a real
-  token;
+- one forward pass per input scores every label: the rest of the prompt and the label continuations,
+  laid out as a token trie (shared leading tokens computed once, no padding), go in one row with a custom
+  4D attention mask (see ``score_labels``);
 - the long shared prefix (system prompt with the label list) is the same for every input of a task, so
   its KV cache is kept across inputs: the prefix is the longest common token prefix of the previous and
   the current prompt.
@@ -138,63 +138,83 @@ class LocalTeacher:
 
     # -- classify ------------------------------------------------------------------------------------
     def score_labels(self, messages: list[dict[str, str]], labels: list[str]) -> dict[str, float]:
-        """Summed log-probability of each label (+ end-of-turn) as the answer. The fast path."""
+        """Summed log-probability of each label (+ end-of-turn) as the answer. The fast path.
+
+        One forward pass scores all labels: the rest of the prompt (after the cached shared prefix) is
+        followed, in the same row, by the label continuations laid out as a token trie (labels that share
+        leading tokens, like SearchCreativeWork / SearchScreeningEvent, share those positions). A custom
+        4D attention mask lets each trie node see the whole prompt and only its own ancestors, and each
+        node's position id is its depth after the prompt, so every label is scored exactly as if it had
+        been appended alone to the prompt (tested against ``score_labels_naive``)."""
         import torch
 
         ids = self.prompt_ids(messages)
         conts = [self.continuation_ids(messages, lab) for lab in labels]
+        # trie: node = (token, parent node or -1, depth); paths[i] = the node ids of label i's tokens
+        node_of: dict[tuple[int, int], int] = {}
+        nodes: list[tuple[int, int, int]] = []
+        paths = []
+        for c in conts:
+            parent, path = -1, []
+            for depth, t in enumerate(c):
+                if (parent, t) not in node_of:
+                    node_of[(parent, t)] = len(nodes)
+                    nodes.append((t, parent, depth))
+                parent = node_of[(parent, t)]
+                path.append(parent)
+            paths.append(path)
         dev = self.model.device
         with torch.inference_mode():
-            cache, last_logits = self._prompt_cache(ids)
-            k = len(labels)
-            width = max(len(c) for c in conts)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            batch = torch.full((k, width), pad, dtype=torch.long)
-            mask = torch.zeros((k, len(ids) + width), dtype=torch.long)
-            mask[:, : len(ids)] = 1
-            for i, c in enumerate(conts):
-                batch[i, : len(c)] = torch.tensor(c)
-                mask[i, len(ids): len(ids) + len(c)] = 1
-            cache.batch_repeat_interleave(k)   # in place: `cache` is already this call's own copy
-            pos = torch.arange(len(ids), len(ids) + width).unsqueeze(0).expand(k, -1)
-            out = self.model(input_ids=batch.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                             cache=cache, use_cache=True)
-            # logits predicting continuation token t: the prompt's last position for t=0, else output t-1
-            logits = torch.cat([last_logits.expand(k, 1, -1), out.logits[:, :-1, :]], dim=1).float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.to(dev).unsqueeze(-1)).squeeze(-1)
+            n_pre, cache = self._prefix_for(ids)
+            rest = ids[n_pre:]
+            r, m = len(rest), len(nodes)
+            seq = rest + [t for t, _, _ in nodes]
+            pos = list(range(n_pre, n_pre + r)) + [n_pre + r + d for _, _, d in nodes]
+            allowed = torch.zeros((r + m, n_pre + r + m), dtype=torch.bool)
+            allowed[:, :n_pre] = True
+            allowed[:r, n_pre:n_pre + r] = torch.ones((r, r), dtype=torch.bool).tril()
+            allowed[r:, n_pre:n_pre + r] = True
+            for j, (_, parent, _) in enumerate(nodes):
+                allowed[r + j, n_pre + r + j] = True
+                while parent >= 0:   # ancestors
+                    allowed[r + j, n_pre + r + parent] = True
+                    parent = nodes[parent][1]
+            dtype = self.model.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            out = self.model(input_ids=torch.tensor([seq], device=dev), attention_mask=mask[None, None].to(dev),
+                             position_ids=torch.tensor([pos], device=dev), cache=cache, use_cache=cache is not None)
+            logp = torch.log_softmax(out.logits[0].float(), dim=-1)
             scores = {}
-            for i, (lab, c) in enumerate(zip(labels, conts)):
-                scores[lab] = float(logp[i, : len(c)].sum())
+            for lab, c, path in zip(labels, conts, paths):
+                # token k is predicted at the prompt's last row (k = 0) or at the row of token k-1's node
+                rows = [r - 1] + [r + node for node in path[:-1]]
+                scores[lab] = float(sum(logp[row, t] for row, t in zip(rows, c)))
         return scores
 
-    def _prompt_cache(self, ids: list[int]):
-        """A fresh KV cache of the whole prompt and the logits at its last position, reusing the cached
-        shared prefix when the prompt starts with it."""
+    def _prefix_for(self, ids: list[int]):
+        """(length, a private copy of its KV cache) of the cached shared prefix of ``ids``; (0, None) when
+        there is none. The prefix is learned as the longest common token prefix of the previous prompt and
+        this one: for one task that is the system prompt (with the label list) plus the user-turn header."""
         import torch
 
-        dev = self.model.device
         ids_t = tuple(ids)
-        if not (self._prefix_ids and len(self._prefix_ids) < len(ids) and ids_t[: len(self._prefix_ids)] == self._prefix_ids):
-            # Learn the shared prefix from the previous prompt: for one task that is the system prompt
-            # (label list) plus the user-turn header. Keep at least one token to run below.
+        hit = self._prefix_ids and len(self._prefix_ids) < len(ids) and ids_t[: len(self._prefix_ids)] == self._prefix_ids
+        if not hit:
             n = 0
-            for a, b in zip(self._last_ids, ids_t[:-1]):
+            for a, b in zip(self._last_ids, ids_t[:-1]):   # keep >= 1 token to score after the prefix
                 if a != b:
                     break
                 n += 1
             if n >= _MIN_PREFIX_TOKENS:
-                pre = self.model(input_ids=torch.tensor([ids[:n]], device=dev), use_cache=True)
+                pre = self.model(input_ids=torch.tensor([ids[:n]], device=self.model.device), use_cache=True)
                 self._prefix_ids, self._prefix_cache = ids_t[:n], pre.cache
             else:
                 self._prefix_ids, self._prefix_cache = (), None
         self._last_ids = ids_t
-        start = len(self._prefix_ids)
-        cache = copy.deepcopy(self._prefix_cache) if self._prefix_cache is not None else None
-        rest = torch.tensor([ids[start:]], device=dev)
-        pos = torch.arange(start, len(ids), device=dev).unsqueeze(0)
-        out = self.model(input_ids=rest, attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=dev),
-                         position_ids=pos, cache=cache, use_cache=True)
-        return out.cache, out.logits[:, -1:, :]
+        if self._prefix_cache is None:
+            return 0, None
+        # the forward pass appends to the cache it is given, so it gets a copy
+        return len(self._prefix_ids), copy.deepcopy(self._prefix_cache)
 
     def score_labels_naive(self, messages: list[dict[str, str]], labels: list[str]) -> dict[str, float]:
         """The reference: one full forward per label, no cache. Used by tests to prove the fast path."""

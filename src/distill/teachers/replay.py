@@ -20,6 +20,8 @@ then one line per input::
      "reply": {"texts": ["GetWeather"], "label_probs": {...} | null, "tokens_in": 231, "tokens_out": 0,
                "latency_s": 1.9, "raw": {...}}}
 
+Other keys on an input line (the recorder adds ``"id"``, the input's id in the CSV) are ignored.
+
 A request matches a line when ``messages_sha256(request.messages)`` equals that of the line's messages
 (sha256 of the canonical JSON: sorted keys, no ASCII escaping), so only the rendered prompt matters, not
 the cache key or teacher name. If the same messages occur twice the last line wins (a re-recording

@@ -1,0 +1,717 @@
+"""``distill eval`` for generative students (kind ``extract`` or ``generate``): student vs its untuned base vs
+the teacher on the locked test split, with the same JSON shape and quality gate as ``distill.evaluate``.
+
+The recipe, top to bottom (``evaluate_lm``):
+
+1. Load the student (the latest ``train_lm`` run unless a folder is given; an adapter folder or a merged
+   one) and the test split. Test rows are never filtered (``dataset.rows``).
+2. Three systems answer every test row, from the prompt the teacher saw (``task.render_messages``):
+   - **student**: greedy generation, parsed with ``task.parse_answer`` exactly as a teacher reply is;
+   - **base**: the same base model *without* the trained adapter, same prompt and parser. It answers the
+     question "did distillation help at all?" (for an adapter, the adapter is switched off in place, so
+     the base costs no second copy of the weights);
+   - **teacher**: its stored answer (``labels``). Failed or missing answers count as wrong vs gold.
+3. Each system is scored vs **gold** (where the row has one) and vs the **teacher** (where it answered),
+   with seeded percentile-bootstrap 95% CIs, per segment, and for ``extract`` per field.
+4. Latency and tokens/s per request (batch 1) for student and base on this machine; the teacher's
+   latency and cost come from the labelling ledger.
+5. The gate (``spec.quality``); the JSON is written atomically to ``reports/eval-<run>.json`` and
+   registered as an ``eval`` run, so ``distill report`` and the CLI's gate work unchanged.
+
+Metric names (kept identical to the classify evaluation, so the report's tables read them):
+
+==================  ==========================================================================================
+``accuracy``        vs gold: share of rows whose whole answer equals the reference (exact match of the
+                    canonical answer, ``task.answer_key``: sorted-key JSON for extract, stripped text for
+                    generate). A missing/invalid answer is wrong.
+``agreement``       the same exact match, vs the teacher's answer.
+``field_f1``        extract: micro-F1 over (field path, value) pairs: P = TP / predicted pairs, R = TP / reference
+``field_precision`` pairs, F1 = 2 TP / (predicted + reference pairs), summed over all rows before dividing (micro,
+``field_recall``    as the CoNLL/SNIPS slot-filling F1; Tjong Kim Sang & De Meulder 2003). Nested keys are joined
+                    with '.', list items share the path 'key[]' (a multiset), null values are absent fields.
+                    An answer that fails the schema has no pairs (a consumer would reject it).
+``normalised_match`` generate: exact match after SQuAD normalisation (lowercase, no punctuation, no articles,
+                    collapsed whitespace; Rajpurkar et al. 2016, arXiv 1606.05250).
+``token_f1``        generate: SQuAD token-overlap F1, averaged over rows.
+``json_valid``      extract, per system (no reference needed): the output contains a JSON object.
+``schema_valid``    extract: the output parses *and* validates against ``schema:`` (``task.parse_answer``).
+==================  ==========================================================================================
+
+Not done: an LLM-as-judge score for ``generate`` (the teacher grading student answers). Generate tasks are
+scored only where a reference exists (gold, or the teacher's answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from distill import evaluate as E
+from distill import metrics as M
+from distill.dataset import rows as dataset_rows
+from distill.errors import DistillError
+from distill.project import Project
+from distill.runinfo import git_sha
+from distill.task import ParseError, answer_key, parse_answer, render_messages
+
+RESAMPLES = E.RESAMPLES   # same resamples and seed as the classify evaluation: paired, comparable CIs
+SEED = E.SEED
+DEFAULT_MAX_NEW_TOKENS = {"extract": 128, "generate": 256}
+TOP_ERRORS = 10
+EXAMPLES_PER_ERROR = 3
+# Turn-end markers of common chat templates: generation stops there even when the tokenizer's eos differs
+# (the same list the local teacher uses), so an untuned base does not ramble to max_new_tokens.
+_EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure metrics (unit-tested against hand-computed values)
+
+
+def field_pairs(answer: Any) -> Counter:
+    """The (field path, value) pairs of a JSON answer, as a multiset.
+
+    ``{"intent": "X", "slots": {"city": "Paris"}}`` -> ``{("intent", '"X"'): 1, ("slots.city", '"Paris"'): 1}``.
+    Values are compared as canonical JSON, so ``"5"`` and ``5`` differ and so do ``1`` and ``1.0`` — the same
+    strictness as exact match. ``None`` (no answer) has no pairs."""
+    out: Counter = Counter()
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(x, list):
+            for v in x:
+                walk(v, f"{path}[]")
+        elif x is not None:           # a null field is an absent field
+            out[(path or "(value)", json.dumps(x, ensure_ascii=False))] += 1
+
+    walk(answer, "")
+    return out
+
+
+def pair_counts(pred: Any, ref: Any) -> tuple[int, int, int]:
+    """(true positives, predicted pairs, reference pairs) of one row; TP counts a pair at most as often as it
+    occurs on both sides (multiset intersection)."""
+    p, r = field_pairs(pred), field_pairs(ref)
+    return sum((p & r).values()), sum(p.values()), sum(r.values())
+
+
+def micro_prf(tp: int, n_pred: int, n_ref: int) -> dict[str, float]:
+    """Micro precision, recall and F1 from summed counts; ``nan`` where a denominator is 0."""
+    nan = float("nan")
+    return {"precision": tp / n_pred if n_pred else nan, "recall": tp / n_ref if n_ref else nan,
+            "f1": 2 * tp / (n_pred + n_ref) if n_pred + n_ref else nan}
+
+
+def per_field(preds: Sequence[Any], refs: Sequence[Any]) -> list[dict]:
+    """Precision / recall / F1 / support of each field path over all rows (support = reference pairs),
+    sorted by support, largest first. Shows *which* fields a student gets wrong."""
+    tp: Counter = Counter()
+    np_: Counter = Counter()
+    nr: Counter = Counter()
+    for p, r in zip(preds, refs):
+        pp, rr = field_pairs(p), field_pairs(r)
+        for (path, _), k in (pp & rr).items():
+            tp[path] += k
+        for (path, _), k in pp.items():
+            np_[path] += k
+        for (path, _), k in rr.items():
+            nr[path] += k
+    out = [{"field": f, **micro_prf(tp[f], np_[f], nr[f]), "support": nr[f], "predicted": np_[f]}
+           for f in set(np_) | set(nr)]
+    return sorted(out, key=lambda d: (-d["support"], d["field"]))
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalise_text(s: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016): lowercase, drop punctuation and the articles
+    a/an/the, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def token_f1(pred: str | None, ref: str) -> float:
+    """SQuAD token F1 between normalised texts (bag of words). No answer scores 0; two empty texts score 1."""
+    if pred is None:
+        return 0.0
+    p, r = normalise_text(pred).split(), normalise_text(ref).split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def row_scores(kind: str, spec, preds: Sequence[Any], refs: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Per-row numbers that every statistic (and every bootstrap resample) is summed from.
+
+    extract: ``exact`` (0/1), ``tp``, ``n_pred``, ``n_ref``; generate: ``exact``, ``norm`` (0/1), ``tok_f1``.
+    ``preds[i] is None`` means no valid answer."""
+    exact = np.array([p is not None and answer_key(spec, p) == answer_key(spec, r) if kind == "extract"
+                      else p is not None and str(p).strip() == str(r).strip() for p, r in zip(preds, refs)], float)
+    if kind == "extract":
+        c = np.array([pair_counts(p, r) for p, r in zip(preds, refs)], dtype=float).reshape(-1, 3)
+        return {"exact": exact, "tp": c[:, 0], "n_pred": c[:, 1], "n_ref": c[:, 2]}
+    return {"exact": exact,
+            "norm": np.array([p is not None and normalise_text(str(p)) == normalise_text(str(r))
+                              for p, r in zip(preds, refs)], float),
+            "tok_f1": np.array([token_f1(None if p is None else str(p), str(r)) for p, r in zip(preds, refs)], float)}
+
+
+def statistics(kind: str, s: dict[str, np.ndarray], against: str) -> dict[str, Callable[[np.ndarray], float]]:
+    """Metric name -> statistic(idx) over the rows ``idx`` (see the table in the module docstring)."""
+    nan = float("nan")
+
+    def mean(a: np.ndarray) -> Callable[[np.ndarray], float]:
+        return lambda i: float(a[i].mean()) if len(i) else nan
+
+    def ratio(num: np.ndarray, den: np.ndarray, k: float = 1.0) -> Callable[[np.ndarray], float]:
+        def f(i: np.ndarray) -> float:
+            d = float(den[i].sum())
+            return k * float(num[i].sum()) / d if d else nan
+        return f
+
+    out = {"accuracy" if against == "gold" else "agreement": mean(s["exact"])}
+    if kind == "extract":
+        both = s["n_pred"] + s["n_ref"]
+        out.update({"field_f1": ratio(s["tp"], both, 2.0), "field_precision": ratio(s["tp"], s["n_pred"]),
+                    "field_recall": ratio(s["tp"], s["n_ref"])})
+    else:
+        out.update({"normalised_match": mean(s["norm"]), "token_f1": mean(s["tok_f1"])})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str | None = None,
+                max_new_tokens: int | None = None, limit: int | None = None, device: str = "auto",
+                cpu_threads: int | None = None, cpu_hour_usd: float = 0.10, base: bool = True,
+                progress: bool = True) -> dict:
+    """Evaluate a generative student on the locked test split and return the result dict (also written to
+    ``reports/eval-<run>.json``). ``limit`` scores a fixed pseudo-random subset of that many test rows (the
+    same rows every time) — generation is slow on a CPU; ``base=False`` skips the untuned base model."""
+    spec = project.spec
+    say = E._say if progress else (lambda *a: None)
+    if spec.kind not in ("extract", "generate"):
+        raise DistillError(f"evaluate_lm evaluates extract/generate projects; this one is '{spec.kind}'",
+                           hint="classify projects are evaluated by distill.evaluate.evaluate")
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[spec.kind]
+    if max_new_tokens < 1:
+        raise DistillError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise DistillError(f"--limit must be >= 1, got {limit}")
+    if cpu_hour_usd < 0:
+        raise DistillError(f"--cpu-hour-usd must be >= 0, got {cpu_hour_usd}")
+
+    # 1. model run, teacher, test split -------------------------------------------------------------
+    run_id, path, record = _resolve_run(project, model_path)
+    tname = teacher or _record_teacher(record) or spec.get_teacher(None).name
+    tspec = spec.get_teacher(tname)
+    notes: list[str] = []
+    test = _test_table(project, tname, limit, notes)
+    n = test["n"]
+    say(f"eval: {n} test rows ({test['n_gold']} with gold), teacher '{tname}', model {run_id}")
+
+    import torch
+
+    from distill.models import pick_device
+    from distill.students.causal_lm import load_student
+
+    dev = pick_device(device)
+    if dev == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    model, tok, info = load_student(path, device=dev)
+    from peft import PeftModel
+
+    is_adapter = isinstance(model, PeftModel)
+    messages = [render_messages(spec, t, s, m) for t, s, m in zip(test["texts"], test["segments"], test["metas"])]
+
+    # 2. three systems answer ------------------------------------------------------------------------
+    say(f"eval: student generates ({n} rows, at most {max_new_tokens} new tokens each)")
+    s_out = _generate_all(model, tok, info, messages, max_new_tokens, say, "student")
+    outputs = {"student": s_out}
+    base_reason = None
+    if base:
+        say("eval: base model (no adapter) generates")
+        base_info = {**info, "input_prefix": ""}   # the untuned model gets the teacher's prompt, no task prefix
+        if is_adapter:
+            with model.disable_adapter():
+                outputs["base"] = _generate_all(model, tok, base_info, messages, max_new_tokens, say, "base")
+        else:
+            try:
+                from distill.students.causal_lm import load_base
+
+                b_model, b_tok = load_base(info["base_model"], device=dev)
+            except (DistillError, OSError, KeyError) as e:
+                base_reason = f"the base model {info.get('base_model')!r} could not be loaded: {e}"
+            else:
+                outputs["base"] = _generate_all(b_model.eval(), b_tok, base_info, messages, max_new_tokens, say,
+                                                "base")
+                del b_model
+    else:
+        base_reason = "skipped (base=False)"
+
+    # 3. scores ---------------------------------------------------------------------------------------
+    say("eval: scoring with bootstrap CIs")
+    min_seg = spec.quality.min_segment_size
+    gate_key = _gate_key(spec.quality, spec.kind)
+    parsed = {name: _parse_outputs(spec, o["texts"]) for name, o in outputs.items()}
+    systems: dict[str, dict] = {}
+    for name in outputs:
+        systems[name] = _score_system(spec, name, parsed[name]["answers"], parsed[name]["validity"], test, min_seg,
+                                      gate_key)
+    systems["teacher"] = _score_system(spec, "teacher", test["teacher_pred"], test["teacher_validity"], test,
+                                       min_seg, gate_key)
+    if "base" not in systems:
+        systems["base"] = {"available": False, "reason": base_reason}
+    cfg = record.get("config") if isinstance(record.get("config"), dict) else {}
+    systems["student"]["description"] = (f"distilled student ({cfg.get('loss', '?')} on "
+                                         f"{info.get('base_model')}, {'LoRA adapter' if is_adapter else 'merged or full model'})")
+    if systems["base"].get("available", True):
+        systems["base"]["description"] = f"the untuned base model {info.get('base_model')} with the same prompt"
+    systems["teacher"]["description"] = f"teacher '{tname}' ({tspec.kind}: {tspec.model or tspec.path or ''})"
+    for name in ("student", "base"):
+        if systems[name].get("available", True) and test["n_gold"]:
+            systems[name]["retention"] = _retention(spec, parsed[name]["answers"], test)
+
+    errors = _errors(spec, parsed["student"]["answers"], parsed["student"]["reasons"], test)
+    samples = [{"id": test["ids"][i], "text": E._cut(test["texts"][i]), "gold": test["gold"][i],
+                "teacher": test["teacher_pred"][i],
+                **{name: E._cut(outputs[name]["texts"][i]) for name in outputs}} for i in range(min(n, 5))]
+
+    # 4. latency and cost -----------------------------------------------------------------------------
+    latency: dict[str, Any] = {name: _latency(o) for name, o in outputs.items()}
+    latency["student"]["size_bytes"] = _param_bytes(model)
+    latency["teacher"] = E._teacher_ledger(project, tname)
+    cost = E._cost(latency, tspec.price.per_hour, cpu_hour_usd)
+
+    # 5. gate, headline, lineage ----------------------------------------------------------------------
+    gate = _gate(spec.quality, spec.kind, systems["student"])
+    headline = _headline(systems)
+    tq = _teacher_sentence(spec.kind, tname, systems["teacher"], test)
+    result = {
+        "model_run_id": run_id, "model_path": str(path), "teacher": tname, "task": spec.name, "kind": spec.kind,
+        "created_at": time.time(),
+        "test": {k: test[k] for k in ("n", "n_total", "n_gold", "teacher_failed", "teacher_unlabelled",
+                                      "teacher_failed_reasons", "segment_counts", "hash")},
+        "systems": systems, "headline": headline, "teacher_quality": tq, "confusions": errors,
+        "samples": samples, "latency": latency, "cost": cost,
+        "generation": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": 1, "device": dev,
+                       "torch_threads": torch.get_num_threads()},
+        "lineage": {
+            "model_run_id": run_id, "model_path": str(path), "training_record": record, "student": info,
+            "teacher": {"name": tname, **tspec.identity(), "terms": tspec.terms.model_dump()},
+            "filters": spec.filters.model_dump(), "filter_run": E._latest_filter_run(project, tname),
+            "test_hash": test["hash"], "code_git_sha": git_sha(),
+        },
+        "gate": gate,
+        "notes": notes + _standing_notes(spec.kind, test),
+        "json_path": None, "version": 1,
+    }
+    out = project.reports_dir / f"eval-{E._safe(run_id)}.json"
+    result["json_path"] = str(out)
+    result = E._jsonable(result)
+    E._write_json_atomic(out, result)
+    project.store.put_run(f"eval-{run_id}", "eval", "done", str(out), {
+        "model_run_id": run_id, "teacher": tname, "gate": {"passed": gate["passed"]}, "headline": headline,
+    })
+    say(f"eval: {tq}")
+    say(f"eval: wrote {out}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. inputs
+
+
+def _resolve_run(project: Project, model_path: str | None) -> tuple[str, Path, dict]:
+    """(run id, student folder, training record): the run whose path is ``model_path`` (as typed or
+    resolved), else the latest finished ``train_lm`` run. A folder that no run knows is still evaluated."""
+    if model_path is not None:
+        p = Path(model_path)
+        if not p.exists():
+            raise DistillError(f"--model {model_path}: no such folder",
+                               hint="pass an 'adapter' (or merged model) folder written by `distill train`/`export`")
+        paths = (str(p), str(p.resolve()))
+        rows = project.store.q("SELECT * FROM runs WHERE kind='train_lm' AND path IN (?, ?) ORDER BY created_at DESC "
+                               "LIMIT 1", paths)
+        if rows:
+            return rows[0]["id"], p, json.loads(rows[0]["record"])
+        # a merged export of a run: evaluated under '<run>-merged', with the run's training record as lineage
+        rows = project.store.q("SELECT * FROM runs WHERE kind='export_lm' AND path IN (?, ?) ORDER BY created_at "
+                               "DESC LIMIT 1", paths)
+        if rows:
+            rid = json.loads(rows[0]["record"]).get("model_run_id")
+            src = project.store.q("SELECT record FROM runs WHERE id=? AND kind='train_lm'", (rid,))
+            return f"{rid}-merged", p, json.loads(src[0]["record"]) if src else {}
+        return p.name, p, {}
+    run = project.store.latest_run("train_lm")
+    if run is None or not run["path"]:
+        raise DistillError(f"{project.root}: no trained generative student to evaluate",
+                           hint="run `distill train` first, or pass --model FOLDER")
+    p = Path(run["path"])
+    if not p.exists():
+        raise DistillError(f"the latest trained student's folder {p} is missing",
+                           hint="retrain with `distill train` or pass --model FOLDER")
+    return run["id"], p, json.loads(run["record"])
+
+
+def _record_teacher(record: dict) -> str | None:
+    t = record.get("teacher")
+    if isinstance(t, dict):
+        return (t.get("identity") or {}).get("name") or t.get("name")
+    return t if isinstance(t, str) else None
+
+
+def _test_table(project: Project, teacher: str, limit: int | None, notes: list[str]) -> dict:
+    """The locked test split as parallel lists, plus the teacher's *own* answer per row (not corrections)
+    and whether that answer was valid JSON / valid against the schema."""
+    rows = dataset_rows(project, teacher, ("test",))
+    if not rows:
+        raise DistillError(f"{project.root}: the test split is empty",
+                           hint="import more inputs (splits.test in distill.yaml sets the share that goes to test)")
+    n_total = len(rows)
+    if limit is not None and limit < len(rows):
+        # a fixed pseudo-random subset (by hashed id): the same rows on every run, not the first N by id
+        rows = sorted(rows, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())[:limit]
+        rows.sort(key=lambda r: r.id)
+        notes.append(f"--limit {limit}: scored a fixed hashed subset of {len(rows)} of the {n_total} test rows")
+    labels = {r["example_id"]: r for r in project.store.q(
+        "SELECT example_id, status, answer, reason FROM labels WHERE teacher=? AND example_id IN "
+        "(SELECT id FROM examples WHERE split='test')", (teacher,))}
+    pred, json_ok, schema_ok, failed, unlabelled, reasons = [], [], [], 0, 0, {}
+    for r in rows:
+        lab = labels.get(r.id)
+        if lab is not None and lab["status"] == "ok":
+            pred.append(json.loads(lab["answer"]))
+            json_ok.append(1.0)
+            schema_ok.append(1.0)
+            continue
+        pred.append(None)
+        schema_ok.append(0.0)
+        # the labeller stores the parser's reason: a schema violation was valid JSON, anything else was not
+        json_ok.append(1.0 if lab is not None and lab["reason"] == "schema_violation" else 0.0)
+        if lab is None:
+            unlabelled += 1
+        else:
+            failed += 1
+            reasons[lab["reason"] or "unknown"] = reasons.get(lab["reason"] or "unknown", 0) + 1
+    if unlabelled:
+        notes.append(f"{unlabelled} test rows have no answer from teacher '{teacher}' (run `distill label`); "
+                     "they count as wrong for the teacher")
+    gold = [r.gold for r in rows]
+    h = hashlib.sha256(json.dumps([[r.id, r.gold] for r in rows], sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "ids": [r.id for r in rows], "texts": [r.text for r in rows], "segments": [r.segment for r in rows],
+        "metas": [r.meta for r in rows], "gold": gold, "teacher_pred": pred,
+        "teacher_validity": {"json_valid": np.array(json_ok), "schema_valid": np.array(schema_ok)},
+        "n": len(rows), "n_total": n_total, "n_gold": sum(g is not None for g in gold),
+        "teacher_failed": failed, "teacher_unlabelled": unlabelled, "teacher_failed_reasons": reasons,
+        "segment_counts": M.counts(["(none)" if r.segment is None else r.segment for r in rows]), "hash": h,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. generation
+
+
+def _stop_ids(tok) -> list[int]:
+    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    vocab = tok.get_vocab()
+    return sorted(stop | {vocab[t] for t in _EOT_TOKENS if t in vocab})
+
+
+def _generate_all(model, tok, info: dict, messages: list[list[dict]], max_new_tokens: int, say,
+                  name: str) -> dict[str, list]:
+    """Greedy answers, one request at a time (what one API call to a served model costs), timed per request.
+    One untimed warm-up request first: the first call pays for lazy initialisation."""
+    import torch
+
+    from distill.students.causal_lm import has_chat_template, student_prompt
+
+    stop = _stop_ids(tok) or None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0]
+
+    @torch.no_grad()
+    def one(msgs: list[dict], limit: int = max_new_tokens) -> tuple[str, int, int]:
+        prompt = student_prompt(tok, info, msgs)
+        enc = tok(prompt, add_special_tokens=not has_chat_template(tok), return_tensors="pt")
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        out = model.generate(**enc, max_new_tokens=limit, do_sample=False, pad_token_id=pad, eos_token_id=stop)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        return tok.decode(new, skip_special_tokens=True), enc["input_ids"].shape[1], len(new)
+
+    one([{"role": "user", "content": "hi"}], limit=2)   # short on purpose: a full request costs seconds on CPU
+    texts, secs, t_in, t_out = [], [], [], []
+    for i, msgs in enumerate(messages, start=1):
+        t0 = time.perf_counter()
+        text, n_in, n_out = one(msgs)
+        secs.append(time.perf_counter() - t0)
+        texts.append(text)
+        t_in.append(n_in)
+        t_out.append(n_out)
+        if i % 10 == 0 or i == len(messages):
+            say(f"eval: {name} {i}/{len(messages)}  {sum(t_out) / sum(secs):.1f} new tokens/s")
+    return {"texts": texts, "seconds": secs, "tokens_in": t_in, "tokens_out": t_out}
+
+
+def _parse_outputs(spec, texts: list[str]) -> dict:
+    """Parse every output as the labeller parses a teacher reply. extract: record JSON and schema validity."""
+    answers, reasons, json_ok, schema_ok = [], [], [], []
+    for t in texts:
+        try:
+            a = parse_answer(spec, t)
+        except ParseError as e:
+            answers.append(None)
+            reasons.append(e.reason)
+            json_ok.append(1.0 if e.reason == "schema_violation" else 0.0)
+            schema_ok.append(0.0)
+        else:
+            answers.append(a)
+            reasons.append(None)
+            json_ok.append(1.0)
+            schema_ok.append(1.0)
+    validity = {"json_valid": np.array(json_ok), "schema_valid": np.array(schema_ok)} if spec.kind == "extract" else None
+    return {"answers": answers, "reasons": reasons, "validity": validity}
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. scores
+
+
+def _metric(stat: Callable[[np.ndarray], float], n: int) -> dict:
+    return {"value": stat(np.arange(n)), "ci": list(M.bootstrap_ci(stat, n, resamples=RESAMPLES, seed=SEED)), "n": n}
+
+
+def _segment_metrics(kind: str, against: str, gate_key: str | None) -> list[str]:
+    """Per-segment CIs cost 1000 resamples each, so only the headline metrics get them."""
+    ms = ["accuracy" if against == "gold" else "agreement", "field_f1" if kind == "extract" else "normalised_match"]
+    if gate_key and gate_key not in ms and gate_key in ("field_f1", "accuracy", "agreement"):
+        ms.append(gate_key)
+    return ms
+
+
+def _score_system(spec, name: str, answers: list, validity: dict | None, test: dict, min_seg: int,
+                  gate_key: str | None) -> dict:
+    """vs gold, vs teacher, validity, per segment and per field for one system's parsed answers."""
+    kind, n = spec.kind, test["n"]
+    out: dict[str, Any] = {"available": True, "n": n, "no_answer": sum(a is None for a in answers)}
+    if validity is not None:
+        out["validity"] = {k: _metric(lambda i, v=v: float(v[i].mean()) if len(i) else float("nan"), n)
+                           for k, v in validity.items()}
+    segs: dict[str, dict] = {}
+    for against, refs in (("gold", test["gold"]), ("teacher", test["teacher_pred"])):
+        idx = [i for i, r in enumerate(refs) if r is not None]
+        if (name == "teacher" and against == "teacher") or not idx:
+            out[f"vs_{against}"] = None
+            continue
+        sc = row_scores(kind, spec, [answers[i] for i in idx], [refs[i] for i in idx])
+        st = statistics(kind, sc, against)
+        out[f"vs_{against}"] = {m: _metric(f, len(idx)) for m, f in st.items()}
+        seg_of = [test["segments"][i] for i in idx]
+        for m in _segment_metrics(kind, against, gate_key):
+            if m not in st:
+                continue
+            for b in M.per_segment(seg_of, st[m], min_size=min_seg, resamples=RESAMPLES, seed=SEED):
+                segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_{against}"] = b
+        if kind == "extract" and "per_field" not in out:   # vs gold when there is gold, else vs the teacher
+            out["per_field"] = {"against": against,
+                                "fields": per_field([answers[i] for i in idx], [refs[i] for i in idx])}
+    for s in segs.values():
+        s["n"] = sum(1 for x in test["segments"] if ("(none)" if x is None else str(x)) == s["segment"])
+    out["segments"] = [segs[k] for k in sorted(segs)]
+    return out
+
+
+def _retention(spec, answers: list, test: dict) -> dict:
+    """system metric / teacher metric on the gold rows, the ratio recomputed on each (paired) resample."""
+    idx = [i for i, g in enumerate(test["gold"]) if g is not None]
+    refs = [test["gold"][i] for i in idx]
+    s = statistics(spec.kind, row_scores(spec.kind, spec, [answers[i] for i in idx], refs), "gold")
+    t = statistics(spec.kind, row_scores(spec.kind, spec, [test["teacher_pred"][i] for i in idx], refs), "gold")
+    names = ["accuracy", "field_f1"] if spec.kind == "extract" else ["accuracy", "normalised_match"]
+    return {m: _metric(lambda i, m=m: M.retention(s[m](i), t[m](i)), len(idx)) for m in names}
+
+
+def _errors(spec, answers: list, reasons: list, test: dict) -> dict:
+    """Where the student goes wrong, in the report's confusion shape ({true, pred, count, examples}).
+
+    extract: grouped by (field path, kind of error): 'missing', 'wrong value', 'extra', or the parse failure
+    of the whole answer. generate: the most frequent (reference, answer) pairs."""
+    against = "gold" if test["n_gold"] else "teacher"
+    refs = test["gold"] if against == "gold" else test["teacher_pred"]
+    idx = [i for i, r in enumerate(refs) if r is not None]
+    groups: dict[tuple[str, str], list[int]] = {}
+    n_err = 0
+    for i in idx:
+        a, r = answers[i], refs[i]
+        if a is not None and answer_key(spec, a) == answer_key(spec, r):
+            continue
+        n_err += 1
+        if a is None:
+            groups.setdefault(("(whole answer)", reasons[i] or "no answer"), []).append(i)
+            continue
+        if spec.kind != "extract":
+            groups.setdefault((E._cut(str(r)), E._cut(str(a))), []).append(i)
+            continue
+        pa, ra = _flat(a), _flat(r)
+        for f in sorted(set(pa) | set(ra)):
+            if f not in pa:
+                groups.setdefault((f, "missing"), []).append(i)
+            elif f not in ra:
+                groups.setdefault((f, "extra"), []).append(i)
+            elif pa[f] != ra[f]:
+                groups.setdefault((f, "wrong value"), []).append(i)
+    order = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:TOP_ERRORS]
+    pairs = [{"true": t, "pred": p, "count": len(ix),
+              "examples": [{"id": test["ids"][i], "text": E._cut(test["texts"][i]), "segment": test["segments"][i],
+                            "teacher": _short(test["teacher_pred"][i]), "reference": _short(refs[i]),
+                            "student": _short(answers[i])} for i in ix[:EXAMPLES_PER_ERROR]]}
+             for (t, p), ix in order]
+    return {"system": "student", "against": against, "n": len(idx), "n_errors": n_err, "pairs": pairs,
+            "grouping": "field path / kind of error" if spec.kind == "extract" else "reference / answer"}
+
+
+def _flat(answer: Any) -> dict[str, list[str]]:
+    """field path -> sorted values, for naming what differs."""
+    out: dict[str, list[str]] = {}
+    for (path, value), k in field_pairs(answer).items():
+        out.setdefault(path, []).extend([value] * k)
+    return {p: sorted(v) for p, v in out.items()}
+
+
+def _short(answer: Any) -> str | None:
+    if answer is None:
+        return None
+    return E._cut(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. latency
+
+
+def _latency(o: dict) -> dict:
+    """Per-request latency percentiles and tokens/s of one system's timed generation pass (batch 1)."""
+    total = sum(o["seconds"])
+    n_out = sum(o["tokens_out"])
+    return {"batch1": M.latency_percentiles(o["seconds"]),
+            "throughput": {"batch_size": 1, "n": len(o["seconds"]), "seconds": total,
+                           "texts_per_s": len(o["seconds"]) / total if total > 0 else None,
+                           "tokens_per_s": n_out / total if total > 0 else None},
+            "tokens": {"prompt_mean": float(np.mean(o["tokens_in"])), "new_mean": float(np.mean(o["tokens_out"])),
+                       "new_total": int(n_out)}}
+
+
+def _param_bytes(model) -> int:
+    """Bytes of the weights the served model holds in memory (base + adapter for a LoRA student)."""
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. gate and summary
+
+
+def _gate_key(q, kind: str) -> str | None:
+    """The metric the gate reads, or None when ``quality.metric`` does not apply to this kind."""
+    against = "teacher" if q.metric == "agreement" else q.against
+    if q.metric in ("accuracy", "exact_match", "agreement"):
+        return "accuracy" if against == "gold" else "agreement"
+    if q.metric == "field_f1" and kind == "extract":
+        return "field_f1"
+    return None
+
+
+def _gate(q, kind: str, student: dict) -> dict:
+    """Apply ``spec.quality`` to the student, as ``distill.evaluate`` does: point estimates decide; a CI
+    reaching below the threshold is a warning."""
+    against = "teacher" if q.metric == "agreement" else q.against
+    key = _gate_key(q, kind)
+    failures: list[str] = []
+    warnings: list[str] = []
+    if key is None:
+        failures.append(f"quality.metric '{q.metric}' does not apply to kind '{kind}'; use exact_match"
+                        + (" or field_f1" if kind == "extract" else "") + " in distill.yaml")
+        return {"passed": False, "metric": q.metric, "against": against, "failures": failures, "warnings": warnings}
+    scores = student.get(f"vs_{against}")
+    label = f"student {key} vs {against}"
+    if not scores:
+        failures.append(f"cannot compute {label}: the test split has no "
+                        + ("gold answers (import a gold column, or set quality.against: teacher)" if against == "gold"
+                           else "teacher answers (run `distill label`)"))
+        return {"passed": False, "metric": key, "against": against, "failures": failures, "warnings": warnings}
+    s = scores[key]
+    E._check(f"{label} = {E._f(s['value'])} [95% CI {E._f(s['ci'][0])}, {E._f(s['ci'][1])}] on n={s['n']}",
+             s, q.overall, "quality.overall", failures, warnings)
+    segs = [x[f"{key}_vs_{against}"] for x in student["segments"] if f"{key}_vs_{against}" in x]
+    worst = M.worst_segment(segs)
+    small = [x["segment"] for x in segs if not x["gated"]]
+    if worst is None:
+        warnings.append(f"no segment has >= {q.min_segment_size} rows (quality.min_segment_size); "
+                        "worst-segment check skipped")
+    else:
+        E._check(f"worst segment '{worst['segment']}' (n={worst['n']}): {label} = {E._f(worst['value'])} "
+                 f"[95% CI {E._f(worst['ci'][0])}, {E._f(worst['ci'][1])}]", worst, q.worst_segment,
+                 "quality.worst_segment", failures, warnings)
+    if small:
+        warnings.append(f"segments smaller than {q.min_segment_size} rows are reported but not gated: {small}")
+    return {"passed": not failures, "metric": key, "against": against, "overall_threshold": q.overall,
+            "worst_segment_threshold": q.worst_segment, "min_segment_size": q.min_segment_size,
+            "value": s["value"], "ci": s["ci"], "worst_segment": worst, "failures": failures, "warnings": warnings}
+
+
+def _headline(systems: dict) -> dict:
+    """The classify headline (vs gold, vs teacher, retention) plus the extract validity rates."""
+    out = E._headline(systems)
+    for name, s in systems.items():
+        if s.get("available") and s.get("validity"):
+            for k, v in s["validity"].items():
+                if not E._bad(v["value"]):
+                    out.setdefault(name, {})[k] = {"value": v["value"], "ci": v["ci"]}
+    return out
+
+
+def _teacher_sentence(kind: str, name: str, t: dict, test: dict) -> str:
+    g = t.get("vs_gold")
+    if not g:
+        return (f"teacher {name}: quality vs gold unknown — the test split has no gold answers, so the student is "
+                "only measured against the teacher")
+    a = g["accuracy"]
+    second = ("field_f1", "field F1") if kind == "extract" else ("normalised_match", "normalised match")
+    b = g[second[0]]
+    miss = test["teacher_failed"] + test["teacher_unlabelled"]
+    return (f"teacher {name}: exact match {E._f(a['value'])} [{E._f(a['ci'][0])}, {E._f(a['ci'][1])}], {second[1]} "
+            f"{E._f(b['value'])} [{E._f(b['ci'][0])}, {E._f(b['ci'][1])}] vs gold on n={a['n']}"
+            + (f" ({miss} {'row' if miss == 1 else 'rows'} without a teacher answer counted as wrong)" if miss else ""))
+
+
+def _standing_notes(kind: str, test: dict) -> list[str]:
+    notes = [
+        "all rows of the (possibly --limit-ed) locked test split are scored; nothing is filtered out",
+        "accuracy (vs gold) and agreement (vs teacher) are exact match of the whole canonical answer",
+        f"rows where the teacher failed ({test['teacher_failed']}) or never answered ({test['teacher_unlabelled']}) "
+        "count as wrong for the teacher vs gold; agreement with the teacher is measured on the rows it answered",
+        "student and base decode greedily, one request at a time; latency and tokens/s are measured on this machine",
+        "CIs are seeded percentile-bootstrap 95% intervals over test rows (1000 resamples); retention is "
+        "recomputed per resample",
+    ]
+    if kind == "extract":
+        notes.append("field F1 is micro over (field path, value) pairs; an answer that fails the schema has no pairs")
+    else:
+        notes.append("no LLM-judge score: generate answers are scored against references only")
+    return notes

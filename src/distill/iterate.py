@@ -1,0 +1,369 @@
+"""`distill iterate`: one round of the production loop — what the service struggled with becomes training data,
+and a new model replaces the serving one only if it is better where it counts.
+
+    distill iterate PROJECT [--traffic FILE] [--budget USD] [--margin 0.02]
+
+The round, top to bottom (``iterate``):
+
+1. open the round: ``meta.iterate_open`` = N (a crashed round is resumed under the same number);
+2. take the failure queue's 'new' entries (``serve/queue.py``: routed, shadow disagreements, feedback,
+   degraded) and write their texts to ``rounds/round-NNN/queue.jsonl``; import it and the optional
+   ``traffic`` file with the importer (``data/importer.py``), so dedupe, hashed splits, the locked test
+   split and decontamination all apply: an input that hashes to test *is* test and is never trained on;
+   then mark those queue entries consumed with round N. (Import first, mark after: a crash in between
+   re-imports the same texts, which dedupe, instead of losing them.) A client's feedback label is not
+   trusted as gold: the teacher labels every new input;
+3. label with the teacher (``labeling.label``: cache and budget respected; a budget stop ends the round
+   early, resumable with a larger budget), filter (``filters.run_filters``);
+4. train (``recipes/train_classifier.train``): the run id hashes the data, so new data is a new run; a
+   crashed training resumes from its last epoch checkpoint;
+5. evaluate the new model *and* the serving one on today's locked test split (new traffic may have added
+   test rows, so both are scored on the same rows);
+6. decide: promote only if the new model passes the gate (``spec.quality``) and neither the overall score
+   nor any gated segment (>= ``quality.min_segment_size`` rows) drops by more than ``regression_margin``
+   (absolute, on the gate's metric). Otherwise the serving model stays and the report says which segment
+   fell by how much;
+7. record: the new train run's record gets ``lineage`` (round, parent model, data hash, teacher,
+   promoted), an ``iterate-N`` run holds the whole decision, ``meta.serving_model`` names the promoted run.
+
+The serving marker. ``meta.serving_model`` is the explicit marker. Every other stage (serve, eval, export,
+route calibrate) takes "the latest finished train run" by default, so after each decision the serving
+model's run row is rewritten last (its ``created_at`` becomes the newest): a refused model is never
+picked up by a default. If the serving model had a calibrated router, the promoted model is calibrated
+with the same settings (``route calibrate``); an ONNX export has to be redone (``distill export``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+from distill.project import Project
+from distill.serve import queue as fq
+
+SERVING_KEY = "serving_model"
+OPEN_KEY = "iterate_open"
+DONE_KEY = "iterate_round"
+
+
+@dataclass
+class SegmentDelta:
+    segment: str          # '(overall)' for the whole test split
+    n: int
+    old: float | None
+    new: float | None
+    delta: float | None   # new - old
+    gated: bool
+
+
+@dataclass
+class IterateReport:
+    round: int
+    teacher: str
+    resumed: bool = False
+    queue_consumed: int = 0
+    queue_by_reason: dict[str, int] = field(default_factory=dict)
+    traffic: str | None = None
+    imported: dict[str, Any] = field(default_factory=dict)       # source -> {added, by_split, dup_existing, ...}
+    label: dict[str, Any] | None = None
+    filter: dict[str, Any] | None = None
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    data_sha256: str | None = None
+    metric: str | None = None          # the gate's metric, e.g. 'accuracy vs gold'
+    gate_passed: bool | None = None
+    gate_failures: list[str] = field(default_factory=list)
+    comparison: list[SegmentDelta] = field(default_factory=list)
+    promoted: bool = False
+    serving_model: str | None = None   # after the round
+    reasons: list[str] = field(default_factory=list)   # why (not) promoted, one sentence each
+    stopped: str | None = None         # 'budget' | 'no_data' when the round ended before a decision
+    router: str | None = None
+    elapsed_s: float = 0.0
+
+    def message(self) -> str:
+        head = f"round {self.round}: "
+        if self.stopped:
+            return head + "; ".join(self.reasons)
+        verdict = f"promoted {self.run_id}" if self.promoted else f"kept {self.serving_model} (new model {self.run_id} refused)"
+        return head + verdict + ": " + "; ".join(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# the serving marker
+
+
+def serving_run(project: Project):
+    """The promoted train run (``meta.serving_model``) or None."""
+    run_id = project.store.get_meta(SERVING_KEY)
+    if not run_id:
+        return None
+    rows = project.store.q("SELECT * FROM runs WHERE id=? AND kind='train' AND status='done'", (run_id,))
+    return rows[0] if rows else None
+
+
+def _set_meta(project: Project, key: str, value: str | None) -> None:
+    with project.store.tx() as c:
+        if value is None:
+            c.execute("DELETE FROM meta WHERE key=?", (key,))
+        else:
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+
+def _touch_run(project: Project, row, **record_updates: Any) -> None:
+    """Rewrite a train run's row with extra record keys; its created_at becomes now (see module docstring)."""
+    record = json.loads(row["record"] or "{}")
+    record.update(record_updates)
+    project.store.put_run(row["id"], row["kind"], row["status"], row["path"], record)
+
+
+# ------------------------------------------------------------------------------------------------
+# step 2: new inputs
+
+
+def _take_queue(project: Project, round_no: int, round_dir: Path) -> tuple[Path | None, list[int], dict[str, int]]:
+    """Write the 'new' queue entries (plus, on a resumed round, the ones already taken by it) to a JSONL
+    file for the importer. Returns (file or None, ids still to mark, per-reason counts of the round)."""
+    new = fq.list_entries(project.store, status="new")
+    taken = project.store.q("SELECT * FROM failure_queue WHERE round=? AND status='consumed'", (round_no,))
+    texts = [e.text for e in new] + [r["text"] for r in taken]
+    by_reason: dict[str, int] = {}
+    for reason in [e.reason for e in new] + [r["reason"] for r in taken]:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    if not texts:
+        return None, [], by_reason
+    round_dir.mkdir(parents=True, exist_ok=True)
+    f = round_dir / "queue.jsonl"
+    tmp = f.with_suffix(".jsonl.tmp")
+    col = project.spec.splits.column
+    if col:
+        # the project takes splits from a column; queue texts have none, so give them the hashed split the
+        # importer would (an input that hashes to test stays test)
+        from distill.data.importer import normalise, text_id
+        from distill.data.splits import assign_split
+
+        rows = [{"text": t, col: assign_split(text_id(normalise(t)), project.spec.splits)} for t in texts]
+    else:
+        rows = [{"text": t} for t in texts]
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(f)
+    return f, [e.id for e in new], by_reason
+
+
+def _mark_consumed(project: Project, ids: list[int], round_no: int) -> None:
+    with project.store.tx() as c:
+        c.executemany("UPDATE failure_queue SET status='consumed', round=? WHERE id=? AND status='new'",
+                      [(round_no, i) for i in ids])
+
+
+def _import(project: Project, path: Path, report: IterateReport) -> None:
+    from distill.data.importer import import_file
+
+    r = import_file(project, path)
+    report.imported[str(path)] = {"rows_read": r.rows_read, "added": r.added, "by_split": r.by_split,
+                                  "dup_existing": r.dup_existing, "rejected": r.rejected,
+                                  "contaminated_removed": r.contaminated_removed, "warnings": r.warnings}
+
+
+# ------------------------------------------------------------------------------------------------
+# step 6: compare per segment
+
+
+def _scores(result: dict) -> tuple[str, dict[str, tuple[float | None, int, bool]]]:
+    """(metric label, {segment: (value, n, gated)}) of the student on the gate's metric, '(overall)' included."""
+    gate = result["gate"]
+    key, against = gate["metric"], gate["against"]
+    student = result["systems"]["student"]
+    out: dict[str, tuple[float | None, int, bool]] = {}
+    overall = (student.get(f"vs_{against}") or {}).get(key)
+    if overall:
+        out["(overall)"] = (overall["value"], overall["n"], True)
+    for s in student.get("segments", []):
+        b = s.get(f"{key}_vs_{against}")
+        if b:
+            out[s["segment"]] = (b["value"], b["n"], bool(b.get("gated", True)))
+    return f"{key} vs {against}", out
+
+
+def compare(old: dict, new: dict, margin: float) -> tuple[str, list[SegmentDelta], list[str]]:
+    """Per-segment deltas new - old on the gate metric, and one sentence per gated regression > margin."""
+    metric, o = _scores(old)
+    _, n = _scores(new)
+    deltas, regressions = [], []
+    for seg in sorted(set(o) | set(n), key=lambda s: (s != "(overall)", s)):
+        ov, nv = o.get(seg, (None, 0, False))[0], n.get(seg, (None, 0, False))[0]
+        size, gated = n.get(seg, o.get(seg, (None, 0, False)))[1:]
+        d = None if ov is None or nv is None else nv - ov
+        deltas.append(SegmentDelta(seg, size, ov, nv, d, gated))
+        if d is not None and gated and d < -margin:
+            where = "overall" if seg == "(overall)" else f"segment '{seg}' (n={size})"
+            regressions.append(f"{where}: {metric} fell from {ov:.3f} to {nv:.3f} ({d:+.3f}, more than the "
+                               f"margin {margin:g})")
+    return metric, deltas, regressions
+
+
+# ------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path | None = None,
+            budget: float | None = None, regression_margin: float = 0.02, progress: bool = True,
+            latency_samples: int = 200) -> IterateReport:
+    """One round of the production loop. See the module docstring for the steps and guarantees."""
+    from distill.evaluate import evaluate
+    from distill.filters import run_filters
+    from distill.labeling import label
+    from distill.recipes.train_classifier import TrainConfig, train
+
+    t0 = time.monotonic()
+    spec = project.spec
+    if spec.kind != "classify":
+        raise DistillError(f"{project.root}: `distill iterate` supports classify projects today (this one is {spec.kind})")
+    if not 0.0 <= regression_margin <= 1.0:
+        raise DistillError(f"--margin must be in [0, 1] (absolute, on the gate metric), got {regression_margin}")
+    if new_traffic is not None and not Path(new_traffic).is_file():
+        raise DistillError(f"{new_traffic}: no such file", hint="pass a CSV/JSONL/Parquet file of new inputs (column 'text')")
+    tname = spec.get_teacher(teacher).name
+    config = TrainConfig.from_dict(spec.student)   # a bad `student:` fails before anything is consumed or paid
+
+    # 1. open (or resume) the round ------------------------------------------------------------------
+    with project.exclusive("iterate"):
+        open_round = project.store.get_meta(OPEN_KEY)
+        resumed = open_round is not None
+        round_no = int(open_round) if resumed else int(project.store.get_meta(DONE_KEY) or 0) + 1
+        if not resumed:
+            _set_meta(project, OPEN_KEY, str(round_no))
+        report = IterateReport(round=round_no, teacher=tname, resumed=resumed,
+                               traffic=str(new_traffic) if new_traffic else None)
+        say = _say if progress else (lambda *_: None)
+        say(f"iterate: round {round_no}" + (" (resuming)" if resumed else ""))
+
+        # the serving model before this round: the promoted one, else what the service serves by default
+        serving = serving_run(project)
+        if serving is None and (latest := project.store.latest_run("train")) is not None:
+            serving = latest
+            _set_meta(project, SERVING_KEY, latest["id"])
+            report.reasons.append(f"adopted the latest trained model {latest['id']} as the serving model")
+        report.parent_run_id = serving["id"] if serving is not None else None
+
+        # 2. new inputs: failure queue + traffic file ----------------------------------------------------
+        round_dir = project.root / "rounds" / f"round-{round_no:03d}"
+        qfile, ids, by_reason = _take_queue(project, round_no, round_dir)
+        if qfile is not None:
+            _import(project, qfile, report)
+        if new_traffic is not None:
+            _import(project, Path(new_traffic), report)
+        _mark_consumed(project, ids, round_no)
+        report.queue_by_reason = by_reason
+        report.queue_consumed = sum(by_reason.values())
+        say(f"iterate: {report.queue_consumed} queue entries, "
+            f"{sum(v['added'] for v in report.imported.values())} new inputs")
+
+    # 3. label + filter (the labeller takes the project lock itself) ------------------------------------
+    lab = label(project, tname, budget=budget, progress=progress)
+    report.label = lab.to_dict()
+    if lab.stopped == "budget":
+        report.stopped = "budget"
+        report.reasons.append(lab.message() + f"; the round stays open: `distill iterate {project.root} --budget MORE`")
+        return _finish(report, t0)
+    report.filter = asdict(run_filters(project, tname))
+
+    # 4. train -----------------------------------------------------------------------------------------
+    rep = train(project, teacher=tname, config=config, progress=progress)
+    report.run_id = rep.run_id
+    report.data_sha256 = rep.record.get("data_sha256")
+    new_row = project.store.q("SELECT * FROM runs WHERE id=?", (rep.run_id,))[0]
+    if serving is not None and rep.run_id == serving["id"]:
+        report.reasons.append("the training data did not change, so training gave the serving model again")
+        report.serving_model = serving["id"]
+        report.stopped = "no_data"
+        _close_round(project, report)
+        return _finish(report, t0)
+
+    # 5. evaluate new and serving model on today's locked test split -------------------------------------
+    new_eval = evaluate(project, model_path=str(rep.path), teacher=tname, progress=progress,
+                        latency_samples=latency_samples).to_dict()
+    report.metric = f"{new_eval['gate']['metric']} vs {new_eval['gate']['against']}"
+    report.gate_passed = bool(new_eval["gate"]["passed"])
+    report.gate_failures = list(new_eval["gate"]["failures"])
+    regressions: list[str] = []
+    if serving is not None:
+        if not Path(serving["path"] or "").exists():
+            raise DistillError(f"the serving model's folder {serving['path']} is missing",
+                               hint="restore it, or clear the marker: `sqlite3 distill.db \"DELETE FROM meta WHERE "
+                                    "key='serving_model'\"` and re-run")
+        old_eval = evaluate(project, model_path=serving["path"], teacher=tname, progress=progress,
+                            latency_samples=latency_samples).to_dict()
+        report.metric, report.comparison, regressions = compare(old_eval, new_eval, regression_margin)
+
+    # 6. decide ------------------------------------------------------------------------------------------
+    report.promoted = report.gate_passed and not regressions
+    if not report.gate_passed:
+        report.reasons += [f"the new model fails the quality gate: {f}" for f in report.gate_failures]
+    report.reasons += [f"regression: {r}" for r in regressions]
+    if report.promoted:
+        gain = next((d.delta for d in report.comparison if d.segment == "(overall)"), None)
+        report.reasons.append("passes the gate" + (f"; {report.metric} {gain:+.3f} overall and no gated segment "
+                                                   f"fell by more than {regression_margin:g}" if gain is not None
+                                                   else "; there was no serving model to compare with"))
+
+    # 7. record: lineage on the new run, the decision, the marker (serving row written last) ---------------
+    lineage = {"round": round_no, "parent_model": report.parent_run_id, "data_sha256": report.data_sha256,
+               "teacher": tname, "promoted": report.promoted, "decided_at": time.time()}
+    if report.promoted:
+        if serving is not None:
+            _touch_run(project, serving, serving=False)
+        _touch_run(project, new_row, lineage=lineage, serving=True)
+        _set_meta(project, SERVING_KEY, rep.run_id)
+        report.serving_model = rep.run_id
+        report.router = _recalibrate(project, serving, rep.path)
+    else:
+        _touch_run(project, new_row, lineage=lineage, serving=False)
+        if serving is not None:
+            _touch_run(project, project.store.q("SELECT * FROM runs WHERE id=?", (serving["id"],))[0], serving=True)
+        report.serving_model = serving["id"] if serving is not None else None
+    _close_round(project, report)
+    return _finish(report, t0)
+
+
+def _recalibrate(project: Project, old_serving, new_path: Path) -> str | None:
+    """Calibrate the promoted model's router with the old router's settings, if the old model had one."""
+    if old_serving is None or not old_serving["path"]:
+        return None
+    from distill.serve.router import ROUTER_FILE, RouterConfig, calibrate_project
+
+    old = Path(old_serving["path"])
+    f = next((d / ROUTER_FILE for d in (old, old.parent / "onnx") if (d / ROUTER_FILE).is_file()), None)
+    if f is None:
+        return None
+    cfg = RouterConfig.from_json(f.read_text(encoding="utf-8"), where=str(f))
+    new = calibrate_project(project.root, model_path=new_path, coverage=cfg.coverage, confidence_kind=cfg.confidence,
+                            ood=cfg.ood, ood_keep=cfg.ood_keep, backend="torch")
+    return (f"router recalibrated for the new model (coverage target {cfg.coverage:g}, achieved "
+            f"{new.achieved_coverage:.3f} on validation); re-run `distill export` for an ONNX export")
+
+
+def _close_round(project: Project, report: IterateReport) -> None:
+    rec = report.to_dict()
+    project.store.put_run(f"iterate-{report.round}", "iterate", "done", None, rec)
+    with project.store.tx() as c:
+        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (DONE_KEY, str(report.round)))
+        c.execute("DELETE FROM meta WHERE key=?", (OPEN_KEY,))
+
+
+def _finish(report: IterateReport, t0: float) -> IterateReport:
+    report.elapsed_s = round(time.monotonic() - t0, 3)
+    return report
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg, highlight=False, markup=False)
