@@ -459,6 +459,69 @@ def queue_list(project: Path = typer.Argument(...), reason: Optional[str] = type
     _run(go)
 
 
+# -------------------------------------------------------------------------------- iterate / relabel / cost
+@app.command()
+def iterate(
+    project: Path = typer.Argument(..., help="Project folder."),
+    traffic: Optional[Path] = typer.Option(None, help="New traffic (CSV/JSONL/Parquet) to add to this round."),
+    budget: Optional[float] = typer.Option(None, help="Teacher spend cap (USD) for labelling this round."),
+    margin: float = typer.Option(0.02, help="Largest tolerated per-segment drop vs the serving model."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher (default: `teacher:`)."),
+):
+    """One round: failure queue (+ traffic) → teacher labels → retrain → eval → promote only if no segment regresses."""
+
+    def go():
+        from distill.iterate import iterate as run_iterate
+
+        r = run_iterate(_open(project), teacher=teacher, new_traffic=traffic, budget=budget, regression_margin=margin)
+        out.print(r.message(), highlight=False)
+        if r.stopped == "budget":
+            raise typer.Exit(EXIT_BUDGET)
+        if not r.promoted and r.stopped != "no_data":
+            raise typer.Exit(EXIT_GATE)
+
+    _run(go)
+
+
+@app.command()
+def relabel(
+    project: Path = typer.Argument(..., help="Project folder."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher (default: `teacher:`)."),
+    dry_run: bool = typer.Option(False, help="Only count the labels made under an older teacher/prompt."),
+    budget: Optional[float] = typer.Option(None, help="Teacher spend cap (USD)."),
+    accept_terms: bool = typer.Option(False, help="Label even if the teacher's terms forbid training on outputs."),
+):
+    """Re-ask the teacher for labels made under a different model, parameters or prompt (old calls are kept)."""
+
+    def go():
+        from distill.relabel import relabel as run_relabel
+
+        r = run_relabel(_open(project), teacher, budget=budget, dry_run=dry_run, accept_terms=accept_terms)
+        out.print(r.message(), highlight=False)
+
+    _run(go)
+
+
+@app.command()
+def cost(
+    project: Path = typer.Argument(..., help="Project folder."),
+    requests: float = typer.Option(1e6, help="Requests per month to cost."),
+    cpu_hour_usd: float = typer.Option(0.10, help="Price of one CPU-hour for the student."),
+    routed_share: Optional[float] = typer.Option(None, help="Share sent to the teacher (default: from router.json)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher (default: `teacher:`)."),
+):
+    """Cost per 1M requests teacher-only vs routed vs student-only, one-off distillation cost, break-even volume."""
+
+    def go():
+        from distill.cost import cost_report
+
+        rep = cost_report(_open(project), monthly_requests=requests, cpu_hour_usd=cpu_hour_usd,
+                          routed_share=routed_share, teacher=teacher)
+        out.print_json(json.dumps(rep, default=str))
+
+    _run(go)
+
+
 # ----------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(

@@ -88,10 +88,13 @@ class Mahalanobis:
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         """min_c (z - mu_c)^T P (z - mu_c), [N]. Higher = farther from every class."""
+        # Expanded as z'Pz - 2 z'P mu_c + mu_c'P mu_c: O(N*D^2 + N*C*D) instead of the O(N*C*D^2) of the
+        # direct form, which is ~1e11 operations for 5,500 inputs x 150 classes x 384 dims (CLINC150).
         z = np.asarray(feats, dtype=np.float64)
-        d = z[:, None, :] - self.means[None, :, :]                 # [N, C, D]
-        m = np.einsum("ncd,de,nce->nc", d, self.precision, d)
-        return m.min(-1)
+        zp = z @ self.precision                                     # [N, D]
+        mp = self.means @ self.precision                            # [C, D]
+        m = (zp * z).sum(1)[:, None] - 2 * zp @ self.means.T + (mp * self.means).sum(1)[None, :]
+        return np.maximum(m, 0.0).min(-1)                           # clamp round-off below 0
 
     def save(self, path: Path) -> None:
         np.savez(path, means=self.means, precision=self.precision)

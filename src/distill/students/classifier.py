@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
@@ -91,13 +92,20 @@ class ClassifierStudent:
             raise DistillError(f"a classifier needs at least two distinct labels, got {labels}")
         folder = resolve_base(base)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-            problem_type="single_label_classification",
-        )
+        # The new head is *meant* to be missing from the base checkpoint; transformers' load report about it
+        # would read like an error to a new user, so it is silenced for this one call.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                problem_type="single_label_classification",
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         limit = _position_limit(model, tokenizer)
         max_length = limit if max_length is None else min(max_length, limit)
         dev = pick_device(device)

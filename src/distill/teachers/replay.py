@@ -27,8 +27,10 @@ A request matches a line when ``messages_sha256(request.messages)`` equals that 
 the cache key or teacher name. If the same messages occur twice the last line wins (a re-recording
 appended later replaces an older answer). A request that was not recorded raises
 ``NoAnswer("not_recorded", ...)``: the labeller records a failed label for that input and moves on.
-Replayed replies report ``latency_s`` of the original call (that is what the teacher cost) in
-``raw["recorded_latency_s"]``; their own ``latency_s`` is the replay time, close to 0.
+Replayed replies report the *original* call's ``latency_s`` (also in ``raw["recorded_latency_s"]``): the
+ledger then holds what the teacher really took, so evaluation compares the student with the teacher's
+measured latency and compute cost rather than with a file lookup. The replay's own time is in
+``raw["replay_s"]``.
 """
 
 from __future__ import annotations
@@ -118,12 +120,13 @@ class ReplayTeacher:
             raise NoAnswer("not_recorded", f"{self.path.name} has no answer for this prompt "
                                            f"({len(self._replies)} recorded); record it or use a live teacher")
         raw = dict(rec.get("raw") or {})
-        raw["recorded_latency_s"] = rec.get("latency_s", 0.0)
+        raw["recorded_latency_s"] = float(rec.get("latency_s", 0.0))
         raw["replayed_from"] = self.path.name
+        raw["replay_s"] = time.perf_counter() - t0
         return TeacherReply(
             texts=list(rec["texts"]), label_probs=rec.get("label_probs"), logprobs=rec.get("logprobs"),
             tokens_in=int(rec.get("tokens_in", 0)), tokens_out=int(rec.get("tokens_out", 0)),
-            latency_s=time.perf_counter() - t0, retries=0, raw=raw,
+            latency_s=raw["recorded_latency_s"], retries=0, raw=raw,
         )
 
     async def aclose(self) -> None:
