@@ -452,9 +452,9 @@ def queue_list(project: Path = typer.Argument(...), reason: Optional[str] = type
 
         p = _open(project)
         out.print(counts(p.store))
-        for e in list_entries(p.store, status=status_, reasons=[reason] if reason else None)[:limit]:
-            out.print(f"[{e.reason}] {e.text[:80]!r} student={e.student_answer} teacher={e.teacher_answer}",
-                      highlight=False)
+        for e in list_entries(p.store, status=status_, reasons=[reason] if reason else None, limit=limit):
+            out.print(f"{e.reason:<20} {e.text[:80]!r} student={e.student_answer} teacher={e.teacher_answer}",
+                      highlight=False, markup=False)
 
     _run(go)
 
