@@ -8,9 +8,11 @@ import os
 import platform
 import subprocess
 import sys
+import hashlib
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ("distill", "torch", "transformers", "peft", "accelerate", "datasets", "onnxruntime",
             "scikit-learn", "numpy", "httpx", "fastapi", "uvicorn")
@@ -67,3 +69,15 @@ def environment() -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE") if k in os.environ},
     }
+
+
+def teacher_record(project: Any, teacher_name: str) -> dict[str, Any]:
+    """The teacher's identity and terms (and the recording's sha256 for a replay teacher): the lineage every
+    trained model carries, so a model can always say whose outputs it learned from and under which terms."""
+    t = project.spec.get_teacher(teacher_name)
+    rec: dict[str, Any] = {"identity": t.identity(), "terms": t.terms.model_dump()}
+    if t.kind == "replay" and t.path:
+        path = Path(t.path) if Path(t.path).is_absolute() else project.root / t.path
+        rec["replay"] = {"path": t.path,
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
+    return rec

@@ -9,7 +9,6 @@ stderr, and the server log. The key must not appear, nor its last 12 characters 
 tail is still a leak of entropy).
 """
 
-import json
 import os
 import secrets
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 from fake_openai_server import make_project, start_server
-from serving import LABELS, ServeProcess, add_student
+from serving import LABELS, ServeProcess
 from tiny_models import tiny_bert_folder
 
 from distill.project import Project

@@ -1,7 +1,5 @@
 """The task spec: validation errors name the field, prompts render deterministically, answers parse."""
 
-import json
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +12,7 @@ from distill.task import (
     load_spec,
     parse_answer,
     render_messages,
-    scaffold,
+
     split_rationale,
 )
 

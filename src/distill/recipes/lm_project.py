@@ -29,6 +29,7 @@ from typing import Any
 
 import filelock
 
+from distill.runinfo import teacher_record
 from distill.errors import DistillError
 from distill.project import Project
 from distill.recipes.train_causal_lm import (
@@ -69,15 +70,6 @@ def lm_config(project: Project, overrides: dict | None = None) -> LMTrainConfig:
     return LMTrainConfig.from_dict(merged, where=f"{project.root / 'distill.yaml'}: student")
 
 
-def _teacher_record(project: Project, teacher_name: str) -> dict[str, Any]:
-    """The teacher's identity and terms (and the recording's sha256 for a replay teacher), for lineage."""
-    t = project.spec.get_teacher(teacher_name)
-    rec: dict[str, Any] = {"identity": t.identity(), "terms": t.terms.model_dump()}
-    if t.kind == "replay" and t.path:
-        path = Path(t.path) if Path(t.path).is_absolute() else project.root / t.path
-        rec["replay"] = {"path": t.path,
-                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
-    return rec
 
 
 def run_id_for(config: LMTrainConfig, dhash: str, teacher_identity: dict) -> str:
@@ -100,7 +92,7 @@ def train_lm_project(project: Project, *, teacher: str | None = None, overrides:
     # -- data and run id ------------------------------------------------------------------------------
     examples = examples_from_project(project, teacher_name)
     dhash = data_hash(examples)
-    teacher_rec = _teacher_record(project, teacher_name)
+    teacher_rec = teacher_record(project, teacher_name)
     run_id = run_id_for(config, dhash, teacher_rec["identity"])
     run_dir = project.models_dir / run_id
     project.models_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from rich.console import Console
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import distill
+from distill.runinfo import teacher_record
 from distill.dataset import Row, latest_filter_run, rows
 from distill.errors import DistillError
 from distill.losses import hard_label_ce, kd_ce_mix, soft_target_kd
@@ -323,14 +324,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _teacher_record(project: Project, teacher_name: str) -> dict[str, Any]:
-    t = project.spec.get_teacher(teacher_name)
-    rec: dict[str, Any] = {"identity": t.identity(), "terms": t.terms.model_dump()}
-    if t.kind == "replay" and t.path:
-        path = Path(t.path) if Path(t.path).is_absolute() else project.root / t.path
-        rec["replay"] = {"path": t.path,
-                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
-    return rec
 
 
 def _filter_record(project: Project, teacher_name: str) -> dict[str, Any] | None:
@@ -392,7 +385,7 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
     if console and counts["validation_carved"]:
         console.print(f"[yellow]the validation split is empty: holding out a fixed 10% of train ({len(val_ex)} rows) for early stopping[/]")
     data_sha = data_sha256(train_ex, val_ex)
-    teacher_rec = _teacher_record(project, teacher_name)
+    teacher_rec = teacher_record(project, teacher_name)
     run_id = hashlib.sha256(json.dumps(
         {"config": config.run_fields(), "data": data_sha, "teacher": teacher_rec["identity"]},
         sort_keys=True).encode()).hexdigest()[:12]
