@@ -103,6 +103,7 @@ def test_export_project_writes_beside_the_model_and_serving_picks_it_up(tmp_path
     import torch
 
     from distill.export_onnx import export_project
+    from distill.project import Project
     from distill.serve.app import load_predictor
     from tiny_models import tiny_classify_project
 
@@ -112,9 +113,14 @@ def test_export_project_writes_beside_the_model_and_serving_picks_it_up(tmp_path
     model_dir = student.save(tmp_path / "proj" / "models" / "r1" / "final")
     project.store.put_run("r1", "train", "done", str(model_dir), {})
     project.close()
+    project = Project.open(tmp_path / "proj")
+    with project.store.tx() as c:     # the tiny project has no test split; give it one
+        c.execute("UPDATE examples SET split='test' WHERE split='validation'")
+    n_test = project.store.one("SELECT COUNT(*) FROM examples WHERE split='test'")
+    project.close()
     report = export_project(tmp_path / "proj")
     assert report.out_dir == str(model_dir.parent / "onnx")
-    assert report.parity_fp32["n"] == 8                       # the 8 validation inputs, not the probe texts
+    assert n_test > 0 and report.parity_fp32["n"] == n_test   # the test-split inputs, not the probe texts
     assert report.parity_fp32["argmax_agreement"] == 1.0
     pred = load_predictor(model_dir)                           # backend auto: the int8 export is preferred
     assert isinstance(pred, OnnxClassifier) and pred.int8
