@@ -28,11 +28,11 @@ SEED = 5
 
 
 def make(root: Path, base: Path) -> Path:
-    p = tiny_classify_project(root, n=40)
+    p = tiny_classify_project(root, n=160)   # enough steps per epoch that the kill lands mid-run
     p.close()
     # lr 5e-3 / batch 8: the settings under which the tiny model learns the toy task (see test_train_classifier)
     (root / "distill.yaml").write_text((root / "distill.yaml").read_text() + (
-        f"student: {{base: {base}, epochs: 3, learning_rate: 0.005, batch_size: 8, max_length: 16, "
+        f"student: {{base: {base}, epochs: 6, learning_rate: 0.005, batch_size: 8, max_length: 16, "
         f"device: cpu, early_stopping_patience: 0}}\n"))
     return root
 
@@ -71,7 +71,9 @@ def test_kill9_train_resumes_and_matches_uninterrupted(tmp_path):
             if list(killed.glob("models/*/checkpoints/checkpoint-*/trainer_state.json")):
                 break
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))       # somewhere in epoch 2 (or in the middle of its save)
+        # 6 epochs with no early stopping: after the first checkpoint, 5 epochs remain, so the kill lands
+        # mid-run even on a fast, idle machine (with 3 epochs it sometimes landed after `final` was written)
+        time.sleep(rng.uniform(0.0, 0.05))
         assert proc.poll() is None, "training finished before the kill; nothing was tested"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -87,7 +89,7 @@ def test_kill9_train_resumes_and_matches_uninterrupted(tmp_path):
     r = subprocess.run(train_cmd(killed), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = final_run(straight), final_run(killed)
-    assert b["record"]["resumed_from"] is not None and b["record"]["epochs_run"] == a["record"]["epochs_run"] == 3
+    assert b["record"]["resumed_from"] is not None and b["record"]["epochs_run"] == a["record"]["epochs_run"] == 6
     ea, eb = a["record"]["epochs"][-1], b["record"]["epochs"][-1]
     assert eb["eval_loss"] == pytest.approx(ea["eval_loss"], rel=1e-4)
     for k in ("agreement", "accuracy"):
