@@ -513,12 +513,19 @@ def _gate(q, student: dict, c: _Codes) -> dict:
     key = {"gold": {"accuracy": "accuracy", "exact_match": "accuracy", "macro_f1": "macro_f1"},
            "teacher": {"accuracy": "agreement", "exact_match": "agreement", "agreement": "agreement",
                        "macro_f1": "macro_f1"}}[against][metric]
+    return apply_gate(q, student, key, against, failures, warnings, noun="labels")
+
+
+def apply_gate(q, student: dict, key: str, against: str, failures: list[str], warnings: list[str],
+               noun: str = "labels") -> dict:
+    """The gate once the metric ``key`` is known; shared by classify (here) and extract/generate
+    (``distill.evaluate_lm``), so both kinds fail and warn the same way."""
     scores = student.get(f"vs_{against}")
     label = f"student {key} vs {against}"
     if not scores:
         failures.append(f"cannot compute {label}: the test split has no "
-                        + ("gold labels (import a gold column, or set quality.against: teacher)" if against == "gold"
-                           else "teacher labels (run `distill label`)"))
+                        + (f"gold {noun} (import a gold column, or set quality.against: teacher)" if against == "gold"
+                           else f"teacher {noun} (run `distill label`)"))
         return {"passed": False, "metric": key, "against": against, "failures": failures, "warnings": warnings}
     s = scores[key]
     _check(f"{label} = {_f(s['value'])} [95% CI {_f(s['ci'][0])}, {_f(s['ci'][1])}] on n={s['n']}",

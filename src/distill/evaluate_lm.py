@@ -648,31 +648,7 @@ def _gate(q, kind: str, student: dict) -> dict:
         failures.append(f"quality.metric '{q.metric}' does not apply to kind '{kind}'; use exact_match"
                         + (" or field_f1" if kind == "extract" else "") + " in distill.yaml")
         return {"passed": False, "metric": q.metric, "against": against, "failures": failures, "warnings": warnings}
-    scores = student.get(f"vs_{against}")
-    label = f"student {key} vs {against}"
-    if not scores:
-        failures.append(f"cannot compute {label}: the test split has no "
-                        + ("gold answers (import a gold column, or set quality.against: teacher)" if against == "gold"
-                           else "teacher answers (run `distill label`)"))
-        return {"passed": False, "metric": key, "against": against, "failures": failures, "warnings": warnings}
-    s = scores[key]
-    E._check(f"{label} = {E._f(s['value'])} [95% CI {E._f(s['ci'][0])}, {E._f(s['ci'][1])}] on n={s['n']}",
-             s, q.overall, "quality.overall", failures, warnings)
-    segs = [x[f"{key}_vs_{against}"] for x in student["segments"] if f"{key}_vs_{against}" in x]
-    worst = M.worst_segment(segs)
-    small = [x["segment"] for x in segs if not x["gated"]]
-    if worst is None:
-        warnings.append(f"no segment has >= {q.min_segment_size} rows (quality.min_segment_size); "
-                        "worst-segment check skipped")
-    else:
-        E._check(f"worst segment '{worst['segment']}' (n={worst['n']}): {label} = {E._f(worst['value'])} "
-                 f"[95% CI {E._f(worst['ci'][0])}, {E._f(worst['ci'][1])}]", worst, q.worst_segment,
-                 "quality.worst_segment", failures, warnings)
-    if small:
-        warnings.append(f"segments smaller than {q.min_segment_size} rows are reported but not gated: {small}")
-    return {"passed": not failures, "metric": key, "against": against, "overall_threshold": q.overall,
-            "worst_segment_threshold": q.worst_segment, "min_segment_size": q.min_segment_size,
-            "value": s["value"], "ci": s["ci"], "worst_segment": worst, "failures": failures, "warnings": warnings}
+    return E.apply_gate(q, student, key, against, failures, warnings, noun="answers")
 
 
 def _headline(systems: dict) -> dict:
