@@ -59,8 +59,12 @@ def test_all_labelled_through_faults_and_rerun_is_free(tmp_path, server):
     assert r.retries == sum(c["retries"] for c in calls) >= 13      # at least the 13 faults by index
     charged = [x for x in lines if x["charged"]]
     assert len(charged) == len({x["key"] for x in charged}) == len(calls) == 60
-    # truncated and slow (client timed out) answers were charged, and the retry got the stored answer back
-    assert sum(x["replayed"] for x in lines) >= 2
+    # truncated and slow (client timed out) answers were charged, and the retry got the stored answer back.
+    # Which key draws the 'slow@12' request depends on scheduling (it can be a retry that is replayed at
+    # once), so check the pairing per key; truncated@3 is always a first attempt (concurrency 8 > 3).
+    lost = {x["key"] for x in charged if x["fault"] in ("truncated", "slow")}
+    assert any(x["fault"] == "truncated" for x in charged)
+    assert lost <= {x["key"] for x in lines if x["replayed"]}
     assert sum(c["tokens_in"] + c["tokens_out"] for c in calls) == sum(x["tokens_in"] + x["tokens_out"] for x in charged)
     assert label_counts(p) == {"ok": 60}
 
