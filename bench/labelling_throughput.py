@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from fake_openai_server import make_project, start_server  # noqa: E402
 
 from distill.labeling import label  # noqa: E402
+from distill.runinfo import bench_result, environment, target, write_json_atomic  # noqa: E402
 
 
 def machine() -> dict:
@@ -101,9 +102,14 @@ def run(args: argparse.Namespace) -> dict:
         "rerun_server_requests": after - before,
         "rerun_wall_s": round(second.elapsed_s, 3),
     }
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    return {"bench": "labelling_throughput", "config": config, "machine": info,
-            "loadavg_at_end": list(os.getloadavg()), "results": results}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "t0", "env0")}
+    results["machine"] = info
+    ratios = {"achieved_over_limit": results["achieved_over_limit"], "rerun_calls": float(second.calls)}
+    targets = [target("labelling rate achieved / RPM limit", results["achieved_over_limit"], ">=", 0.95,
+                      "loopback server enforcing the limit, with injected 429 + Retry-After"),
+               target("paid calls on a cache-hit rerun", float(second.calls), "<=", 0)]
+    return bench_result("labelling_throughput", smoke=args.smoke, config=config, results=results, ratios=ratios,
+                        targets=targets, started=args.t0, environment_start=args.env0)
 
 
 def main() -> None:
@@ -120,9 +126,9 @@ def main() -> None:
         args.rpm, args.seconds = 1200.0, 3.0
     out = args.out or (Path(tempfile.gettempdir()) / "labelling_throughput.smoke.json" if args.smoke
                        else HERE / "results" / "labelling_throughput.json")
+    args.t0, args.env0 = time.perf_counter(), environment()
     record = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(out, record)
     print(json.dumps(record["results"], indent=2))
     print(f"wrote {out}")
     if record["results"]["rerun_calls"] != 0:

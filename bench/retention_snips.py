@@ -2,6 +2,7 @@
 TF-IDF baseline, on the locked test split, with bootstrap CIs; plus the student/teacher latency and cost ratios.
 
     python bench/retention_snips.py          # ~3 min on 2 CPU cores -> bench/results/retention_snips.json
+    python bench/retention_snips.py --smoke  # 150 inputs, 1 epoch; a temp file unless --out
 
 The teacher is Qwen2.5-Coder-1.5B-Instruct run locally, replayed from examples/snips-intents (its recorded
 answers and latencies). The gold-trained student uses the same inputs, the same kept rows and the same
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,7 @@ from distill.demo import run_demo
 from distill.evaluate import evaluate
 from distill.project import Project
 from distill.recipes.train_classifier import TrainConfig, train
-from distill.runinfo import environment
+from distill.runinfo import bench_result, environment, target, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,46 +62,70 @@ def figures(d: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", type=Path, default=HERE / ".work" / "retention-snips")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "retention_snips.json")
-    ap.add_argument("--limit", type=int, default=None, help="smoke: use only the first N inputs")
+    ap.add_argument("--dir", type=Path, default=None, help="project folder (default bench/.work/retention-snips[-smoke])")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
+    ap.add_argument("--smoke", action="store_true", help="first 150 inputs, 1 epoch: checks the script, not the numbers")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.limit = args.limit or 150
+    work = args.dir or HERE / ".work" / ("retention-snips-smoke" if args.smoke else "retention-snips")
+    out = args.out or (Path(tempfile.gettempdir()) / "retention_snips_smoke.json" if args.smoke
+                       else HERE / "results" / "retention_snips.json")
     env0 = environment()
     t0 = time.perf_counter()
-    run_demo(args.dir, limit=args.limit)                      # import → label → filter → train (mix) → eval
-    project = Project.open(args.dir)
+    run_demo(work, limit=args.limit, epochs=1 if args.smoke else None)   # import → label → filter → train → eval
+    project = Project.open(work)
     teacher = project.spec.get_teacher().name
-    distilled = json.loads((args.dir / "reports" / "report.json").read_text())
+    distilled = json.loads((work / "reports" / "report.json").read_text())
     cfg = TrainConfig.from_dict(project.spec.student)
+    if args.smoke:
+        cfg = replace(cfg, epochs=1)
     gold_run = train(project, teacher=teacher, config=replace(cfg, signal="gold"), progress=False)
     gold = evaluate(project, model_path=str(gold_run.path), teacher=teacher, progress=False).to_dict()
     h = distilled["headline"]
-    result = {
-        "bench": "retention_snips",
-        "command": "python bench/retention_snips.py" + (f" --limit {args.limit}" if args.limit else ""),
+    d_fig, g_fig = figures(distilled), figures(gold)
+    tfidf = {"accuracy_vs_gold": h["base"]["accuracy (gold)"], "agreement_with_teacher": h["base"].get("agreement"),
+             "retention": h["base"].get("retention")}
+    latency = {"student_p50_s": distilled["latency"]["student"]["batch1"]["p50_s"],
+               "teacher_p50_s": distilled["latency"]["teacher"]["batch1"]["p50_s"],
+               "teacher_over_student_p50": distilled["latency"].get("teacher_over_student_p50"),
+               "note": "teacher latency is what the recorded local 1.5B teacher took per input on this CPU"}
+    results = {
         "teacher": distilled["teacher_quality"],
         "test_rows": distilled["test"],
-        "distilled_student": figures(distilled),
-        "gold_trained_student": figures(gold),
-        "tfidf_baseline": {"accuracy_vs_gold": h["base"]["accuracy (gold)"], "agreement_with_teacher": h["base"].get("agreement"),
-                           "retention": h["base"].get("retention")},
+        "distilled_student": d_fig,
+        "gold_trained_student": g_fig,
+        "tfidf_baseline": tfidf,
         "teacher_metrics": h["teacher"],
-        "latency": {"student_p50_s": distilled["latency"]["student"]["batch1"]["p50_s"],
-                    "teacher_p50_s": distilled["latency"]["teacher"]["batch1"]["p50_s"],
-                    "teacher_over_student_p50": distilled["latency"].get("teacher_over_student_p50"),
-                    "note": "teacher latency is what the recorded local 1.5B teacher took per input on this CPU"},
+        "latency": latency,
         "cost_per_1m_usd": {"student": distilled["cost"]["student"]["per_1m_usd"],
                             "teacher": distilled["cost"]["teacher"]["per_1m_usd"],
                             "teacher_over_student": distilled["cost"].get("teacher_over_student")},
         "published_reference": PUBLISHED,
-        "targets": {"retention_overall": 0.99, "retention_worst_segment": 0.95, "latency_ratio": 20},
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "environment_start": env0,
-        "environment_end": environment(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({k: result[k] for k in ("distilled_student", "gold_trained_student", "tfidf_baseline", "latency")},
+
+    def val(x):
+        return x.get("value") if isinstance(x, dict) else x
+
+    worst = d_fig["segment_retention_worst_first"][0]["retention"] if d_fig["segment_retention_worst_first"] else None
+    ratios = {
+        "retention_distilled": val(d_fig["retention"]),
+        "retention_worst_segment": worst,
+        "retention_gold_trained": val(g_fig["retention"]),
+        "retention_tfidf": val(tfidf["retention"]),
+        "distilled_over_tfidf_accuracy": val(d_fig["accuracy_vs_gold"]) / val(tfidf["accuracy_vs_gold"]),
+        "teacher_over_student_latency_p50": latency["teacher_over_student_p50"],
+    }
+    targets = [target("SNIPS retention overall (distilled student / teacher accuracy vs gold)",
+                      ratios["retention_distilled"], ">=", 0.99),
+               target("SNIPS retention, worst segment", worst, ">=", 0.95)]
+    result = bench_result("retention_snips", smoke=args.smoke, started=t0, environment_start=env0,
+                          config={"project": str(work), "limit": args.limit, "student": project.spec.student,
+                                  "teacher": teacher},
+                          results=results, ratios=ratios, targets=targets)
+    write_json_atomic(out, result)
+    print(json.dumps({k: results[k] for k in ("distilled_student", "gold_trained_student", "tfidf_baseline", "latency")},
                      indent=1, default=str))
     return 0
 

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-samples", type=int, default=300)
     args = ap.parse_args(argv)
 
-    from distill.runinfo import environment
+    from distill.runinfo import bench_result, environment, target, write_json_atomic
     from distill.serve.app import TorchPredictor
     from distill.serve.router import Router, RouterConfig, _label_indices, calibrate, fit_mahalanobis
 
@@ -288,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_alone = {"in_scope_accuracy": 1.0, "oos_recall": 1.0 if n_oos else None,
                      "cost_per_1m_usd": 1e6 * teacher_usd,
                      "note": "gold labels replayed: perfect by construction (stand-in for a frontier API teacher)"}
-    result = {
-        "benchmark": "router_clinc150",
-        "smoke": args.smoke,
-        "command": "python bench/router_clinc150.py" + (" --smoke" if args.smoke else ""),
+    results = {
         "teacher": {
             "kind": "gold labels replayed through the labeller",
             "stand_in_for": "a frontier API teacher",
@@ -333,13 +330,29 @@ def main(argv: list[str] | None = None) -> int:
             "cost_per_1m_usd": "1e6 x (routed_share_all x teacher cost per call + student cost per request)",
             "thresholds": "fitted on validation only (in-scope + oos_val), frozen, then applied to test",
         },
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "environment": env_start,
-        "load_average_end": list(__import__("os").getloadavg()),
     }
+    routed = results["systems_on_test"]["routed_mahalanobis"]
+    ratios = {
+        "routed_over_teacher_in_scope_accuracy": routed["in_scope_accuracy"] / teacher_alone["in_scope_accuracy"],
+        "student_over_teacher_in_scope_accuracy": student_alone["in_scope_accuracy"] / teacher_alone["in_scope_accuracy"],
+        "routed_over_teacher_cost": routed["cost_per_1m_usd"] / teacher_alone["cost_per_1m_usd"],
+        "routed_oos_recall": routed["oos_recall"],
+        "routed_share": routed["routed_share_all"],
+    }
+    targets = [
+        target("routed in-scope accuracy / teacher's, at 90% target coverage", ratios["routed_over_teacher_in_scope_accuracy"],
+               ">=", 1.0, "teacher = gold stand-in, perfect by construction: only a perfect student could meet it"),
+        target("routed cost / teacher-only cost", ratios["routed_over_teacher_cost"], "<=", 0.15,
+               "student cost from its torch batch-1 latency in this run"),
+    ]
+    result = bench_result("router_clinc150", smoke=args.smoke, started=t_start, environment_start=env_start,
+                          command="python bench/router_clinc150.py" + (" --smoke" if args.smoke else ""),
+                          config={"student": student, "coverage": COVERAGE, "curve": CURVE,
+                                  "cpu_hour_usd": args.cpu_hour_usd, "latency_samples": args.latency_samples,
+                                  "data": str(DATA.relative_to(ROOT))},
+                          results=results, ratios=ratios, targets=targets)
     project.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(out, result)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -8,8 +8,9 @@ importer maps the CSV's ``intent`` column to the segment and leaves no other col
 replay keys match; asks the ``qwen-1.5b`` teacher of distill.yaml (greedy generation, ``max_tokens`` from
 the spec) and appends one JSON line per input to teacher_qwen2.5-coder-1.5b.jsonl (format:
 distill/teachers/replay.py). Resumable: inputs already in the file are skipped, every line is flushed and
-fsynced, and a half-written last line (killed mid-write) is cut off before appending. Inputs are visited in
-a seeded random order, so a recording stopped early (--limit) is still a random sample of the CSV.
+fsynced, and a half-written last line (killed mid-write) is cut off before appending. Inputs are visited
+split by split (test, train, validation; the splits distill.yaml will assign on import), each in a seeded
+random order, so a recording stopped early (--limit) is still a random sample of its split.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from distill.data.splits import assign_split
 from distill.evaluate_lm import pair_counts
 from distill.task import ParseError, load_spec, parse_answer, render_messages
 from distill.teachers.base import TeacherRequest
@@ -66,6 +68,10 @@ def main() -> None:
     tspec = spec.get_teacher(args.teacher)
     rows = list(csv.DictReader(open(args.csv, newline="", encoding="utf-8")))
     random.Random(args.seed).shuffle(rows)
+    # the locked test split first (teacher vs gold needs all of it), then train (the student's data), then
+    # validation: a recording stopped early is still complete where it matters most
+    order = {"test": 0, "train": 1, "validation": 2}
+    rows.sort(key=lambda r: order[assign_split(r["id"], spec.splits)])
     if args.limit:
         rows = rows[: args.limit]
 
@@ -97,7 +103,8 @@ def main() -> None:
             "package": teacher.resolved.package,
             "sha256": teacher.resolved.sha256,
             "licence": teacher.resolved.licence,
-            "method": f"greedy generation, max_new_tokens={tspec.max_tokens}, stop at end of turn",
+            "method": f"greedy generation, max_new_tokens={tspec.max_tokens}, stop at end of turn, "
+                      f"dtype={teacher.model.dtype}",
             "command": "python examples/snips-slots/record_teacher.py" + (f" --limit {args.limit}" if args.limit else ""),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} / {_cpu()} / {os.cpu_count()} cpus / {platform.platform()}",

@@ -542,6 +542,35 @@ def demo(
     _run(go)
 
 
+# ----------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    suites: Optional[list[str]] = typer.Argument(None, help="Suites to run (default: all): labelling, training, "
+                                                 "latency, retention-snips, retention, router, cost."),
+    smoke: bool = typer.Option(False, "--smoke", help="Reduced runs that check each suite works and its JSON shape "
+                               "(results in bench/.work/smoke/, not bench/results/)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Where the result JSONs go."),
+    list_suites: bool = typer.Option(False, "--list", help="List the suites and exit."),
+):
+    """Side-by-side benchmarks (retention, latency, router, labelling, training, cost) from a distill checkout."""
+
+    def go():
+        from distill.bench import SUITES, run_suites, summary
+
+        if list_suites:
+            for s in SUITES:
+                out.print(f"[bold]{s.name:<16}[/] {s.what}  ({s.script})", highlight=False)
+            return
+        runs = run_suites(suites, smoke=smoke, out_dir=out_dir, say=lambda m: out.print(m, highlight=False))
+        out.print(summary(runs), highlight=False)
+        failed = [r.suite.name for r in runs if r.problems]
+        if failed:
+            out.print(f"[red]failed suites: {', '.join(failed)}[/]")
+            raise typer.Exit(1)
+
+    _run(go)
+
+
 # ----------------------------------------------------------------------------------------- helpers
 def _print_dataclass(title: str, obj) -> None:
     from dataclasses import asdict, is_dataclass

@@ -249,7 +249,8 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     base_reason = None
     if base:
         say("eval: base model (no adapter) generates")
-        base_info = {**info, "input_prefix": ""}   # the untuned model gets the teacher's prompt, no task prefix
+        # the untuned model gets the teacher's full prompt (its best chance), no task prefix
+        base_info = {**info, "input_prefix": "", "prompt": "teacher"}
         if is_adapter:
             with model.disable_adapter():
                 outputs["base"] = _generate_all(model, tok, base_info, messages, max_new_tokens, say, "base")
@@ -284,7 +285,7 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     systems["student"]["description"] = (f"distilled student ({cfg.get('loss', '?')} on "
                                          f"{info.get('base_model')}, {'LoRA adapter' if is_adapter else 'merged or full model'})")
     if systems["base"].get("available", True):
-        systems["base"]["description"] = f"the untuned base model {info.get('base_model')} with the same prompt"
+        systems["base"]["description"] = f"the untuned base model {info.get('base_model')} with the teacher's prompt"
     systems["teacher"]["description"] = f"teacher '{tname}' ({tspec.kind}: {tspec.model or tspec.path or ''})"
     for name in ("student", "base"):
         if systems[name].get("available", True) and test["n_gold"]:

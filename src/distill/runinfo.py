@@ -81,3 +81,49 @@ def teacher_record(project: Any, teacher_name: str) -> dict[str, Any]:
         rec["replay"] = {"path": t.path,
                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
     return rec
+
+
+# -- benchmark result files ----------------------------------------------------------------------------
+# Every suite behind `distill bench` writes one JSON with this envelope (checked by distill.bench.check_result):
+# the suite's own numbers go under "results"; every side-by-side ratio it measured under "ratios"; each
+# target of the bench issue under "targets" with the measured value and whether it was met.
+BENCH_KEYS = ("bench", "smoke", "command", "config", "environment", "environment_end", "wall_seconds",
+              "results", "ratios", "targets")
+
+
+def target(name: str, measured: float | None, op: str, bound: float, why: str = "") -> dict[str, Any]:
+    """One target line: ``target("student speed-up vs teacher, batch 1", 271.0, ">=", 20)``. ``measured``
+    None (not measured in this run) gives met None, never a pass."""
+    if op not in (">=", "<="):
+        raise ValueError(f"op must be '>=' or '<=', not {op!r}")
+    met = None if measured is None else (measured >= bound if op == ">=" else measured <= bound)
+    return {"name": name, "target": f"{op} {bound:g}", "measured": measured, "met": met, "why": why}
+
+
+def bench_result(name: str, *, smoke: bool, config: dict, results: dict, ratios: dict[str, float | None],
+                 targets: list[dict], started: float, environment_start: dict,
+                 command: str | None = None) -> dict[str, Any]:
+    """The envelope. ``started`` is a ``time.perf_counter()`` taken at the start of the suite and
+    ``environment_start`` an ``environment()`` taken then (the load average at both ends is recorded:
+    this machine is shared, and a ratio measured under load says so)."""
+    return {
+        "bench": name, "smoke": smoke,
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config, "environment": environment_start, "environment_end": environment(),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "results": results, "ratios": ratios, "targets": targets,
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON via a temp file + rename: a killed bench never leaves half a file."""
+    import json
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -104,6 +104,18 @@ def test_generate_returns_text_and_counts_tokens(teacher):
     assert reply.label_probs is None
 
 
+def test_generate_from_the_cached_prefix_equals_generate_from_scratch(teacher):
+    # a tiny random model generates until max_tokens, so every step after the prefix is compared
+    spec = TeacherSpec(name="tiny", kind="local", path="unused", max_tokens=24)
+    fresh = LocalTeacher(spec, None, model=teacher.model, tokenizer=teacher.tokenizer)
+    fresh._prefix_for = lambda ids: (0, None)          # the plain path: whole prompt, no cache
+    cached = LocalTeacher(spec, None, model=teacher.model, tokenizer=teacher.tokenizer)
+    for text in ("play some jazz", "what's the weather in Oslo", "book a table for two"):
+        a, b = cached._generate(_messages(text)), fresh._generate(_messages(text))
+        assert (a.texts, a.tokens_in, a.tokens_out) == (b.texts, b.tokens_in, b.tokens_out)
+    assert len(cached._prefix_ids) >= 8      # the shared system prompt was cached and reused
+
+
 def test_concurrent_asks_run_one_at_a_time_and_agree(teacher):
     msgs = _messages("rate this book five stars")
 

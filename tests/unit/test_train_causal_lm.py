@@ -102,6 +102,27 @@ def test_truncation_is_counted(base_dir):
     assert info["truncated"] == 4 and all(len(it.main.input_ids) == 20 for it in items)
 
 
+def test_short_prompt_trains_and_answers_without_the_system_prompt(base_dir, tmp_path):
+    from distill.students.causal_lm import read_student_info, student_prompt
+
+    _, tok = load_base(str(base_dir), device="cpu")
+    full, _ = prepare(examples(4), tok, cfg(base_dir))
+    short, _ = prepare(examples(4), tok, cfg(base_dir, prompt="short"))
+    for f, s in zip(full, short):
+        assert SYSTEM in tok.decode(f.main.input_ids) and SYSTEM not in tok.decode(s.main.input_ids)
+        # the same answer tokens, after a shorter prompt
+        assert s.main.input_ids[s.main.completion_start:] == f.main.input_ids[f.main.completion_start:]
+        assert s.main.completion_start < f.main.completion_start
+    rec = train_lm(examples(4), cfg(base_dir, prompt="short", max_steps=2), tmp_path / "s", log=None)
+    info = read_student_info(Path(rec["path"]))
+    assert info["prompt"] == "short"
+    msgs = examples(1)[0].messages
+    assert student_prompt(tok, info, msgs) == student_prompt(tok, {}, [msgs[1]])   # what training saw
+    assert SYSTEM in student_prompt(tok, {**info, "prompt": "teacher"}, msgs)
+    with pytest.raises(DistillError, match="teacher would see the short prompt"):
+        LMTrainConfig(loss="jsd", prompt="short")
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

@@ -39,7 +39,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -57,6 +57,7 @@ from distill.losses.sparse_topk import (
     teacher_text,
 )
 from distill.students.causal_lm import (
+    student_messages,
     Encoded,
     add_lora,
     encode_example,
@@ -102,6 +103,7 @@ class LMTrainConfig:
     device: str = "auto"                       # auto = cuda if available
     cpu_threads: int | None = None             # torch threads on CPU; None = torch's default. On a busy shared
     #                                            machine 1 thread beat 2 by 2-5x (SmolLM2 forward, measured)
+    prompt: Literal["teacher", "short"] = "teacher"  # short: the user turn only, no system prompt (see below)
     bf16: bool | Literal["auto"] = "auto"      # auto = bf16 autocast on a GPU that supports it; never on CPU
 
     def __post_init__(self) -> None:
@@ -127,6 +129,11 @@ class LMTrainConfig:
             raise bad("max_length", f"must be >= 8 tokens, got {self.max_length}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.prompt not in ("teacher", "short"):
+            raise bad("prompt", f"'{self.prompt}' is not one of teacher, short")
+        if self.prompt == "short" and self.loss in ("kd_forward", "kd_reverse", "jsd"):
+            raise bad("prompt", f"loss '{self.loss}' runs the teacher on the student's tokens, so the teacher "
+                                "would see the short prompt too; use prompt: teacher with it")
         if self.lr <= 0:
             raise bad("lr", f"must be > 0, got {self.lr}")
 
@@ -223,6 +230,7 @@ def prepare(examples: Sequence[LMExample], tokenizer, cfg: LMTrainConfig) -> tup
     memo: dict[str, int | None] = {}
     truncated = with_rationale = 0
     for ex in examples:
+        ex = replace(ex, messages=student_messages(ex.messages, cfg.prompt))
         if cfg.loss == "step_by_step":
             main = encode_example(tokenizer, _with_prefix(ex.messages, PREFIXES["label"]), ex.answer, cfg.max_length)
             rat = None
@@ -529,7 +537,8 @@ def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path,
     # 5. save the student and its record
     model.eval()
     info = {"base_model": cfg.base_model, "loss": cfg.loss, "format": "chat" if has_chat_template(tok) else "plain",
-            "input_prefix": PREFIXES["label"] if cfg.loss == "step_by_step" else "", "data_hash": dhash}
+            "input_prefix": PREFIXES["label"] if cfg.loss == "step_by_step" else "", "prompt": cfg.prompt,
+            "data_hash": dhash}
     final_dir = out / ("model" if cfg.full_finetune else "adapter")
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final_dir.name}.", suffix=".tmp"))
     model.save_pretrained(tmp)

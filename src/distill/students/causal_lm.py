@@ -168,9 +168,24 @@ def load_student(folder: str | Path, device: str = "auto"):
     return model.eval(), tok, info
 
 
+def student_messages(messages: list[dict[str, str]], prompt: str = "teacher") -> list[dict[str, str]]:
+    """The chat a student is trained on and asked with. ``teacher``: exactly what the teacher saw.
+    ``short``: the user turn only. The teacher needs the long system prompt (instructions, schema,
+    examples: ~500 tokens for the SNIPS slots task); a student that has learnt the task does not, and
+    dropping it makes every training step and every answer several times cheaper -- prompt/context
+    distillation (Askell et al. 2021, arXiv 2112.00861; Snell et al. 2022, arXiv 2209.15189)."""
+    if prompt == "teacher":
+        return messages
+    if prompt == "short":
+        return [m for m in messages if m["role"] != "system"]
+    raise DistillError(f"unknown student prompt mode {prompt!r}", hint="use teacher or short")
+
+
 def student_prompt(tokenizer, info: dict[str, Any], messages: list[dict[str, str]]) -> str:
-    """The prompt a trained student expects at inference: the task prefix (step-by-step students answer
-    under "[label] ") on the user message, in the same format used in training."""
+    """The prompt a trained student expects at inference: the teacher's chat (or only its user turn, for
+    ``prompt: short`` students), with the task prefix (step-by-step students answer under "[label] ") on
+    the user message, in the same format used in training."""
+    messages = student_messages(messages, info.get("prompt") or "teacher")
     prefix = info.get("input_prefix") or ""
     if prefix:
         messages = [dict(m, content=prefix + m["content"]) if m["role"] == "user" else m for m in messages]
