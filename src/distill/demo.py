@@ -104,14 +104,18 @@ def run_demo(root: Path, *, live: int = 0, limit: int | None = None, epochs: int
 
 
 def _head(src: Path, dest: Path, n: int) -> Path:
-    """The first n data rows of a CSV (the demo CSV is shuffled, so the head is a fair sample)."""
-    with open(src, newline="", encoding="utf-8") as fi, open(dest, "w", newline="", encoding="utf-8") as fo:
-        r, w = csv.reader(fi), csv.writer(fo)
-        w.writerow(next(r))
-        for i, row in enumerate(r):
-            if i >= n:
-                break
-            w.writerow(row)
+    """A seeded random sample of n data rows of a CSV, in file order. (The demo CSV is sorted by intent, so
+    its first rows would be a single intent.)"""
+    import random
+
+    with open(src, newline="", encoding="utf-8") as fi:
+        r = csv.reader(fi)
+        header, rows = next(r), list(r)
+    keep = sorted(random.Random(0).sample(range(len(rows)), min(n, len(rows))))
+    with open(dest, "w", newline="", encoding="utf-8") as fo:
+        w = csv.writer(fo)
+        w.writerow(header)
+        w.writerows(rows[i] for i in keep)
     return dest
 
 

@@ -228,7 +228,7 @@ class _Run:
         for r in rows:
             msgs = render_messages(self.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"),
                                    rationale=self.tspec.rationale)
-            keys = [cache_key(identity, msgs, a) for a in range(self.tspec.max_parse_retries + 1)]
+            keys = [cache_key(identity, msgs, a) for a in range(self.tspec.parse_retries + 1)]
             if r["lstatus"] == "ok" and r["call_key"] in keys:
                 self.report.already_labelled += 1
                 continue

@@ -83,7 +83,7 @@ def stale_labels(project: Project, teacher: str) -> tuple[list[dict], dict[str, 
             continue
         msgs = render_messages(project.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"),
                                rationale=tspec.rationale)
-        keys = {cache_key(identity, msgs, a) for a in range(tspec.max_parse_retries + 1)}
+        keys = {cache_key(identity, msgs, a) for a in range(tspec.parse_retries + 1)}
         if r["call_key"] not in keys:
             counts["stale"][r["split"]] += 1
             stale.append(dict(r))

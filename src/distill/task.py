@@ -92,7 +92,8 @@ class TeacherSpec(_Strict):
     tpm: float | None = Field(None, gt=0, description="Tokens per minute limit (client side).")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0, description="Retries for 429/5xx/timeouts/connection errors.")
-    max_parse_retries: int = Field(2, ge=0, description="Re-asks when an answer does not parse.")
+    max_parse_retries: int = Field(2, ge=0, description="Re-asks when an answer does not parse (openai; local and "
+                                   "replay teachers are deterministic, so they are never re-asked).")
     price: Price = Field(default_factory=Price)
     terms: Terms = Field(default_factory=Terms)
     # local
@@ -133,7 +134,16 @@ class TeacherSpec(_Strict):
             "n": self.n,
             "rationale": self.rationale,
             "members": self.members,
+            # bf16 and fp32 weights can answer differently; only local models have a dtype
+            **({"dtype": self.dtype} if self.kind == "local" else {}),
         }
+
+    @property
+    def parse_retries(self) -> int:
+        """Re-asks after an unparseable answer. A local model decodes greedily and a replay returns its
+        recording, so asking again gives the same text: re-asking would only pay (or, for a replay, charge
+        the recorded latency) again."""
+        return 0 if self.kind in ("local", "replay") else self.max_parse_retries
 
 
 class PromptSpec(_Strict):

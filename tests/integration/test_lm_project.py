@@ -251,9 +251,13 @@ def test_snips_slots_example_imports_and_its_recording_replays(tmp_path):
     _, replies = read_recording(root / "teacher_qwen2.5-coder-1.5b.jsonl")
     recorded = {json.loads(ln)["id"] for ln in open(root / "teacher_qwen2.5-coder-1.5b.jsonl") if '"reply"' in ln}
     r = label(proj, "qwen-1.5b-recorded", progress=False)
-    ok = {row["example_id"] for row in proj.store.q("SELECT example_id FROM labels WHERE status='ok'")}
-    assert ok == recorded and len(ok) == len(replies) >= 3
-    assert r.failed_by_reason.get("not_recorded") == 399 - len(ok)
+    rows = proj.store.q("SELECT example_id, status, reason FROM labels")
+    answered = {x["example_id"] for x in rows if x["reason"] != "not_recorded"}
+    ok = {x["example_id"] for x in rows if x["status"] == "ok"}
+    # every recorded answer was found; the few that break the schema are failed with that reason, not lost
+    assert answered == recorded and len(answered) == len(replies) >= 3 and len(ok) >= 0.8 * len(answered)
+    assert {x["reason"] for x in rows if x["example_id"] in answered - ok} <= {"schema_violation", "invalid_json"}
+    assert r.failed_by_reason.get("not_recorded") == 399 - len(answered)
     proj.close()
 
 
@@ -277,12 +281,13 @@ def test_smollm2_snips_slots_train_and_eval(tmp_path):
         c.execute("INSERT INTO labels(example_id, teacher, status, answer, created_at) "
                   "SELECT id, 'qwen-1.5b-recorded', 'ok', gold, 0 FROM examples WHERE split='train' "
                   "ORDER BY id LIMIT 8")
-    # one step of one sequence, one test row: ~520-token prompts make every step and request cost seconds
+    # one step of one sequence, one test row
     rep = train_lm_project(proj, overrides={"max_steps": 1, "batch_size": 1, "grad_accum": 1}, progress=False)
     assert rep.record["steps"] == 1 and rep.record["data"]["truncated"] == 0
     res = evaluate_lm(proj, max_new_tokens=8, limit=1, progress=False)
     assert res["test"]["n"] == 1
     for name in ("student", "base"):
-        lat = res["latency"][name]
-        assert lat["throughput"]["tokens_per_s"] > 0 and lat["tokens"]["prompt_mean"] > 400
+        assert res["latency"][name]["throughput"]["tokens_per_s"] > 0
+    # `prompt: short`: the student is asked with the user turn alone, the untuned base with the teacher's prompt
+    assert res["latency"]["student"]["tokens"]["prompt_mean"] < 100 < 400 < res["latency"]["base"]["tokens"]["prompt_mean"]
     proj.close()

@@ -144,3 +144,15 @@ def test_parse_extract():
 def test_split_rationale():
     assert split_rationale("Rationale: it mentions a card.\nAnswer: lost_card") == ("it mentions a card.", "lost_card")
     assert split_rationale("lost_card") == (None, "lost_card")
+
+
+def test_deterministic_teachers_are_not_reasked_and_local_dtype_is_part_of_identity():
+    from distill.task import TeacherSpec
+
+    api = TeacherSpec(name="a", kind="openai", model="m", base_url="http://x", max_parse_retries=3)
+    local = TeacherSpec(name="l", kind="local", path="p", max_parse_retries=3)
+    replay = TeacherSpec(name="r", kind="replay", path="x.jsonl")
+    assert (api.parse_retries, local.parse_retries, replay.parse_retries) == (3, 0, 0)
+    bf16 = TeacherSpec(name="l", kind="local", path="p", dtype="bfloat16")
+    assert local.identity() != bf16.identity() and bf16.identity()["dtype"] == "bfloat16"
+    assert "dtype" not in api.identity()

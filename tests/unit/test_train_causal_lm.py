@@ -379,3 +379,53 @@ def test_smollm2_lora_train_and_merge(tmp_path):
     ids = torch.tensor([tok("Reverse: cat", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ on-policy (GKD)
+
+
+def test_on_policy_samples_are_the_students_own_and_reproducible(base_dir):
+    from distill.recipes.train_causal_lm import student_samples
+
+    model, tok = load_base(str(base_dir), device="cpu")
+    c = cfg(base_dir, loss="jsd", on_policy=1.0)
+    items, _ = prepare(examples(4), tok, c)
+    a = student_samples(model, items, tok, 7, c, "cpu")
+    b = student_samples(model, items, tok, 7, c, "cpu")
+    other = student_samples(model, items, tok, 8, c, "cpu")
+    assert [x.main.input_ids for x in a] == [x.main.input_ids for x in b]          # same (seed, step): same samples
+    assert [x.main.input_ids for x in a] != [x.main.input_ids for x in other]
+    for it, s in zip(items, a):
+        n = it.main.completion_start
+        assert s.main.input_ids[:n] == it.main.input_ids[:n]                        # the same prompt
+        assert s.main.labels[:n] == [-100] * n and s.main.labels[n:] == s.main.input_ids[n:]
+        assert 1 <= len(s.main.input_ids) - n <= len(it.main.input_ids) - n + 16
+    # the model's embedding has 28 padding rows past the vocabulary (base_dir): they are never sampled
+    assert max(max(x.main.input_ids) for x in a + other) < len(tok)
+    # an untrained random model does not reproduce the teacher's answers: these really are its own
+    assert any(s.main.input_ids != it.main.input_ids for it, s in zip(items, a))
+
+
+def test_on_policy_training_uses_student_samples_and_resumes_exactly(base_dir, teacher, tmp_path):
+    c = cfg(base_dir, loss="jsd", on_policy=0.5, max_steps=6, save_every=2)
+    full = train_lm(examples(), c, tmp_path / "full", log=None, teacher_model=teacher)
+    flags = [h["on_policy"] for h in full["history"]]
+    assert True in flags and False in flags                      # a mix of on- and off-policy steps
+    assert all(math.isfinite(h["loss"]) and h["loss"] >= 0 for h in full["history"])
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, entry, model):
+        if step == 3:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train_lm(examples(), c, tmp_path / "crashed", log=None, teacher_model=teacher, on_step=crash_at_3)
+    resumed = train_lm(examples(), c, tmp_path / "crashed", log=None, teacher_model=teacher)
+    a = [h["loss"] for h in full["history"]]
+    b = [h["loss"] for h in resumed["history"]]
+    assert [h["on_policy"] for h in resumed["history"]] == flags
+    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+    with pytest.raises(DistillError, match="on_policy"):
+        LMTrainConfig(loss="sft", on_policy=0.5)

@@ -13,6 +13,8 @@ sft             its answer text (any teacher, any tokenizer)    distill.losses.s
 kd_forward      a local teacher model with the same tokenizer   distill.losses.kl.forward_kl
 kd_reverse      same                                            distill.losses.kl.reverse_kl
 jsd             same (``beta``: 0 forward ... 1 reverse KL)     distill.losses.kl.generalized_jsd (GKD)
+  + on_policy   same; a share of steps trains on answers the     ``student_samples`` below (GKD, on-policy)
+                student samples itself
 sparse_topk     stored API ``top_logprobs`` (k <= 20)           distill.losses.sparse_topk
 step_by_step    a rationale with each answer                    distill.losses.rationale (Hsieh 2023)
 ==============  ==============================================  ==========================================
@@ -80,6 +82,7 @@ class LMTrainConfig:
     loss: LossName = "sft"                     # see the table in the module docstring
     teacher_model: str | None = None           # local teacher for kd_forward / kd_reverse / jsd (same tokenizer)
     beta: float = 0.5                          # jsd: teacher weight in the mixture; 0 = forward KL, 1 = reverse KL
+    on_policy: float = 0.0                     # logit losses: share of steps on student-sampled answers (GKD's lambda)
     temperature: float = 1.0                   # logit losses: softens both distributions
     lambda_rationale: float = 1.0              # step_by_step: weight of the rationale task (paper uses 1)
     lora_rank: int = 16                        # higher = more capacity, more memory; 8-64 typical
@@ -129,6 +132,11 @@ class LMTrainConfig:
             raise bad("max_length", f"must be >= 8 tokens, got {self.max_length}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise bad("on_policy", f"{self.on_policy} is not a share between 0 and 1")
+        if self.on_policy > 0 and self.loss not in ("kd_forward", "kd_reverse", "jsd"):
+            raise bad("on_policy", f"student-sampled answers have no teacher target under loss '{self.loss}'; "
+                                   "they need a local teacher's logits: use loss kd_forward, kd_reverse or jsd")
         if self.prompt not in ("teacher", "short"):
             raise bad("prompt", f"'{self.prompt}' is not one of teacher, short")
         if self.prompt == "short" and self.loss in ("kd_forward", "kd_reverse", "jsd"):
@@ -329,6 +337,47 @@ def micro_batch_loss(model, chunk: Sequence[Prepared], cfg: LMTrainConfig, pad_i
                              label_tokens=n_main, rationale_tokens=n_rat)
 
 
+def is_on_policy_step(step: int, cfg: LMTrainConfig) -> bool:
+    """Whether optimizer step ``step`` trains on student-sampled answers: a pure function of (seed, step),
+    so a resumed run makes the same choices."""
+    return cfg.on_policy > 0 and random.Random(cfg.seed * 1_000_003 + step).random() < cfg.on_policy
+
+
+@torch.no_grad()
+def student_samples(model, items: Sequence[Prepared], tokenizer, step: int, cfg: LMTrainConfig,
+                    device: str) -> list[Prepared]:
+    """On-policy data (Agarwal et al. 2024, GKD, arXiv 2306.13649, sec. 3): for each item, the student samples
+    its own answer to the same prompt (temperature 1, no top-k/top-p), at most as long as the teacher's
+    answer plus a margin; the logit loss then makes the teacher grade every token the student would
+    actually write, which fixes the train/inference mismatch of learning only from fixed sequences.
+    Sampling runs under a forked RNG seeded by (seed, step): reproducible, it leaves the training RNG
+    stream (dropout) untouched, so resume after a crash still repeats the uninterrupted run."""
+    stop = sorted({tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",)
+                                              if t in tokenizer.get_vocab())} - {None})
+    # never sample the padding rows of an embedding matrix larger than the vocabulary (real models pad to
+    # a multiple of 64/128): those ids mean nothing, and a teacher with a smaller matrix cannot score them
+    n_vocab, n_rows = len(tokenizer), model.get_output_embeddings().weight.shape[0]
+    padding_rows = list(range(n_vocab, n_rows)) or None
+    was_training = model.training
+    model.eval()
+    out: list[Prepared] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        for it in items:
+            prompt = it.main.input_ids[: it.main.completion_start]
+            budget = min(completion_tokens(it.main) + 16, max(1, cfg.max_length - len(prompt)))
+            ids = torch.tensor([prompt], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=budget, eos_token_id=stop or None,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, suppress_tokens=padding_rows)
+            new = gen[0, len(prompt):].tolist()
+            enc = Encoded(input_ids=prompt + new, labels=[IGNORE] * len(prompt) + new, completion_start=len(prompt),
+                          completion_text=tokenizer.decode(new), completion_offsets=[], truncated=False)
+            out.append(Prepared(enc))
+    model.train(was_training)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Data order, checkpoints
 
@@ -514,6 +563,9 @@ def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path,
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         batch_items = [items[i] for i in step_indices(step, len(items), per_step, cfg.seed)]
+        on_policy = is_on_policy_step(step, cfg)
+        if on_policy:
+            batch_items = student_samples(model, batch_items, tok, step, cfg, device)
         loss = accumulate_gradients(model, batch_items, cfg, pad_id, device, t_model, autocast)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm else None
         lr = sched.get_last_lr()[0]
@@ -522,7 +574,7 @@ def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path,
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         ntok = sum(it.tokens() for it in batch_items)
-        entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": ntok,
+        entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": ntok, "on_policy": on_policy,
                  "step_s": dt, "tokens_per_s": ntok / dt if dt > 0 else None}
         history.append(entry)
         if log and ((step + 1) % cfg.log_every == 0 or step + 1 == total_steps or step == start):

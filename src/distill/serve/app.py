@@ -222,7 +222,7 @@ class TeacherGate:
         msgs = render_messages(self.spec, text)
         identity = self.tspec.identity()
         # the labeller re-asks with attempt 1, 2, ... when an answer did not parse: any of them may be cached
-        for attempt in range(self.tspec.max_parse_retries + 1):
+        for attempt in range(self.tspec.parse_retries + 1):
             row = self.project.store.get_call(cache_key(identity, msgs, attempt))
             if row is None:
                 break
