@@ -37,8 +37,8 @@ Metric names (kept identical to the classify evaluation, so the report's tables 
 ``schema_valid``    extract: the output parses *and* validates against ``schema:`` (``task.parse_answer``).
 ==================  ==========================================================================================
 
-Not done: an LLM-as-judge score for ``generate`` (the teacher grading student answers). Generate tasks are
-scored only where a reference exists (gold, or the teacher's answer).
+``judge``           generate with ``quality.judge: true``: the teacher grades student and base answers 1-5
+                    against the reference (``distill.judge``); mean grade with a bootstrap CI.
 """
 
 from __future__ import annotations
@@ -296,6 +296,9 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
                 "teacher": test["teacher_pred"][i],
                 **{name: E._cut(outputs[name]["texts"][i]) for name in outputs}} for i in range(min(n, 5))]
 
+    if spec.kind == "generate" and spec.quality.judge:
+        _judge_systems(project, spec, tspec, systems, outputs, test, say, notes)
+
     # 4. latency and cost -----------------------------------------------------------------------------
     latency: dict[str, Any] = {name: _latency(o) for name, o in outputs.items()}
     latency["student"]["size_bytes"] = _param_bytes(model)
@@ -540,6 +543,31 @@ def _score_system(spec, name: str, answers: list, validity: dict | None, test: d
     return out
 
 
+def _judge_systems(project, spec, tspec, systems: dict, outputs: dict, test: dict, say, notes: list) -> None:
+    """``quality.judge``: the teacher grades student and base answers 1-5 against the gold answer (else its
+    own); mean grade with a bootstrap CI under ``systems[name]["judge"]``. The teacher is not graded: it
+    would be judging its own answers (self-preference, see distill.judge)."""
+    from distill.judge import judge
+
+    refs = [g if g is not None else t for g, t in zip(test["gold"], test["teacher_pred"])]
+    refs = [None if r is None else str(r) for r in refs]
+    for name in ("student", "base"):
+        if name not in outputs:
+            continue
+        say(f"eval: the teacher grades {name} answers (judge)")
+        r = judge(project, tspec, test["texts"], outputs[name]["texts"], refs)
+        g = np.array([np.nan if x is None else float(x) for x in r["grades"]])
+        ok = ~np.isnan(g)
+        systems[name]["judge"] = {
+            "mean_grade": _metric(lambda i: float(np.nanmean(g[i])) if ok[i].any() else float("nan"), len(g)),
+            "graded": int(ok.sum()), "ungraded": int((~ok).sum()), "histogram": {k: int((g == k).sum()) for k in range(1, 6)},
+            "new_calls": r["new_calls"], "cached_calls": r["cached"], "errors": r["errors"], "spend": r["spend"],
+            "judge": tspec.name}
+        if r["errors"]:
+            notes.append(f"judge: {r['errors']} of {len(g)} {name} grades failed (teacher '{tspec.name}' did not "
+                         "answer; a replay teacher has no recorded grades)")
+
+
 def _retention(spec, answers: list, test: dict) -> dict:
     """system metric / teacher metric on the gold rows, the ratio recomputed on each (paired) resample."""
     idx = [i for i, g in enumerate(test["gold"]) if g is not None]
@@ -660,6 +688,9 @@ def _headline(systems: dict) -> dict:
             for k, v in s["validity"].items():
                 if not E._bad(v["value"]):
                     out.setdefault(name, {})[k] = {"value": v["value"], "ci": v["ci"]}
+        j = (s.get("judge") or {}).get("mean_grade")
+        if j and not E._bad(j["value"]):
+            out.setdefault(name, {})["judge grade (1-5)"] = {"value": j["value"], "ci": j["ci"]}
     return out
 
 
@@ -689,6 +720,4 @@ def _standing_notes(kind: str, test: dict) -> list[str]:
     ]
     if kind == "extract":
         notes.append("field F1 is micro over (field path, value) pairs; an answer that fails the schema has no pairs")
-    else:
-        notes.append("no LLM-judge score: generate answers are scored against references only")
     return notes

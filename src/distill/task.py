@@ -50,6 +50,8 @@ class QualityBar(_Strict):
     overall: float = Field(0.85, ge=0.0, le=1.0, description="Minimum metric over the whole test split.")
     worst_segment: float = Field(0.75, ge=0.0, le=1.0, description="Minimum metric on the worst segment.")
     min_segment_size: int = Field(20, ge=1, description="Smaller segments are reported but not gated.")
+    judge: bool = Field(False, description="generate: the teacher also grades student and base answers 1-5 "
+                                           "(distill.judge; every grade is a cached, ledgered teacher call).")
 
 
 class Price(_Strict):

@@ -256,7 +256,7 @@ def test_snips_slots_example_imports_and_its_recording_replays(tmp_path):
     ok = {x["example_id"] for x in rows if x["status"] == "ok"}
     # every recorded answer was found; the few that break the schema are failed with that reason, not lost
     assert answered == recorded and len(answered) == len(replies) >= 3 and len(ok) >= 0.8 * len(answered)
-    assert {x["reason"] for x in rows if x["example_id"] in answered - ok} <= {"schema_violation", "invalid_json"}
+    assert {x["reason"] for x in rows if x["example_id"] in answered - ok} <= {"schema_violation", "bad_json", "empty"}
     assert r.failed_by_reason.get("not_recorded") == 399 - len(answered)
     proj.close()
 
@@ -290,4 +290,49 @@ def test_smollm2_snips_slots_train_and_eval(tmp_path):
         assert res["latency"][name]["throughput"]["tokens_per_s"] > 0
     # `prompt: short`: the student is asked with the user turn alone, the untuned base with the teacher's prompt
     assert res["latency"]["student"]["tokens"]["prompt_mean"] < 100 < 400 < res["latency"]["base"]["tokens"]["prompt_mean"]
+    proj.close()
+
+
+def test_generate_eval_with_the_teacher_as_judge(base_dir, tmp_path, monkeypatch):
+    """quality.judge on a generate project: student and base answers are graded by the teacher (here a fake
+    that prefers answers equal to the reference), the grades land in the report, a re-run pays nothing."""
+    import distill.teachers as teachers
+    from distill.evaluate_lm import evaluate_lm
+    from distill.recipes.lm_project import train_lm_project
+    from distill.teachers.base import TeacherReply
+
+    spec = SPEC.format(base=base_dir).replace("kind: extract", "kind: generate").replace(
+        "quality: {metric: field_f1, against: gold, overall: 0.5, worst_segment: 0.4, min_segment_size: 3}",
+        "quality: {metric: exact_match, against: gold, overall: 0.5, worst_segment: 0.4, min_segment_size: 3, judge: true}")
+    spec = spec[: spec.index("schema:")] + spec[spec.index("prompt:"):]
+    proj = Project.init(tmp_path / "g", "generate", spec)
+    now = time.time()
+    with proj.store.tx() as c:
+        for i in range(20):
+            text, ans = f"say {CITIES[i % 8]} twice ({i})", f"{CITIES[i % 8]} {CITIES[i % 8]}"
+            ex_id, split = (f"t{i}", "test") if i >= 16 else (f"x{i:02d}", "train")
+            c.execute("INSERT INTO examples(id, text, norm, gold, segment, split, created_at) VALUES(?,?,?,?,?,?,?)",
+                      (ex_id, text, text, json.dumps(ans), "all", split, now))
+            c.execute("INSERT INTO labels(example_id, teacher, status, answer, created_at) VALUES(?,?,?,?,?)",
+                      (ex_id, "rec", "ok", json.dumps(ans), now))
+    asked = []
+
+    class Judge:
+        async def ask(self, req):
+            asked.append(req.key)
+            return TeacherReply(texts=["3"], tokens_in=50, tokens_out=1, latency_s=0.01)
+
+    monkeypatch.setattr(teachers, "make_teacher", lambda tspec, project, limiter=None: Judge())
+    train_lm_project(proj, progress=False)
+    res = evaluate_lm(proj, max_new_tokens=6, progress=False)
+    for name in ("student", "base"):
+        j = res["systems"][name]["judge"]
+        assert j["graded"] + j["ungraded"] == 4 and j["judge"] == "rec"
+        # every non-empty answer was graded 3 by the fake; an empty answer gets 1 without a call
+        assert set(k for k, v in j["histogram"].items() if v) <= {"1", "3"} and j["mean_grade"]["n"] == 4
+    assert "judge" not in res["systems"]["teacher"] and "judge grade (1-5)" in res["headline"]["student"]
+    n_calls = len(asked)
+    assert n_calls >= 1 and proj.store.q("SELECT COUNT(*) AS n FROM teacher_calls")[0]["n"] == len(set(asked))
+    again = evaluate_lm(proj, max_new_tokens=6, progress=False)
+    assert len(asked) == n_calls and again["systems"]["student"]["judge"]["new_calls"] == 0
     proj.close()
