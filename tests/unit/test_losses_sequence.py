@@ -45,3 +45,16 @@ def test_next_token_view_shifts_by_one():
     lg, lb = next_token_view(logits, labels)
     assert lg.shape == (2, 3, 3) and lb.shape == (2, 3)
     assert torch.equal(lg[:, 0], logits[:, 0]) and torch.equal(lb[:, 0], labels[:, 1])
+
+
+def test_shifting_labels_equals_shifting_logits():
+    from distill.losses.sequence import next_token_view, sequence_kd_loss, shifted_labels
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    a = sequence_kd_loss(*next_token_view(logits, labels), reduction="sum")
+    b = sequence_kd_loss(logits, shifted_labels(labels), reduction="sum")
+    assert torch.allclose(a, b) and shifted_labels(labels)[:, -1].eq(-100).all()

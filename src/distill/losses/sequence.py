@@ -55,6 +55,13 @@ def next_token_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return logits[:, :-1, :], labels[:, 1:]
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The other way to line up next-token targets: keep the logits [B, T, V] whole and shift the labels
+    left, padding the last position with -100. Same loss as ``next_token_view``, but the logits stay
+    contiguous, so flattening them for cross-entropy is a view instead of a [B, T, V] copy."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
 def reduce_tokens(per_token: torch.Tensor, mask: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     """Sum or mean of ``per_token`` [B, T] over positions where ``mask`` [B, T] is true.
 

@@ -50,7 +50,7 @@ import torch
 from distill.errors import DistillError
 from distill.losses.kl import check_same_tokenizer, forward_kl, generalized_jsd, reverse_kl
 from distill.losses.rationale import PREFIXES, step_by_step_loss
-from distill.losses.sequence import IGNORE, next_token_view, sequence_kd_loss
+from distill.losses.sequence import IGNORE, next_token_view, sequence_kd_loss, shifted_labels
 from distill.losses.sparse_topk import (
     SparseStats,
     pad_sparse_targets,
@@ -310,9 +310,10 @@ def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def micro_batch_loss(model, chunk: Sequence[Prepared], cfg: LMTrainConfig, pad_id: int, device: str, teacher,
                      n_main: int, n_rat: int) -> torch.Tensor:
     batch = {k: v.to(device) for k, v in pad_batch([it.main for it in chunk], pad_id).items()}
-    logits, labels = next_token_view(_forward(model, batch), batch["labels"])
-    if cfg.loss == "sft":
-        return sequence_kd_loss(logits, labels, reduction="sum") / n_main
+    full = _forward(model, batch)
+    if cfg.loss == "sft":   # labels shifted instead of logits: no copy of the [B, T, V] logits
+        return sequence_kd_loss(full, shifted_labels(batch["labels"]), reduction="sum") / n_main
+    logits, labels = next_token_view(full, batch["labels"])
     if cfg.loss in LOGIT_LOSSES:
         with torch.no_grad():
             t_logits = _forward(teacher, batch)[:, :-1]
