@@ -157,7 +157,8 @@ def make_completion(body: dict[str, Any], labels: list[str], bad_label: bool) ->
 
 
 def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float | None = None,
-              api_key: str | None = None, delay_s: float = 0.0, slow_s: float = 3.0, retry_after: float = 1.0):
+              api_key: str | None = None, delay_s: float = 0.0, slow_s: float = 3.0, retry_after: float = 1.0,
+              tpm: float | None = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
@@ -187,6 +188,25 @@ def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float |
             return 0.0
         return (1 - state["level"]) / (rpm / 60)
 
+    served: list[tuple[float, int]] = []     # (time, tokens) of charged answers: the TPM window
+
+    def tokens_ok() -> float:
+        """0 if the tokens charged in the last 60 s are under ``tpm``, else seconds until enough expire
+        (a provider's TPM limit: a request is refused while the minute's usage is at the limit)."""
+        if not tpm:
+            return 0.0
+        now = time.monotonic()
+        while served and served[0][0] <= now - 60:
+            served.pop(0)
+        used = sum(n for _, n in served)
+        if used < tpm:
+            return 0.0
+        for t, n in served:          # the earliest time the window drops under the limit
+            used -= n
+            if used < tpm:
+                return t + 60 - now
+        return 1.0
+
     def err(status: int, msg: str, headers: dict | None = None) -> Response:
         return JSONResponse({"error": {"message": msg, "type": "fake"}}, status_code=status, headers=headers)
 
@@ -207,6 +227,10 @@ def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float |
         if wait > 0:
             write_log(**base, status=429, fault="rpm")
             return err(429, "Rate limit reached for requests", {"Retry-After": str(max(1, math.ceil(wait)))})
+        wait = tokens_ok()
+        if wait > 0:
+            write_log(**base, status=429, fault="tpm")
+            return err(429, "Rate limit reached for tokens per minute", {"Retry-After": str(max(1, math.ceil(wait)))})
         fault = faults.pick(idx)
         if fault in ("429", "429n"):
             write_log(**base, status=429, fault=fault)
@@ -248,6 +272,7 @@ def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float |
                 tin, tout = comp["usage"]["prompt_tokens"], comp["usage"]["completion_tokens"]
                 if key is not None:
                     stored[key] = (data, tin, tout)
+                served.append((time.monotonic(), tin + tout))
                 write_log(**{**base, "charged": True, "tokens_in": tin, "tokens_out": tout}, status=200,
                           fault=fault)
         if fault == "truncated":
@@ -273,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--labels", default="positive,negative,neutral")
     ap.add_argument("--faults", default="")
     ap.add_argument("--rpm", type=float)
+    ap.add_argument("--tpm", type=float, help="tokens per minute (prompt + completion of charged answers)")
     ap.add_argument("--api-key")
     ap.add_argument("--delay-s", type=float, default=0.0, help="latency added to every real answer")
     ap.add_argument("--slow-s", type=float, default=3.0, help="latency of the 'slow' fault")
@@ -282,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app = build_app(labels=[x for x in args.labels.split(",") if x], faults=parse_faults(args.faults),
                     log_path=Path(args.log), rpm=args.rpm, api_key=args.api_key, delay_s=args.delay_s,
-                    slow_s=args.slow_s, retry_after=args.retry_after)
+                    slow_s=args.slow_s, retry_after=args.retry_after, tpm=args.tpm)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http="h11")
 
 
@@ -320,7 +346,7 @@ def _free_port() -> int:
 def start_server(tmp_path: Path, *, labels: list[str] | tuple[str, ...] = ("positive", "negative", "neutral"),
                  faults: str = "", rpm: float | None = None, api_key: str | None = None, delay_s: float = 0.0,
                  slow_s: float = 3.0, retry_after: float = 1.0, name: str = "server", port: int | None = None,
-                 timeout_s: float = 20.0) -> ServerHandle:
+                 timeout_s: float = 20.0, tpm: float | None = None) -> ServerHandle:
     """Start the server in a subprocess on a free loopback port (or ``port``, e.g. to bring a stopped server
     back at the same URL); return once /health answers."""
     log_path = Path(tmp_path) / f"{name}.jsonl"
@@ -330,6 +356,8 @@ def start_server(tmp_path: Path, *, labels: list[str] | tuple[str, ...] = ("posi
            "--retry-after", str(retry_after)]
     if rpm:
         cmd += ["--rpm", str(rpm)]
+    if tpm:
+        cmd += ["--tpm", str(tpm)]
     if api_key:
         cmd += ["--api-key", api_key]
     err = open(Path(tmp_path) / f"{name}.stderr", "w")
@@ -354,7 +382,8 @@ def start_server(tmp_path: Path, *, labels: list[str] | tuple[str, ...] = ("posi
 
 def make_project(root: Path, n: int, base_url: str, *, labels: tuple[str, ...] = ("positive", "negative", "neutral"),
                  split: str = "train", teacher_yaml: str | None = None, extra_yaml: str = "",
-                 concurrency: int = 8, max_retries: int = 4, timeout_s: float = 10.0, rpm: float | None = None):
+                 concurrency: int = 8, max_retries: int = 4, timeout_s: float = 10.0, rpm: float | None = None,
+                 tpm: float | None = None):
     """A classify project with ``n`` examples in ``split`` and one openai teacher ``api`` pointing at
     ``base_url`` (key in $FAKE_KEY). About a third of the texts name their label, so answers vary."""
     from distill.project import Project
@@ -369,6 +398,7 @@ def make_project(root: Path, n: int, base_url: str, *, labels: tuple[str, ...] =
     max_retries: {max_retries}
     timeout_s: {timeout_s}
     rpm: {rpm if rpm else "null"}
+    tpm: {tpm if tpm else "null"}
     price: {{input_per_1m: 1.0, output_per_1m: 2.0}}
     terms: {{outputs_may_train_models: true}}
 """
