@@ -1,6 +1,7 @@
 """OpenAITeacher, backoff, Retry-After and the rate limiter - no sockets: httpx.MockTransport and a fake clock."""
 
 import asyncio
+import time
 import email.utils
 import json
 import math
@@ -294,3 +295,24 @@ def test_ensemble_majority_tie_break_and_mean_probs():
     assert c3.agreement == 0.5
     assert c3.probs["positive"] == pytest.approx((0.6 + 0.1 + 1.0) / 3)   # c counts as one-hot
     assert combine(PSPEC, [MemberAnswer("a", None), MemberAnswer("b", None)]) is None
+
+
+def test_tpm_waiters_use_returned_over_estimates():
+    """Estimates of 300 tokens, real usage 50: settling returns 250 per call, and the queued requests use
+    them at once instead of waiting out the over-estimate. Real time: rate 1000 tokens/s."""
+    lim = Limiter(tpm=60_000)          # 1000 tokens per second, capacity 1000
+
+    async def call():
+        await lim.acquire(300)
+        await asyncio.sleep(0.005)     # the request
+        lim.settle(300, 50)
+
+    async def go():
+        t0 = time.monotonic()
+        await asyncio.gather(*(call() for _ in range(60)))
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(go())
+    # 60 x 50 real tokens = 3000 = 3 s at the limit, minus the 1000-token start capacity: ~2 s. Charged
+    # by the estimate alone it would be 60 x 300 = 18000 tokens = ~17 s.
+    assert 1.5 < elapsed < 4.0, elapsed

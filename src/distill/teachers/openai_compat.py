@@ -42,10 +42,11 @@ MAX_RETRY_AFTER_S = 300.0       # a Retry-After beyond this is treated as this (
 class _Transient(Exception):
     """One failed attempt that is worth retrying; ``reason`` ends up in the final error."""
 
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, refused: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.refused = refused      # an HTTP 429/5xx answer: the provider did not run the request
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -162,6 +163,10 @@ class OpenAITeacher:
                 reply = await self._attempt(req.key, body)
             except _Transient as e:
                 reason = e.reason
+                if e.refused and self.limiter is not None:
+                    # a refused request used no tokens: give its TPM estimate back (a timeout or a cut body
+                    # may have been processed and billed, so those keep it)
+                    self.limiter.settle(estimate, 0)
                 if attempt == self.spec.max_retries:
                     break
                 delay = e.retry_after if e.retry_after is not None else backoff_delay(
@@ -206,7 +211,7 @@ class OpenAITeacher:
             )
         if status in RETRY_STATUS:
             ra = parse_retry_after(headers.get("retry-after")) if status in (429, 503) else None
-            raise _Transient(f"HTTP {status}: {_server_message(raw_body)}", retry_after=ra)
+            raise _Transient(f"HTTP {status}: {_server_message(raw_body)}", retry_after=ra, refused=True)
         if status >= 400:
             raise TeacherUnavailable(
                 f"teacher '{self.spec.name}': HTTP {status} from {self.url}: {_server_message(raw_body)}",
