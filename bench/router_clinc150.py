@@ -145,7 +145,8 @@ def build_and_train(work: Path, rows: list[dict], student: dict) -> tuple:
     print(f"label: {lab.message()}", file=sys.stderr)
     flt = run_filters(project, "gold-replay")
     print(f"filter: kept {flt.kept}, dropped {flt.dropped_by_reason}", file=sys.stderr)
-    rep = train(project, config=TrainConfig.from_dict(project.spec.student), progress=True)
+    # this run's settings, not the ones written into distill.yaml when the project was first made
+    rep = train(project, config=TrainConfig.from_dict(student), progress=True)
     return project, rep, lab
 
 
