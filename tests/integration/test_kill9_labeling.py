@@ -86,8 +86,10 @@ def test_kill9_at_random_moments_never_double_charges(tmp_path):
 
 
 def test_ctrl_c_commits_finished_work_and_exits_cleanly(tmp_path):
-    n = 60
-    server = start_server(tmp_path, delay_s=0.1)
+    # 120 inputs x 0.2 s / 3 in flight = 8 s of labelling: the SIGINT after the 10th request lands mid-run
+    # even when a loaded CI machine is slow to deliver it (60 x 0.1 s could finish first)
+    n = 120
+    server = start_server(tmp_path, delay_s=0.2)
     try:
         project = make_project(tmp_path / "p", n, server.base_url, concurrency=3)
         project.close()
