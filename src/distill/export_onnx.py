@@ -3,7 +3,7 @@
 Why ONNX: at serve time we want the classifier without torch — onnxruntime is a ~15 MB dependency, starts
 in well under a second, and with dynamic int8 quantisation (weights int8, activations quantised on the
 fly per batch; onnxruntime's ``quantize_dynamic``) a MiniLM-sized encoder runs several times faster on
-CPU than torch fp32. Numbers for this machine are in ``bench/results/onnx_speed.json``.
+CPU than torch fp32. Numbers for this machine are in ``bench/results/latency.json`` (`distill bench latency`).
 
 How: ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``). The dynamo exporter
 needs ``onnxscript``, which we do not ship; ``optimum`` does not support transformers 5. The model is
