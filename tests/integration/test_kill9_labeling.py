@@ -29,8 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _spawn(root: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "FAKE_KEY": "k"}
+    # SIGINT back to its default in the child, as for a command typed at a terminal: a test run started in the
+    # background by a non-interactive shell (`... &`) ignores SIGINT, the child inherits that, and Python then
+    # never raises KeyboardInterrupt (that is how a CI run under nohup failed the Ctrl-C test)
     return subprocess.Popen([sys.executable, "-m", "distill.cli", "label", str(root), "--no-progress"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_requests(server, after: int, timeout: float = 20.0) -> None:
