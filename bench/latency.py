@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ask(t_texts[0])                   # warm-up: builds the system-prompt KV cache
     teacher_ms = [ask(x) for x in t_texts[1:]]
     same_texts = time_students([[x] for x in t_texts[1:]])
-    del teacher
+    teacher.model = teacher.tokenizer = None      # free the 1.5B weights before the summaries
 
     # -- summaries and ratios ------------------------------------------------------------------------
     res_b1 = {k: _summary(v) for k, v in b1.items()}

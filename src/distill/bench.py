@@ -63,10 +63,8 @@ BY_NAME = {s.name: s for s in SUITES}
 def repo_root(start: Path | None = None) -> Path:
     """The checkout that holds ``bench/``: the current directory or a parent of it, else the one this
     package was installed from in editable mode."""
-    here = Path(__file__).resolve()
-    candidates = [*(p for p in [(start or Path.cwd()).resolve(), *(start or Path.cwd()).resolve().parents]),
-                  here.parents[2]]
-    for c in candidates:
+    where = (start or Path.cwd()).resolve()
+    for c in (where, *where.parents, Path(__file__).resolve().parents[2]):
         if (c / "bench" / "latency.py").exists() and (c / "src" / "distill").exists():
             return c
     raise DistillError("`distill bench` runs the benchmark scripts of a distill checkout, and none was found "

@@ -67,9 +67,6 @@ SEED = E.SEED
 DEFAULT_MAX_NEW_TOKENS = {"extract": 128, "generate": 256}
 TOP_ERRORS = 10
 EXAMPLES_PER_ERROR = 3
-# Turn-end markers of common chat templates: generation stops there even when the tokenizer's eos differs
-# (the same list the local teacher uses), so an untuned base does not ramble to max_new_tokens.
-_EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,12 +432,6 @@ def _test_table(project: Project, teacher: str, limit: int | None, notes: list[s
 # 2. generation
 
 
-def _stop_ids(tok) -> list[int]:
-    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    vocab = tok.get_vocab()
-    return sorted(stop | {vocab[t] for t in _EOT_TOKENS if t in vocab})
-
-
 def _generate_all(model, tok, info: dict, messages: list[list[dict]], max_new_tokens: int, say,
                   name: str) -> dict[str, list]:
     """Greedy answers, one request at a time (what one API call to a served model costs), timed per request.
@@ -449,7 +440,10 @@ def _generate_all(model, tok, info: dict, messages: list[list[dict]], max_new_to
 
     from distill.students.causal_lm import has_chat_template, student_prompt
 
-    stop = _stop_ids(tok) or None
+    from distill.models import stop_token_ids
+
+    # turn-end markers too, not only eos: an untuned base must not ramble to max_new_tokens
+    stop = stop_token_ids(tok) or None
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0]
 
     @torch.no_grad()

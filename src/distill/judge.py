@@ -19,12 +19,10 @@ cost and ``"source": "judge"``, so judging shows up in the spend like labelling 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import time
 from typing import Any, Sequence
 
-from distill.labeling import cost_of, reply_from_row
+from distill.labeling import record_call, reply_from_row
 from distill.task import TeacherSpec, cache_key
 from distill.teachers.base import TeacherRequest
 
@@ -72,17 +70,10 @@ async def _grade_all(store, tspec: TeacherSpec, teacher, prompts: Sequence[list[
                 out[i] = {"grade": None, "cached": False, "cost": 0.0, "error": f"{type(e).__name__}: {e}"[:200]}
                 return
         grade = parse_grade(reply.texts[0] if reply.texts else None)
-        cost = cost_of(tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
-        request = {"messages": msgs, "params": {k: v for k, v in identity.items() if k != "name"}, "source": "judge"}
-        response = {"texts": reply.texts, "raw": reply.raw}
         with store.tx() as c:
-            c.execute(
-                """INSERT OR IGNORE INTO teacher_calls(key, teacher, model, attempt, request, response, status, error,
-                   tokens_in, tokens_out, cost, latency_s, retries, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-                (key, tspec.name, tspec.model, 0, json.dumps(request, ensure_ascii=False),
-                 json.dumps(response, ensure_ascii=False), "ok" if grade is not None else "parse_error",
-                 None if grade is not None else "no grade 1-5 in the reply", reply.tokens_in, reply.tokens_out, cost,
-                 reply.latency_s, reply.retries, time.time()))
+            cost = record_call(c, tspec, key, 0, msgs, reply, "ok" if grade is not None else "parse_error",
+                               None if grade is not None else "no grade 1-5 in the reply", source="judge",
+                               or_ignore=True)
         out[i] = {"grade": grade, "cached": False, "cost": cost}
 
     await asyncio.gather(*(one(i, m) for i, m in enumerate(prompts)))

@@ -213,7 +213,6 @@ class _Run:
         self.consecutive_unavailable = 0
         self.inflight: dict[str, asyncio.Future] = {}   # key -> reply, so identical prompts are paid once
         self.latencies: list[float] = []
-        self.request_params = {k: v for k, v in tspec.identity().items() if k != "name"}
 
     # -- plan -----------------------------------------------------------------------------------------
     def plan(self) -> list[_Item]:
@@ -398,16 +397,7 @@ class _Run:
 
     def insert_call(self, c, item: _Item, key: str, attempt: int, reply: TeacherReply, status: str,
                     error: str | None) -> None:
-        cost = cost_of(self.tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
-        request = {"messages": item.messages, "params": self.request_params}   # no secrets: see identity()
-        response = {"texts": reply.texts, "label_probs": reply.label_probs, "logprobs": reply.logprobs,
-                    "raw": reply.raw}
-        c.execute(
-            """INSERT INTO teacher_calls(key, teacher, model, attempt, request, response, status, error,
-               tokens_in, tokens_out, cost, latency_s, retries, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-            (key, self.tspec.name, self.tspec.model, attempt, json.dumps(request, ensure_ascii=False),
-             json.dumps(response, ensure_ascii=False), status, error, reply.tokens_in, reply.tokens_out, cost,
-             reply.latency_s, reply.retries, time.time()))
+        cost = record_call(c, self.tspec, key, attempt, item.messages, reply, status, error)
         # counted only here, i.e. inside the transaction that records the call
         self.report.spend += cost
         self.report.tokens_in += reply.tokens_in
@@ -430,6 +420,25 @@ def _progress_bar(show: bool) -> Progress | None:
 def cost_of(tspec: TeacherSpec, tokens_in: float, tokens_out: float, latency_s: float) -> float:
     p = tspec.price
     return tokens_in / 1e6 * p.input_per_1m + tokens_out / 1e6 * p.output_per_1m + latency_s / 3600 * p.per_hour
+
+
+def record_call(c, tspec: TeacherSpec, key: str, attempt: int, messages: list[dict[str, str]], reply: TeacherReply,
+                status: str, error: str | None, *, source: str | None = None, or_ignore: bool = False) -> float:
+    """Write one teacher call to ``teacher_calls`` (the cache and the ledger) inside the caller's transaction
+    ``c``; return its cost. Labelling, serving (``source="serve"``) and judging (``source="judge"``) all record
+    calls here. ``or_ignore``: another process may have recorded the same key meanwhile (keep the first)."""
+    cost = cost_of(tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
+    params = {k: v for k, v in tspec.identity().items() if k != "name"}    # no secrets: see identity()
+    request = {"messages": messages, "params": params, **({"source": source} if source else {})}
+    response = {"texts": reply.texts, "label_probs": reply.label_probs, "logprobs": reply.logprobs, "raw": reply.raw}
+    c.execute(
+        f"""INSERT {"OR IGNORE " if or_ignore else ""}INTO teacher_calls(key, teacher, model, attempt, request,
+           response, status, error, tokens_in, tokens_out, cost, latency_s, retries, created_at)
+           VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+        (key, tspec.name, tspec.model, attempt, json.dumps(request, ensure_ascii=False),
+         json.dumps(response, ensure_ascii=False), status, error, reply.tokens_in, reply.tokens_out, cost,
+         reply.latency_s, reply.retries, time.time()))
+    return cost
 
 
 def reply_from_row(row: Any) -> TeacherReply:

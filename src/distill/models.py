@@ -259,6 +259,17 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+# Turn-end markers of common chat templates (ChatML, Llama 3, Gemma, Phi, Llama 2): generation stops at them.
+EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS plus whichever end-of-turn markers its vocabulary has: where a chat answer ends."""
+    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    return sorted(stop | {vocab[t] for t in EOT_TOKENS if t in vocab})
+
+
 def pick_dtype(device: str, dtype: str = "auto"):
     import torch
 

@@ -353,8 +353,9 @@ def student_samples(model, items: Sequence[Prepared], tokenizer, step: int, cfg:
     actually write, which fixes the train/inference mismatch of learning only from fixed sequences.
     Sampling runs under a forked RNG seeded by (seed, step): reproducible, it leaves the training RNG
     stream (dropout) untouched, so resume after a crash still repeats the uninterrupted run."""
-    stop = sorted({tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",)
-                                              if t in tokenizer.get_vocab())} - {None})
+    from distill.models import stop_token_ids
+
+    stop = stop_token_ids(tokenizer)
     # never sample the padding rows of an embedding matrix larger than the vocabulary (real models pad to
     # a multiple of 64/128): those ids mean nothing, and a teacher with a smaller matrix cannot score them
     n_vocab, n_rows = len(tokenizer), model.get_output_embeddings().weight.shape[0]

@@ -50,7 +50,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from distill.errors import DistillError
-from distill.labeling import cost_of, reply_from_row
+from distill.labeling import record_call, reply_from_row
 from distill.project import Project
 from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
@@ -271,19 +271,9 @@ class TeacherGate:
             answer, status, error = parse_answer(self.spec, reply.texts[0] if reply.texts else None), "ok", None
         except ParseError as e:
             answer, status, error = None, "parse_error", e.reason
-        cost = cost_of(self.tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
-        request = {"messages": msgs, "params": {k: v for k, v in self.tspec.identity().items() if k != "name"},
-                   "source": "serve"}
-        response = {"texts": reply.texts, "label_probs": reply.label_probs, "logprobs": reply.logprobs,
-                    "raw": reply.raw}
         with self.project.store.tx() as c:
             # OR IGNORE: a labeller in another process may have recorded the same key meanwhile
-            c.execute(
-                """INSERT OR IGNORE INTO teacher_calls(key, teacher, model, attempt, request, response, status, error,
-                   tokens_in, tokens_out, cost, latency_s, retries, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-                (key, self.tspec.name, self.tspec.model, 0, json.dumps(request, ensure_ascii=False),
-                 json.dumps(response, ensure_ascii=False), status, error, reply.tokens_in, reply.tokens_out, cost,
-                 reply.latency_s, reply.retries, time.time()))
+            cost = record_call(c, self.tspec, key, 0, msgs, reply, status, error, source="serve", or_ignore=True)
         self.metrics.teacher_spend += cost
         self.metrics.teacher_calls[status] += 1
         return answer, status

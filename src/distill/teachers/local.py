@@ -41,8 +41,6 @@ from distill.task import TeacherSpec
 
 # Prefixes shorter than this are not worth caching (the bookkeeping costs more than the recompute).
 _MIN_PREFIX_TOKENS = 8
-# Turn-end markers of common chat templates, used as extra stop tokens for generation.
-_EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
 
 
 class LocalTeacher:
@@ -247,11 +245,9 @@ class LocalTeacher:
 
     # -- extract / generate ------------------------------------------------------------------------------
     def _stop_ids(self) -> list[int]:
-        tok = self.tokenizer
-        stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        vocab = tok.get_vocab()
-        stop |= {vocab[t] for t in _EOT_TOKENS if t in vocab}
-        return sorted(stop)
+        from distill.models import stop_token_ids
+
+        return stop_token_ids(self.tokenizer)
 
     def _generate(self, messages: list[dict[str, str]]) -> TeacherReply:
         import torch
