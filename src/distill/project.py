@@ -10,6 +10,7 @@ from typing import Iterator
 
 import filelock
 
+from distill import runs
 from distill.errors import DistillError
 from distill.store import Store
 from distill.task import ProjectSpec, TaskKind, load_spec, scaffold
@@ -54,6 +55,34 @@ class Project:
 
     def close(self) -> None:
         self.store.close()
+
+    # -- which model (see distill.runs) ---------------------------------------------------------------
+    def serving_model(self, pinned: str | Path | None = None) -> runs.ModelRef:
+        """The model serve/export/route/iterate use: ``pinned`` (``--model``) or the promoted one."""
+        return runs.serving_model(self.store, self.root, pinned, self.spec.kind)
+
+    def latest_model(self) -> runs.ModelRef | None:
+        """The newest finished training run of this project's student kind (what `distill eval` scores)."""
+        return runs.latest_model(self.store, self.root, self.spec.kind)
+
+    def model(self, pinned: str | Path | None = None, run_id: str | None = None) -> runs.ModelRef:
+        """``pinned`` folder, else run ``run_id``, else the latest trained model; a DistillError if none."""
+        if pinned is not None:
+            return runs.pinned_model(self.store, self.root, pinned)
+        if run_id is not None:
+            return runs.model_run(self.store, self.root, run_id)
+        ref = self.latest_model()
+        if ref is None:
+            raise DistillError(f"{self.root}: no trained model", hint=f"run `distill train {self.root}` first, "
+                               "or pass --model FOLDER")
+        return runs._checked(ref)
+
+    def promote(self, run_id: str, why: str) -> None:
+        runs.promote(self.store, self.root, run_id, why)
+
+    def record_run(self, run_id: str, kind: str, status: str, path: str | Path | None, record: dict) -> None:
+        """Register a run; ``path`` is stored relative to the project folder (a moved project still works)."""
+        runs.record_run(self.store, self.root, run_id, kind, status, path, record)
 
     @contextmanager
     def exclusive(self, what: str, wait: bool = False) -> Iterator[None]:
