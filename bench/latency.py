@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from distill.export_onnx import OnnxClassifier, export_onnx
+    from distill.export.onnx import export_onnx
     from distill.runinfo import bench_result, environment, target, write_json_atomic
     from distill.students.classifier import ClassifierStudent
+    from distill.students.predictor import OnnxPredictor
     from distill.task import TeacherSpec, load_spec, render_messages
     from distill.teachers.base import TeacherRequest
     from distill.teachers.local import LocalTeacher
@@ -88,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     student = ClassifierStudent.create("all-minilm-l6-v2", list(spec.label_names), device="cpu", max_length=64)
     model_dir = student.save(work / "final")
     exp = export_onnx(model_dir, work / "onnx")
-    ort32 = OnnxClassifier(work / "onnx", int8=False, threads=a.threads)
-    ort8 = OnnxClassifier(work / "onnx", int8=True, threads=a.threads)
+    ort32 = OnnxPredictor(work / "onnx", int8=False, threads=a.threads)
+    ort8 = OnnxPredictor(work / "onnx", int8=True, threads=a.threads)
     backends = {
         "torch_fp32": lambda xs: student.predict_proba(xs, batch_size=len(xs)),
         "ort_fp32": lambda xs: ort32.predict_proba(xs, batch_size=len(xs)),

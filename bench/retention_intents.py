@@ -177,8 +177,9 @@ def build_and_train(work: Path, name: str, rows: list[dict], student: dict) -> d
     from distill.labeling import label
     from distill.project import Project
     from distill.ratelimit import estimate_prompt_tokens
-    from distill.recipes.train_classifier import TrainConfig, train
+    from distill.recipes.train import train
     from distill.task import render_messages
+    from distill.teachers.replay import write_recording
 
     intents = sorted({r["intent"] for r in rows})
     work.mkdir(parents=True, exist_ok=True)
@@ -197,23 +198,23 @@ def build_and_train(work: Path, name: str, rows: list[dict], student: dict) -> d
           f"removed, by split {imp.by_split}", file=sys.stderr)
 
     # the stand-in teacher's recording: one reply per rendered prompt, answering the gold intent
-    with open(work / "teacher_gold_replay.jsonl", "w", encoding="utf-8") as f:
-        f.write(json.dumps({"provenance": {
-            "teacher": "gold-replay", "model": f"{name} gold labels (stand-in for a frontier API teacher)",
-            "command": "python bench/retention_intents.py", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tokens": "tokens_in = distill.ratelimit.estimate_prompt_tokens(messages); tokens_out = ceil(len(label)/4)",
-        }}) + "\n")
+    def gold_replies():
         for r in project.store.q("SELECT text, segment, meta, gold FROM examples"):
             msgs = render_messages(project.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"))
             gold = json.loads(r["gold"])
-            f.write(json.dumps({"messages": msgs, "reply": {
-                "texts": [gold], "tokens_in": estimate_prompt_tokens(msgs), "tokens_out": math.ceil(len(gold) / 4),
-                "latency_s": 0.0}}, ensure_ascii=False) + "\n")
+            yield msgs, {"texts": [gold], "tokens_in": estimate_prompt_tokens(msgs),
+                         "tokens_out": math.ceil(len(gold) / 4), "latency_s": 0.0}
+
+    write_recording(work / "teacher_gold_replay.jsonl", {
+        "teacher": "gold-replay", "model": f"{name} gold labels (stand-in for a frontier API teacher)",
+        "command": "python bench/retention_intents.py", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokens": "tokens_in = distill.ratelimit.estimate_prompt_tokens(messages); tokens_out = ceil(len(label)/4)",
+    }, gold_replies())
     lab = label(project, "gold-replay", progress=False)
     print(f"[{name}] label: {lab.message()}", file=sys.stderr)
     flt = run_filters(project, "gold-replay")
     print(f"[{name}] filter: kept {flt.kept}, dropped {flt.dropped_by_reason}", file=sys.stderr)
-    rep = train(project, config=TrainConfig.from_dict(project.spec.student), progress=True)
+    rep = train(project, progress=True)
     return {"project": project, "train": rep, "import": imp, "label": lab, "filter": flt}
 
 
@@ -226,7 +227,7 @@ def score(project, model_path: Path, name: str) -> dict:
     bootstrap CIs, overall and per segment."""
     from distill import metrics as M
     from distill.dataset import rows as dataset_rows
-    from distill.evaluate import _train_baseline
+    from distill.evaluate.classify import train_baseline
     from distill.students.classifier import ClassifierStudent
 
     test = dataset_rows(project, "gold-replay", ("test",))   # test rows are never filtered
@@ -241,7 +242,7 @@ def score(project, model_path: Path, name: str) -> dict:
     student = M.encode([student_model.labels[i] for i in probs.argmax(1)], classes)
     student_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base_model, why = _train_baseline(project, "gold-replay")   # fit on the same kept train rows
+    base_model, why = train_baseline(project, "gold-replay")   # fit on the same kept train rows
     if base_model is None:
         raise SystemExit(f"[{name}] TF-IDF baseline unavailable: {why}")
     base = M.encode([str(b) for b in base_model.predict(texts)], classes)
@@ -296,7 +297,7 @@ def run_dataset(name: str, smoke: bool, work_root: Path) -> dict:
     # max_length: CLINC150 queries are short (32 tokens keep ~all); BANKING77 has a long tail (99th
     # percentile ~40 words), 64 tokens keep nearly all of it. Early stopping on validation agreement
     # (patience 2) decides when 8 epochs are more than needed; CLINC150 at 3 epochs was under-trained.
-    student = {"base": "all-minilm-l6-v2", "signal": "hard", "learning_rate": 2e-4, "batch_size": 32,
+    student = {"base_model": "all-minilm-l6-v2", "signal": "hard", "learning_rate": 2e-4, "batch_size": 32,
                "max_length": 64 if name == "banking77" else 32, "epochs": 1 if smoke else 8,
                "early_stopping_patience": 2, "early_stopping_metric": "agreement", "seed": SEED}
     t0 = time.perf_counter()

@@ -16,13 +16,12 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from distill.demo import run_demo
 from distill.evaluate import evaluate
 from distill.project import Project
-from distill.recipes.train_classifier import TrainConfig, train
+from distill.recipes.train import train
 from distill.runinfo import bench_result, environment, target, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -78,10 +77,9 @@ def main(argv=None) -> int:
     project = Project.open(work)
     teacher = project.spec.get_teacher().name
     distilled = json.loads((work / "reports" / "report.json").read_text())
-    cfg = TrainConfig.from_dict(project.spec.student)
-    if args.smoke:
-        cfg = replace(cfg, epochs=1)
-    gold_run = train(project, teacher=teacher, config=replace(cfg, signal="gold"), progress=False)
+    # the same student settings, trained on gold labels instead of the teacher's
+    gold_run = train(project, teacher=teacher, overrides={"signal": "gold", **({"epochs": 1} if args.smoke else {})},
+                     progress=False)
     gold = evaluate(project, model_path=str(gold_run.path), teacher=teacher, progress=False).to_dict()
     h = distilled["headline"]
     d_fig, g_fig = figures(distilled), figures(gold)

@@ -109,8 +109,9 @@ def build_and_train(work: Path, rows: list[dict], student: dict) -> tuple:
     from distill.labeling import label
     from distill.project import Project
     from distill.ratelimit import estimate_prompt_tokens
-    from distill.recipes.train_classifier import TrainConfig, train
+    from distill.recipes.train import train
     from distill.task import render_messages
+    from distill.teachers.replay import write_recording
 
     intents = sorted({r["intent"] for r in rows if r["intent"] != "oos"})
     work.mkdir(parents=True, exist_ok=True)
@@ -128,25 +129,24 @@ def build_and_train(work: Path, rows: list[dict], student: dict) -> tuple:
           f"duplicates in file, by split {imp.by_split}", file=sys.stderr)
 
     # the stand-in teacher's recording: one reply per rendered prompt, answering the gold intent
-    rec = work / "teacher_gold_replay.jsonl"
-    with open(rec, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"provenance": {
-            "teacher": "gold-replay", "model": "CLINC150 gold labels (stand-in for a frontier API teacher)",
-            "command": "python bench/router_clinc150.py", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tokens": "tokens_in = distill.ratelimit.estimate_prompt_tokens(messages); tokens_out = ceil(len(label)/4)",
-        }}) + "\n")
+    def gold_replies():
         for r in project.store.q("SELECT text, segment, meta, gold FROM examples"):
             msgs = render_messages(project.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"))
             gold = json.loads(r["gold"])
-            f.write(json.dumps({"messages": msgs, "reply": {
-                "texts": [gold], "tokens_in": estimate_prompt_tokens(msgs), "tokens_out": math.ceil(len(gold) / 4),
-                "latency_s": 0.0}}, ensure_ascii=False) + "\n")
+            yield msgs, {"texts": [gold], "tokens_in": estimate_prompt_tokens(msgs),
+                         "tokens_out": math.ceil(len(gold) / 4), "latency_s": 0.0}
+
+    write_recording(work / "teacher_gold_replay.jsonl", {
+        "teacher": "gold-replay", "model": "CLINC150 gold labels (stand-in for a frontier API teacher)",
+        "command": "python bench/router_clinc150.py", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokens": "tokens_in = distill.ratelimit.estimate_prompt_tokens(messages); tokens_out = ceil(len(label)/4)",
+    }, gold_replies())
     lab = label(project, "gold-replay", progress=False)
     print(f"label: {lab.message()}", file=sys.stderr)
     flt = run_filters(project, "gold-replay")
     print(f"filter: kept {flt.kept}, dropped {flt.dropped_by_reason}", file=sys.stderr)
     # this run's settings, not the ones written into distill.yaml when the project was first made
-    rep = train(project, config=TrainConfig.from_dict(student), progress=True)
+    rep = train(project, overrides=student, progress=True)
     return project, rep, lab
 
 
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from distill.runinfo import bench_result, environment, target, write_json_atomic
-    from distill.serve.app import TorchPredictor
-    from distill.serve.router import Router, RouterConfig, _label_indices, calibrate, fit_mahalanobis
+    from distill.students.predictor import EncoderTorchPredictor
+    from distill.serve.router import Router, RouterConfig, label_indices, calibrate, fit_mahalanobis
 
     env_start = environment()
     t_start = time.perf_counter()
@@ -210,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                        else HERE / "results" / "router_clinc150.json")
     # 8 epochs (early stopping on validation agreement, patience 2): the retention bench showed CLINC150 is
     # still improving after 3 (validation agreement 0.85 -> 0.948 at epoch 7); ~10 min at ~58 samples/s
-    student = {"base": "all-minilm-l6-v2", "signal": "hard", "learning_rate": 2e-4, "batch_size": 32,
+    student = {"base_model": "all-minilm-l6-v2", "signal": "hard", "learning_rate": 2e-4, "batch_size": 32,
                "max_length": 32, "epochs": 1 if args.smoke else 8, "early_stopping_patience": 2, "seed": 0}
     rows = read_subset(DATA, args.smoke)
 
     # 1-2. project, label, filter, train --------------------------------------------------------------------
     project, rep, lab = build_and_train(work, rows, student)
-    pred = TorchPredictor(rep.path, device="auto")
+    pred = EncoderTorchPredictor(rep.path, device="auto")
     labels = list(pred.labels)
 
     # 3. student outputs -----------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     test_logits, test_feats = pred.logits_and_embeddings(test_x, batch_size=64)
     _, train_feats = pred.logits_and_embeddings(train_x, batch_size=64)
     infer_s = time.perf_counter() - t0
-    maha = FastMahalanobis(fit_mahalanobis(train_feats, _label_indices(train_y, labels), len(labels)))
+    maha = FastMahalanobis(fit_mahalanobis(train_feats, label_indices(train_y, labels), len(labels)))
 
     test_y = np.array(test_y)
     is_oos = test_y == "oos"
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                  "validation_in_scope": sum(r["split"] == "validation" and r["intent"] != "oos" for r in rows),
                  "validation_oos": sum(r["split"] == "validation" and r["intent"] == "oos" for r in rows),
                  "test_in_scope": n_in, "test_oos": n_oos, "intents": len(labels)},
-        "student": {"run_id": rep.run_id, "base": student["base"], "config": rep.record.get("config"),
+        "student": {"run_id": rep.run_id, "base": student["base_model"], "config": rep.record.get("config"),
                     "epochs_run": rep.record.get("epochs_run"), "train_seconds": rep.record.get("train_seconds"),
                     "train_samples_per_second": rep.record.get("train_samples_per_second"),
                     "reused_finished_run": rep.reused, "inference_seconds_all_splits": round(infer_s, 2),

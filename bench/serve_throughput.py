@@ -4,7 +4,7 @@
     .venv/bin/python bench/serve_throughput.py --project DIR --seconds 20 --concurrency 8
 
 Model: the student that bench/router_clinc150.py trained (MiniLM, 150 intents) in ``bench/.work/clinc150``,
-exported to ONNX with dynamic int8 quantization (``distill.export_onnx.export_project``) if not yet exported.
+exported to ONNX with dynamic int8 quantization (``distill.export.onnx.export_project``) if not yet exported.
 No router.json is placed next to the export, so every request is answered by the student: this measures the
 student path of the service (HTTP + JSON + micro-batcher + int8 model), not the teacher.
 
@@ -91,20 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from distill.errors import DistillError
-    from distill.export_onnx import export_project
+    from distill.export.onnx import export_project
     from distill.project import Project
     from distill.runinfo import environment
-    from distill.serve.app import onnx_dir_for, resolve_model_path
+    from distill.students.predictor import onnx_dir_for
 
     if not (args.project / "distill.yaml").exists():
         raise DistillError(f"{args.project}: no project", hint="run bench/router_clinc150.py first (it trains the student)")
     p = Project.open(args.project)
-    model = resolve_model_path(p, None)
-    run_id = p.store.latest_run("train")["id"]
+    # the bench measures speed, not quality: the trained student is pinned whether or not it was promoted
+    ref = p.latest_model()
+    if ref is None:
+        raise DistillError(f"{args.project}: no trained model", hint="run bench/router_clinc150.py first")
+    model, run_id = ref.path, ref.run_id
     p.close()
     export = None
     if onnx_dir_for(model) is None:
-        export = export_project(args.project).to_dict()
+        export = export_project(args.project, model_path=model).to_dict()
     onnx_dir = onnx_dir_for(model)
     assert onnx_dir is not None and not (onnx_dir / "router.json").exists(), "a router.json would route to the teacher"
 
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     distill_bin = Path(sys.executable).parent / "distill"
     log = open(HERE / ".work" / "serve_throughput.server.log", "w")
     proc = subprocess.Popen([str(distill_bin), "serve", str(args.project), "--port", str(port), "--backend", "onnx",
-                             "--no-auth"], stdout=log, stderr=subprocess.STDOUT)
+                             "--model", str(model), "--no-auth"], stdout=log, stderr=subprocess.STDOUT)
     try:
         import httpx
 

@@ -15,7 +15,7 @@ A. Encoder classifier (SNIPS intents, packaged all-MiniLM-L6-v2, the example pro
            labels, same tokenisation, seed, batch size, epochs, lr schedule; no eval, no checkpoints.
 B. Causal-LM LoRA (SNIPS slots, text -> gold JSON, the user text as the only prompt turn, packaged
    SmolLM2-135M-Instruct, max_length 128, batch 8, same number of optimizer steps, same lr).
-   ours  = `distill.recipes.train_causal_lm.train_lm(examples, LMTrainConfig(loss="sft", ...), out)`: its
+   ours  = `distill.recipes.train_causal_lm.train_lm(examples, LMStudentConfig(loss="sft", ...), out)`: its
            own PyTorch loop, with a checkpoint at the last step.
    plain = `transformers.Trainer` on `peft.get_peft_model` with the LoraConfig ours builds (`add_lora`), the
            sequences tokenised by ours' `encode_example` (identical input_ids/labels), fed in the order
@@ -65,7 +65,7 @@ def build_classifier_project(root: Path, n_inputs: int) -> tuple[Path, str]:
     """The SNIPS intents example project on the first ``n_inputs`` rows, labelled by the replayed teacher
     and filtered, as `distill demo` does it. Returns (project folder, teacher name)."""
     from distill.data.importer import import_file
-    from distill.demo import _head
+    from distill.demo import sample_csv
     from distill.filters import run_filters
     from distill.labeling import label
     from distill.project import Project
@@ -76,7 +76,7 @@ def build_classifier_project(root: Path, n_inputs: int) -> tuple[Path, str]:
     for f in SNIPS_INTENTS.glob("teacher_*.jsonl"):
         shutil.copy(f, root / f.name)
     project = Project.open(root)
-    data = _head(SNIPS_INTENTS / "snips_intents.csv", root / "subset.csv", n_inputs)
+    data = sample_csv(SNIPS_INTENTS / "snips_intents.csv", root / "subset.csv", n_inputs)
     import_file(project, data, text="text", label="intent", id="id")
     teacher = project.spec.get_teacher().name
     label(project, teacher, progress=False)
@@ -157,7 +157,7 @@ def arm_classifier_ours(spec: dict) -> dict:
 
     tc._collate = counting_collate
     project = Project.open(spec["project"])
-    config = tc.TrainConfig(**spec["config"])
+    config = tc.EncoderStudentConfig(**spec["config"])
     report = tc.train(project, teacher=spec["teacher"], config=config, progress=False, force=True,
                       callbacks=[timer])
     n = report.record["counts"]["train"]
@@ -174,7 +174,7 @@ def arm_classifier_plain(spec: dict) -> dict:
     from distill.students.classifier import resolve_base
 
     cfg, rows = spec["config"], spec["train_rows"]
-    folder = resolve_base(cfg["base"])
+    folder = resolve_base(cfg["base_model"])
     set_seed(cfg["seed"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(spec["labels"]))
@@ -223,7 +223,7 @@ def arm_lm_ours(spec: dict) -> dict:
         return batch
 
     tl.pad_batch = counting_pad_batch
-    cfg = tl.LMTrainConfig(**spec["config"])
+    cfg = tl.LMStudentConfig(**spec["config"])
     record = tl.train_lm(_lm_examples(spec), cfg, spec["out_dir"], log=None,
                          on_start=lambda model: started.__setitem__(0, time.perf_counter()))
     samples = record["steps"] * cfg.batch_size * cfg.grad_accum
@@ -273,7 +273,7 @@ def arm_lm_plain(spec: dict) -> dict:
 
     args = TrainingArguments(
         output_dir=spec["out_dir"], max_steps=cfg["max_steps"], per_device_train_batch_size=cfg["batch_size"],
-        learning_rate=cfg["lr"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
+        learning_rate=cfg["learning_rate"], weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
         max_grad_norm=cfg["max_grad_norm"], train_sampling_strategy="sequential", save_strategy="no",
         eval_strategy="no", seed=cfg["seed"], use_cpu=True, dataloader_num_workers=0, label_names=["labels"],
         remove_unused_columns=False, report_to="none", disable_tqdm=True)
@@ -386,39 +386,36 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "children.log"
 
     # -- A. classifier data: the project and the exact rows ours will train on ------------------------
-    from dataclasses import asdict
-
     from distill.project import Project
-    from distill.recipes.train_classifier import TrainConfig, training_examples
+    from distill.recipes.train_classifier import training_examples
 
     project_root, teacher = build_classifier_project(work / "snips-project", a.clf_inputs)
     project = Project.open(project_root)
-    clf_cfg = TrainConfig.from_dict(project.spec.student)
-    clf_cfg.epochs = a.clf_epochs
-    clf_cfg.device = "cpu"
+    over: dict = {"epochs": a.clf_epochs, "device": "cpu"}
     if a.smoke:
         from tiny_models import tiny_bert_folder
 
-        clf_cfg.base = str(tiny_bert_folder(work / "tiny-bert"))
+        over["base_model"] = str(tiny_bert_folder(work / "tiny-bert"))
+    clf_cfg = project.spec.student_config(over)
     train_rows, _, counts = training_examples(project, teacher, clf_cfg)
     labels = project.spec.label_names
     project.close()
-    clf_spec = {"project": str(project_root), "teacher": teacher, "config": asdict(clf_cfg),
+    clf_spec = {"project": str(project_root), "teacher": teacher, "config": clf_cfg.model_dump(),
                 "labels": labels, "train_rows": [{"text": r["text"], "label": r["label"]} for r in train_rows],
                 "out_dir": str(work / "clf-plain")}
     (work / "classifier.json").write_text(json.dumps(clf_spec), encoding="utf-8")
 
     # -- B. LM data and settings ----------------------------------------------------------------------
-    from distill.recipes.train_causal_lm import LMTrainConfig
+    from distill.student_config import LMStudentConfig
 
     base_lm = "smollm2-135m-instruct"
     if a.smoke:
         from tiny_lm import save_tiny_base
 
         base_lm = str(save_tiny_base(work / "tiny-lm"))
-    lm_cfg = LMTrainConfig(base_model=base_lm, loss="sft", max_steps=a.lm_steps, batch_size=8, max_length=128,
+    lm_cfg = LMStudentConfig(base_model=base_lm, loss="sft", max_steps=a.lm_steps, batch_size=8, max_length=128,
                            device="cpu", cpu_threads=a.threads, prompt="teacher", seed=0)
-    lm_spec = {"config": asdict(lm_cfg), "rows": lm_rows(a.lm_examples)}
+    lm_spec = {"config": lm_cfg.model_dump(), "rows": lm_rows(a.lm_examples)}
     lm_spec_path = work / "lm.json"
     lm_spec_path.write_text(json.dumps(lm_spec), encoding="utf-8")
     if not Path(base_lm).is_dir():
@@ -461,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "classifier": {"data": f"examples/snips-intents/snips_intents.csv, first {a.clf_inputs} rows, teacher labels "
                                f"(replayed Qwen2.5-Coder-1.5B) after the example's filters",
                        "train_rows": counts["train"], "validation_rows": counts["validation"],
-                       "base": clf_cfg.base if not a.smoke else "tiny random BERT (tests/unit/tiny_models.py)",
+                       "base": clf_cfg.base_model if not a.smoke else "tiny random BERT (tests/unit/tiny_models.py)",
                        "ours_config": clf_spec["config"],
                        "plain": "Trainer + AutoModelForSequenceClassification, CE on the teacher labels, "
                                 "DataCollatorWithPadding, eval/save off, Trainer's default optimizer"},

@@ -39,6 +39,7 @@ OUT = ROOT / "bench" / "results" / "teacher_candidates.json"
 sys.path.insert(0, str(DEMO))
 from make_csv import INTENTS, read_utterances  # noqa: E402  (the demo's own reader of the upstream files)
 
+from distill.runinfo import write_json_atomic  # noqa: E402
 from distill.task import load_spec, render_messages  # noqa: E402
 from distill.teachers.base import TeacherRequest  # noqa: E402
 
@@ -175,10 +176,7 @@ def main() -> None:
         "about": "Zero-shot local teacher candidates, measured by scripts/measure_teachers.py on this machine. "
                  "Appended, never edited.", "results": []}
     data["results"].append(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, data)
     print(json.dumps({k: result[k] for k in ("teacher", "n", "accuracy", "accuracy_95ci_wilson",
                                              "seconds_per_input_mean", "peak_rss_gb")}))
 

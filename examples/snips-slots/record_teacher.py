@@ -7,10 +7,11 @@ Renders each input exactly as the labeller will (``render_messages(spec, text, s
 importer maps the CSV's ``intent`` column to the segment and leaves no other column in ``meta``), so the
 replay keys match; asks the ``qwen-1.5b`` teacher of distill.yaml (greedy generation, ``max_tokens`` from
 the spec) and appends one JSON line per input to teacher_qwen2.5-coder-1.5b.jsonl (format:
-distill/teachers/replay.py). Resumable: inputs already in the file are skipped, every line is flushed and
-fsynced, and a half-written last line (killed mid-write) is cut off before appending. Inputs are visited
-split by split (test, train, validation; the splits distill.yaml will assign on import), each in a seeded
-random order, so a recording stopped early (--limit) is still a random sample of its split.
+distill/teachers/replay.py) through ``replay.RecordingAppender``. Resumable: inputs already in the file
+are skipped, every line is flushed and fsynced, and a half-written last line (killed mid-write) is cut off
+before appending. Inputs are visited split by split (test, train, validation; the splits distill.yaml will
+assign on import), each in a seeded random order, so a recording stopped early (--limit) is still a random
+sample of its split.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import time
 from pathlib import Path
 
 from distill.data.splits import assign_split
-from distill.evaluate_lm import pair_counts
+from distill.evaluate.lm import pair_counts
 from distill.task import ParseError, load_spec, parse_answer, render_messages
 from distill.teachers.base import TeacherRequest
 from distill.teachers.local import LocalTeacher
-from distill.teachers.replay import messages_sha256, read_recording
+from distill.teachers.replay import RecordingAppender, messages_sha256
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,13 +47,6 @@ def _cpu() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _cut_partial_last_line(path: Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
 
 
 def main() -> None:
@@ -79,65 +73,51 @@ def main() -> None:
     t_load = time.perf_counter()
     teacher.load()
     t_load = time.perf_counter() - t_load
+    import torch
+    import transformers
+
+    spec_sha256 = hashlib.sha256((HERE / "distill.yaml").read_bytes()).hexdigest()
+    # used only when the file is new; a resumed file keeps its own header (checked below)
+    prov = {
+        "teacher": tspec.name,
+        "model": teacher.resolved.upstream,
+        "package": teacher.resolved.package,
+        "sha256": teacher.resolved.sha256,
+        "licence": teacher.resolved.licence,
+        "method": f"greedy generation, max_new_tokens={tspec.max_tokens}, stop at end of turn, "
+                  f"dtype={teacher.model.dtype}",
+        "command": "python examples/snips-slots/record_teacher.py" + (f" --limit {args.limit}" if args.limit else ""),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} / {_cpu()} / {os.cpu_count()} cpus / {platform.platform()}",
+        "device": str(teacher.model.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "inputs_csv": Path(args.csv).name,
+        "inputs_csv_sha256": hashlib.sha256(Path(args.csv).read_bytes()).hexdigest(),
+        "spec_sha256": spec_sha256,
+    }
     out = Path(args.out)
-    done: set[str] = set()
-    if out.exists():
-        _cut_partial_last_line(out)
-        prov, replies = read_recording(out)
-        if prov.get("sha256") != teacher.resolved.sha256:
-            sys.exit(f"{out} was recorded with weights {prov.get('sha256')}, not {teacher.resolved.sha256}; "
-                     "move it away to record afresh")
-        if prov.get("spec_sha256") != hashlib.sha256((HERE / "distill.yaml").read_bytes()).hexdigest():
+    with RecordingAppender(out, prov) as rec:
+        if rec.provenance.get("sha256") != teacher.resolved.sha256:
+            sys.exit(f"{out} was recorded with weights {rec.provenance.get('sha256')}, not "
+                     f"{teacher.resolved.sha256}; move it away to record afresh")
+        if rec.provenance.get("spec_sha256") != spec_sha256:
             # Not fatal: only the rendered prompt matters for replay, and lines whose prompt changed simply
             # stop matching. But the provenance line would then describe another spec, so say it.
             print(f"warning: distill.yaml changed since {out.name} was started; prompts that changed will "
                   "be recorded again as new lines", flush=True)
-        done = set(replies)
-    else:
-        import torch
-        import transformers
+        print(f"loaded {teacher.resolved.name} in {t_load:.1f}s; {len(rec)} already recorded, "
+              f"{len(rows)} inputs planned", flush=True)
 
-        prov = {
-            "teacher": tspec.name,
-            "model": teacher.resolved.upstream,
-            "package": teacher.resolved.package,
-            "sha256": teacher.resolved.sha256,
-            "licence": teacher.resolved.licence,
-            "method": f"greedy generation, max_new_tokens={tspec.max_tokens}, stop at end of turn, "
-                      f"dtype={teacher.model.dtype}",
-            "command": "python examples/snips-slots/record_teacher.py" + (f" --limit {args.limit}" if args.limit else ""),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} / {_cpu()} / {os.cpu_count()} cpus / {platform.platform()}",
-            "device": str(teacher.model.device),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "inputs_csv": Path(args.csv).name,
-            "inputs_csv_sha256": hashlib.sha256(Path(args.csv).read_bytes()).hexdigest(),
-            "spec_sha256": hashlib.sha256((HERE / "distill.yaml").read_bytes()).hexdigest(),
-        }
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"provenance": prov}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    print(f"loaded {teacher.resolved.name} in {t_load:.1f}s; {len(done)} already recorded, "
-          f"{len(rows)} inputs planned", flush=True)
-
-    t0, n_new, n_valid, n_exact = time.perf_counter(), 0, 0, 0
-    tp = n_pred = n_ref = 0
-    with open(out, "a", encoding="utf-8") as f:
+        t0, n_new, n_valid, n_exact = time.perf_counter(), 0, 0, 0
+        tp = n_pred = n_ref = 0
         for i, row in enumerate(rows, start=1):
             msgs = render_messages(spec, row["text"], segment=row["intent"])
-            if messages_sha256(msgs) in done:
+            if msgs in rec:
                 continue
             req = TeacherRequest(key=messages_sha256(msgs), messages=msgs, kind=spec.kind)
             reply = asyncio.run(teacher.ask(req))
-            rec = {"id": row["id"], "messages": msgs, "reply": {
-                "texts": reply.texts, "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out,
-                "latency_s": round(reply.latency_s, 4), "raw": reply.raw}}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            done.add(req.key)
+            rec.add(msgs, reply, {"id": row["id"]})
             n_new += 1
             # running quality vs the SNIPS gold, the same way distill eval scores it
             gold = json.loads(row["gold"])
@@ -154,8 +134,9 @@ def main() -> None:
                 print(f"{i}/{len(rows)} new={n_new} {el / n_new:.2f}s/input valid={n_valid / n_new:.3f} "
                       f"exact={n_exact / n_new:.3f} field_f1={2 * tp / max(1, n_pred + n_ref):.3f} "
                       f"eta={(len(rows) - i) * el / n_new / 60:.1f}min load={os.getloadavg()[0]:.1f}", flush=True)
+        n_recorded = len(rec)
     el = time.perf_counter() - t0
-    print(f"done: {n_new} new inputs in {el:.0f}s ({el / max(1, n_new):.2f}s/input), {len(done)} recorded in "
+    print(f"done: {n_new} new inputs in {el:.0f}s ({el / max(1, n_new):.2f}s/input), {n_recorded} recorded in "
           f"{out.name}", flush=True)
 
 

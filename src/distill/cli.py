@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -27,18 +28,104 @@ EXIT_GATE = 3
 EXIT_BUDGET = 4  # stopped cleanly at --budget; re-run with a larger budget to continue
 
 
+# Choices as Enums: typer lists them in --help and rejects anything else before a command starts.
+class Kind(str, Enum):
+    classify = "classify"
+    extract = "extract"
+    generate = "generate"
+
+
+class InputFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+class ExportFormat(str, Enum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+    onnx = "onnx"
+    merged = "merged"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+class Confidence(str, Enum):
+    max_prob = "max_prob"
+    margin = "margin"
+    entropy = "entropy"
+
+
+class Ood(str, Enum):
+    energy = "energy"
+    mahalanobis = "mahalanobis"
+    none = "none"
+
+
+class QueueReason(str, Enum):
+    routed = "routed"
+    shadow_disagreement = "shadow_disagreement"
+    feedback = "feedback"
+    degraded = "degraded"
+
+
+class QueueStatus(str, Enum):
+    new = "new"
+    consumed = "consumed"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("distill")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            import distill
+
+            v = getattr(distill, "__version__", "unknown")
+        out.print(f"distill {v}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Model distillation for production: teacher labels -> filtered -> small student -> honest eval -> served."""
+
+
 def _run(fn):
-    """Call fn(); turn DistillError into a clean message and a non-zero exit, and Ctrl-C into 130."""
+    """Call fn(); turn DistillError into a clean message and a non-zero exit, and Ctrl-C into 130.
+
+    Everything printed here goes through ``distill.redact`` (a message built from a provider's error body can
+    repeat the API key) and is escaped for rich (a body with ``[/]`` in it would otherwise be markup). A bug
+    keeps its traceback, redacted the same way, and exits 1."""
+    import traceback
+
+    from rich.markup import escape
+    from typer.exceptions import TyperException
+
+    from distill.redact import redact
+
     try:
         return fn()
     except DistillError as e:
-        console.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(redact(e.message) or '')}", highlight=False)
         if e.hint:
-            console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+            console.print(f"[yellow]hint:[/] {escape(redact(e.hint) or '')}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: committed work is kept; re-run the same command to resume")
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort, TyperException):    # typer's own ways out
+        raise
+    except Exception:
+        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        raise typer.Exit(1) from None
 
 
 def _open(project: Path):
@@ -51,16 +138,14 @@ def _open(project: Path):
 @app.command()
 def init(
     project: Path = typer.Argument(..., help="Folder to create; it will hold distill.yaml and the store."),
-    kind: str = typer.Option("classify", "--kind", help="classify | extract | generate"),
+    kind: Kind = typer.Option(Kind.classify, "--kind", help="What the task answers."),
 ):
     """Create a project folder with a commented distill.yaml to edit."""
 
     def go():
         from distill.project import Project
 
-        if kind not in ("classify", "extract", "generate"):
-            raise DistillError(f"--kind {kind!r} is not one of classify, extract, generate")
-        p = Project.init(project, kind)  # type: ignore[arg-type]
+        p = Project.init(project, kind.value)  # type: ignore[arg-type]
         out.print(f"created {p.root / 'distill.yaml'} — edit the labels, prompt and teachers, then `distill import`")
 
     _run(go)
@@ -76,7 +161,7 @@ def import_(
     segment: Optional[str] = typer.Option(None, help="Column naming the segment (default: spec.segment_field)."),
     id: Optional[str] = typer.Option(None, "--id", help="Column with a stable example id (default: hash of the text)."),
     split: Optional[str] = typer.Option(None, help="Column with train/validation/test (default: hash split)."),
-    format: Optional[str] = typer.Option(None, "--format", help="csv | jsonl | parquet (default: by extension)."),
+    format: Optional[InputFormat] = typer.Option(None, "--format", help="File format (default: by extension)."),
 ):
     """Import inputs: dedupe, split (the test split is locked once created), decontaminate."""
 
@@ -84,7 +169,8 @@ def import_(
         from distill.data.importer import import_file
 
         p = _open(project)
-        r = import_file(p, path, text=text, label=label, segment=segment, id=id, split=split, fmt=format, progress=True)
+        r = import_file(p, path, text=text, label=label, segment=segment, id=id, split=split,
+                        fmt=format.value if format else None, progress=True)
         _print_dataclass(f"imported {path}", r)
 
     _run(go)
@@ -172,9 +258,9 @@ def status(
     """Inputs per split, labels, failures by reason, calls, spend, filters and models."""
 
     def go():
-        from distill.status import status as get_status
+        from distill.status import open_readonly, status as get_status
 
-        p = _open(project)
+        p = open_readonly(project)       # status only reads: it works on a read-only project
         s = get_status(p)
         if contamination:
             from distill.data.decontam import list_contamination
@@ -192,44 +278,62 @@ def status(
 @app.command()
 def export(
     project: Path = typer.Argument(..., help="Project folder."),
-    format: str = typer.Option("jsonl", "--format",
-                               help="jsonl | parquet (training data), onnx (encoder student) or merged (LoRA merged into its base)."),
+    format: ExportFormat = typer.Option(ExportFormat.jsonl, "--format",
+                                        help="jsonl | parquet (training data), onnx (encoder student) or merged "
+                                             "(LoRA LM student merged into its base)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Output file/folder (default: inside PROJECT)."),
     teacher: Optional[str] = typer.Option(None, help="Whose labels (default: `teacher:`)."),
     splits: str = typer.Option("train,validation", help="Comma-separated splits to export."),
-    model: Optional[Path] = typer.Option(None, help="onnx: the student folder (default: the latest trained model)."),
+    model: Optional[Path] = typer.Option(None, help="onnx: pin a student folder (default: the serving model)."),
     quantize: bool = typer.Option(True, help="onnx: also write the dynamic int8 model."),
-    run: Optional[str] = typer.Option(None, help="merged: the LoRA run id (default: the latest)."),
+    run: Optional[str] = typer.Option(None, help="merged: the LoRA run id (default: the serving model)."),
+    force: bool = typer.Option(False, "--force", help="Move an existing --out that is not a previous export "
+                               "aside (NAME.replaced-TIME) instead of refusing. Never the project or its files."),
 ):
-    """Export labelled training data (JSONL/Parquet + provenance) or the student (ONNX fp32 + int8, parity-checked)."""
+    """Export labelled training data (JSONL/Parquet + provenance) or the serving student (ONNX fp32 + int8,
+    parity-checked; or a merged LM folder). Replaces only a previous export of its own; never writes over the
+    project folder, its store or spec, or what its store points at."""
+
+    def say(msg: str) -> None:
+        console.print(msg, style="yellow", highlight=False, markup=False)
 
     def go():
-        from distill.data.export import export_data
+        if format is ExportFormat.merged:
+            from distill.export.lm import export_lm_project
 
-        if format not in ("jsonl", "parquet", "onnx", "merged"):
-            raise DistillError(f"--format {format!r}: use jsonl, parquet, onnx or merged")
-        if format == "merged":
-            from distill.recipes.lm_project import export_lm_project
-
-            path = export_lm_project(_open(project), run_id=run, out=out_path)
+            path = export_lm_project(_open(project), run_id=run, out=out_path, force=force, say=say)
             out.print(f"wrote {path} (AutoModelForCausalLM.from_pretrained loads it)")
             return
-        if format == "onnx":
-            from distill.export_onnx import export_project
+        if format is ExportFormat.onnx:
+            from distill.export.onnx import export_project
 
-            r = export_project(project, model_path=model, out_dir=out_path, quantize=quantize, teacher=teacher)
+            r = export_project(project, model_path=model, out_dir=out_path, quantize=quantize, teacher=teacher,
+                               force=force)
+            if r.moved_aside:
+                say(f"moved the existing {r.out_dir} aside to {r.moved_aside}")
             _print_dataclass("exported", r)
             return
+        from distill.data.export import export_data
+
         p = _open(project)
-        dest = out_path or (p.root / "exports" / f"train.{format}")
-        path = export_data(p, dest, fmt=format, teacher=teacher, splits=tuple(s.strip() for s in splits.split(",")))
+        dest = out_path or (p.root / "exports" / f"train.{format.value}")
+        path = export_data(p, dest, fmt=format.value, teacher=teacher,
+                           splits=tuple(s.strip() for s in splits.split(",")), force=force, say=say)
         out.print(f"wrote {path} (+ {path.name}.provenance.json)")
 
     _run(go)
 
 
 # ---------------------------------------------------------------------------------------- train
-@app.command()
+def _student_settings() -> str:
+    from rich.markup import escape
+
+    from distill.student_config import describe_fields
+
+    return escape(describe_fields())
+
+
+@app.command(epilog=_student_settings())
 def train(
     project: Path = typer.Argument(..., help="Project folder."),
     teacher: Optional[str] = typer.Option(None, help="Whose labels to learn from (default: `teacher:`)."),
@@ -237,33 +341,17 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Override student.epochs from distill.yaml."),
     progress: bool = typer.Option(True, help="Show progress."),
 ):
-    """Train the student on the filtered teacher labels (resumes from the last checkpoint after a crash)."""
+    """Train the student on the filtered teacher labels (resumes from the last checkpoint after a crash).
+
+    classify: an encoder student; extract/generate: a causal LM with LoRA. Settings: `student:` (listed below).
+    """
 
     def go():
-        p = _open(project)
-        from distill.recipes.train_classifier import TrainConfig, train as train_classifier
+        from distill.recipes.train import train as run_train
 
-        if p.spec.kind != "classify":
-            # extract / generate: an open causal LM with LoRA (student: {base_model, loss, lora_rank, ...})
-            from distill.recipes.lm_project import train_lm_project
-
-            with p.exclusive("train"):
-                r = train_lm_project(p, teacher=teacher, overrides={"epochs": epochs} if epochs else None,
-                                     progress=progress, force=force)
-            rec = r.record
-            out.print(f"{'reused finished run' if r.reused else 'trained'} {r.run_id}: {r.path}\n"
-                      f"steps {rec.get('steps')}, final loss {rec.get('final_loss')}, "
-                      f"{rec.get('tokens_per_s')} tokens/s", highlight=False)
-            return
-        overrides = {"epochs": epochs} if epochs else {}
-        cfg = TrainConfig.from_dict({**p.spec.student, **overrides})
-        with p.exclusive("train"):
-            r = train_classifier(p, teacher=teacher, config=cfg, force=force, progress=progress)
-        rec = r.record
-        out.print(f"{'reused finished run' if r.reused else 'trained'} {r.run_id}: {r.path}\n"
-                  f"epochs {rec.get('epochs_run')}, {rec.get('train_samples_per_second', 0):.1f} samples/s, "
-                  f"train/val {rec.get('counts', {}).get('train')}/{rec.get('counts', {}).get('validation')}",
-                  highlight=False)
+        r = run_train(_open(project), teacher=teacher, overrides={"epochs": epochs} if epochs else None,
+                      force=force, progress=progress)
+        out.print(r.message(), highlight=False)
 
     _run(go)
 
@@ -272,7 +360,7 @@ def train(
 @app.command("eval")
 def eval_(
     project: Path = typer.Argument(..., help="Project folder."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the latest trained model)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the latest trained model, the candidate)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher to compare with (default: `teacher:`)."),
     cpu_hour_usd: float = typer.Option(0.10, help="Price of one CPU-hour, for the student's cost per 1M requests."),
     report: bool = typer.Option(True, help="Also write the HTML report."),
@@ -284,24 +372,21 @@ def eval_(
     """Evaluate student vs teacher vs baseline on the locked test split; exit 3 if the quality gate fails."""
 
     def go():
-        from distill.evaluate import evaluate
+        from distill.evaluate import evaluate_project
+        from distill.evaluate.common import promote_if_passed
 
         p = _open(project)
-        if p.spec.kind == "classify":
-            res = evaluate(p, model_path=str(model) if model else None, teacher=teacher, cpu_hour_usd=cpu_hour_usd,
-                           latency_samples=latency_samples)
-            d = res.to_dict() if hasattr(res, "to_dict") else res
-        else:
-            from distill.evaluate_lm import evaluate_lm
-
-            d = evaluate_lm(p, model_path=str(model) if model else None, teacher=teacher,
-                            max_new_tokens=max_new_tokens, limit=limit, cpu_hour_usd=cpu_hour_usd, base=not no_base)
+        d = evaluate_project(p, model_path=str(model) if model else None, teacher=teacher, cpu_hour_usd=cpu_hour_usd,
+                             latency_samples=latency_samples, max_new_tokens=max_new_tokens, limit=limit,
+                             base=not no_base)
         _print_eval(d)
         if report:
             from distill.report.html import write_report
 
             html, js = write_report(p, d)
             out.print(f"report: {html}")
+        # a model whose gate passed becomes the serving model; one that failed never does
+        out.print(promote_if_passed(p, d), highlight=False)
         gate = d.get("gate", {})
         if not gate.get("passed", False):
             for f in gate.get("failures", []):
@@ -332,8 +417,9 @@ def serve(
     project: Path = typer.Argument(..., help="Project folder."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(8000, help="Port."),
-    model: Optional[Path] = typer.Option(None, help="Student folder or ONNX export (default: the latest trained)."),
-    backend: str = typer.Option("auto", help="auto (int8 ONNX when exported) | onnx | torch"),
+    model: Optional[Path] = typer.Option(None, help="Pin a student folder or ONNX export, gate or not "
+                                         "(default: the serving model, promoted after its gate passed)."),
+    backend: Backend = typer.Option(Backend.auto, help="auto = the int8 ONNX export when there is one."),
     device: str = typer.Option("auto", help="torch backend: auto | cpu | cuda:N"),
     shadow: float = typer.Option(0.0, help="Share of student-answered requests the teacher re-checks."),
     seed: int = typer.Option(0, help="Seed of the shadow sampling."),
@@ -350,7 +436,7 @@ def serve(
     def go():
         from distill.serve.app import ServeConfig, serve as run
 
-        cfg = ServeConfig(model_path=str(model) if model else None, backend=backend, device=device,  # type: ignore[arg-type]
+        cfg = ServeConfig(model_path=str(model) if model else None, backend=backend.value, device=device,  # type: ignore[arg-type]
                           shadow_rate=shadow, seed=seed, require_key=not no_auth, teacher=teacher,
                           teacher_timeout_s=teacher_timeout, max_texts=max_texts, max_body_bytes=max_body_bytes,
                           batch_size=batch_size, batch_wait_ms=batch_wait_ms)
@@ -411,11 +497,11 @@ app.add_typer(route_app, name="route")
 def route_calibrate(
     project: Path = typer.Argument(...),
     coverage: float = typer.Option(0.9, help="Share of requests the student should answer."),
-    confidence: str = typer.Option("max_prob", help="max_prob | margin | entropy"),
-    ood: str = typer.Option("energy", help="energy | mahalanobis | none"),
+    confidence: Confidence = typer.Option(Confidence.max_prob, help="Which confidence score to threshold."),
+    ood: Ood = typer.Option(Ood.energy, help="Which out-of-distribution score to threshold."),
     ood_keep: float = typer.Option(0.99, help="Share of validation inputs the OOD cut keeps."),
-    model: Optional[Path] = typer.Option(None, help="Student folder (default: the latest trained)."),
-    backend: str = typer.Option("auto", help="auto | onnx | torch (thresholds are backend-specific)."),
+    model: Optional[Path] = typer.Option(None, help="Pin a student folder (default: the serving model)."),
+    backend: Backend = typer.Option(Backend.auto, help="Thresholds are backend-specific: calibrate what you serve."),
     teacher: Optional[str] = typer.Option(None, help="Teacher whose validation labels define 'right'."),
 ):
     """Pick router thresholds on the validation split for a target coverage; print the coverage→quality curve."""
@@ -423,8 +509,8 @@ def route_calibrate(
     def go():
         from distill.serve.router import calibrate_project
 
-        cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=confidence,  # type: ignore[arg-type]
-                                ood=ood, ood_keep=ood_keep, teacher=teacher, backend=backend)  # type: ignore[arg-type]
+        cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=confidence.value,
+                                ood=ood.value, ood_keep=ood_keep, teacher=teacher, backend=backend.value)
         t = Table(title=f"coverage → quality (validation, n={cfg.n_validation})")
         cols = list(cfg.curve[0].keys()) if cfg.curve else []
         for c in cols:
@@ -443,8 +529,8 @@ app.add_typer(queue_app, name="queue")
 
 
 @queue_app.command("list")
-def queue_list(project: Path = typer.Argument(...), reason: Optional[str] = typer.Option(None),
-               status_: str = typer.Option("new", "--status"), limit: int = typer.Option(50)):
+def queue_list(project: Path = typer.Argument(...), reason: Optional[QueueReason] = typer.Option(None),
+               status_: QueueStatus = typer.Option(QueueStatus.new, "--status"), limit: int = typer.Option(50)):
     """Show queue entries."""
 
     def go():
@@ -452,7 +538,7 @@ def queue_list(project: Path = typer.Argument(...), reason: Optional[str] = type
 
         p = _open(project)
         out.print(counts(p.store))
-        for e in list_entries(p.store, status=status_, reasons=[reason] if reason else None, limit=limit):
+        for e in list_entries(p.store, status=status_.value, reasons=[reason.value] if reason else None, limit=limit):
             out.print(f"{e.reason:<20} {e.text[:80]!r} student={e.student_answer} teacher={e.teacher_answer}",
                       highlight=False, markup=False)
 

@@ -58,29 +58,29 @@ def labelling_spend(project: Project, teacher: str) -> float:
         "AND COALESCE(json_extract(request, '$.source'), '') != 'serve'", (teacher,)))
 
 
-def _serving_train_run(project: Project):
-    """The promoted model's train run (meta ``serving_model``, see iterate.py), else the latest one."""
-    run_id = project.store.get_meta("serving_model")
-    if run_id:
-        rows = project.store.q("SELECT * FROM runs WHERE id=? AND kind='train'", (run_id,))
-        if rows:
-            return rows[0]
-    return project.store.latest_run("train")
+def _costed_model(project: Project):
+    """The serving model (``distill.runs``); before anything is promoted, the latest trained model, whose
+    cost is what the advisor can say anything about."""
+    from distill import runs
+
+    return runs.serving_model_or_none(project.store, project.root, project.spec.kind) or project.latest_model()
 
 
 def student_cost_per_request(project: Project, model_run_id: str | None, cpu_hour_usd: float) -> dict[str, Any]:
     """From the eval of ``model_run_id`` (or the latest eval): measured mean seconds at batch 1 x CPU price."""
-    rows = project.store.q("SELECT * FROM runs WHERE id=? AND kind='eval' AND status='done'",
-                           (f"eval-{model_run_id}",)) if model_run_id else []
-    run = rows[0] if rows else project.store.latest_run("eval")
-    if run is None or not run["path"]:
+    from distill.runs import latest_eval
+
+    run, path = latest_eval(project.store, project.root, model_run_id) if model_run_id else (None, None)
+    if run is None:
+        run, path = latest_eval(project.store, project.root)
+    if run is None or path is None:
         raise DistillError(f"{project.root}: no evaluation, so the student's latency is unknown",
                            hint=f"run `distill eval {project.root}` first (it measures latency)")
     try:
-        report = json.loads(Path(run["path"]).read_text(encoding="utf-8"))
+        report = json.loads(path.read_text(encoding="utf-8"))
         mean_s = float(report["latency"]["student"]["batch1"]["mean_s"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DistillError(f"{run['path']}: cannot read the student's measured latency ({type(e).__name__}: {e})",
+        raise DistillError(f"{path}: cannot read the student's measured latency ({type(e).__name__}: {e})",
                            hint=f"re-run `distill eval {project.root}`") from None
     return {"usd": mean_s * cpu_hour_usd / 3600, "mean_latency_s": mean_s, "eval": run["id"],
             "basis": "eval mean latency at batch 1 x cpu_hour_usd"}
@@ -105,7 +105,9 @@ def routed_share_from_router(model_path: str | None) -> dict[str, Any]:
 def training_seconds(project: Project) -> float:
     """Seconds of every epoch of every finished training run (all rounds: all of it was paid for)."""
     total = 0.0
-    for r in project.store.q("SELECT record FROM runs WHERE kind='train' AND status='done'"):
+    from distill.runs import train_runs
+
+    for r in train_runs(project.store):
         rec = json.loads(r["record"] or "{}")
         total += float(rec.get("train_seconds") or rec.get("wall_time_s") or 0.0)
     return total
@@ -137,22 +139,22 @@ def cost_report(project: Project, *, monthly_requests: float = 1e6, cpu_hour_usd
         raise DistillError(f"--cpu-hour-usd must be >= 0, got {cpu_hour_usd}")
     if routed_share is not None and not 0.0 <= routed_share <= 1.0:
         raise DistillError(f"routed share must be in [0, 1], got {routed_share}")
-    train_run = _serving_train_run(project)
-    if train_run is None:
+    model = _costed_model(project)
+    if model is None:
         raise DistillError(f"{project.root}: no trained model", hint=f"run `distill train {project.root}` first")
-    record = json.loads(train_run["record"] or "{}")
+    record = model.record
     tname = teacher or ((record.get("teacher") or {}).get("identity") or {}).get("name") \
         or project.spec.get_teacher(None).name
     t = teacher_cost_per_request(project, tname)
-    s = student_cost_per_request(project, train_run["id"], cpu_hour_usd)
+    s = student_cost_per_request(project, model.run_id, cpu_hour_usd)
     r = ({"share": routed_share, "basis": "given"} if routed_share is not None
-         else routed_share_from_router(train_run["path"]))
+         else routed_share_from_router(str(model.path)))
     label_usd = labelling_spend(project, tname)
     train_s = training_seconds(project)
     one_off = label_usd + train_s * cpu_hour_usd / 3600
     out = cost_figures(t["usd"], s["usd"], r["share"], one_off, monthly_requests)
     out.update({
-        "model_run_id": train_run["id"], "teacher": tname, "cpu_hour_usd": cpu_hour_usd,
+        "model_run_id": model.run_id, "teacher": tname, "cpu_hour_usd": cpu_hour_usd,
         "inputs": {"teacher_per_request": t, "student_per_request": s, "routed_share": r,
                    "one_off": {"labelling_usd": label_usd, "training_seconds": train_s,
                                "training_usd": train_s * cpu_hour_usd / 3600}},

@@ -41,10 +41,11 @@ def find_example() -> Path:
 def run_demo(root: Path, *, live: int = 0, limit: int | None = None, epochs: int | None = None) -> int:
     from distill.data.importer import import_file
     from distill.evaluate import evaluate
+    from distill.evaluate.common import promote_if_passed
     from distill.filters import run_filters
     from distill.labeling import label
     from distill.project import Project
-    from distill.recipes.train_classifier import TrainConfig, train
+    from distill.recipes.train import train
     from distill.report.html import write_report
 
     t0 = time.perf_counter()
@@ -60,7 +61,7 @@ def run_demo(root: Path, *, live: int = 0, limit: int | None = None, epochs: int
     project = Project.open(root)
     data = src / DATA_FILE
     if limit:
-        data = _head(data, root / f"subset_{limit}.csv", limit)
+        data = sample_csv(data, root / f"subset_{limit}.csv", limit)
 
     console.rule("1/6 import")
     r = import_file(project, data, text="text", label="intent", id="id")
@@ -84,10 +85,7 @@ def run_demo(root: Path, *, live: int = 0, limit: int | None = None, epochs: int
     console.print(f"kept {fr.kept}, dropped {fr.dropped_by_reason or 'none'}")
 
     console.rule("4/6 train student")
-    cfg = TrainConfig.from_dict(project.spec.student)
-    if epochs:
-        cfg.epochs = epochs
-    tr = train(project, teacher=teacher.name, config=cfg, progress=True)
+    tr = train(project, teacher=teacher.name, overrides={"epochs": epochs} if epochs else None, progress=True)
     console.print(f"student at {tr.path}")
 
     console.rule("5/6 evaluate on the locked test split")
@@ -97,13 +95,16 @@ def run_demo(root: Path, *, live: int = 0, limit: int | None = None, epochs: int
     console.rule("6/6 report")
     html, _ = write_report(project, d)
     gate = d.get("gate", {})
+    # as `distill eval` does: a model whose gate passed becomes the serving model (export/serve use it)
+    promoted = promote_if_passed(project, d)
     console.print(f"\n[bold]report:[/] {html.resolve()}")
+    console.print(promoted, highlight=False)
     console.print(f"gate: {'[green]passed[/]' if gate.get('passed') else '[red]failed[/] ' + '; '.join(gate.get('failures', []))}")
     console.print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0 if gate.get("passed") else 3
 
 
-def _head(src: Path, dest: Path, n: int) -> Path:
+def sample_csv(src: Path, dest: Path, n: int) -> Path:
     """A seeded random sample of n data rows of a CSV, in file order. (The demo CSV is sorted by intent, so
     its first rows would be a single intent.)"""
     import random

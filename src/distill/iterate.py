@@ -26,10 +26,10 @@ The round, top to bottom (``iterate``):
 7. record: the new train run's record gets ``lineage`` (round, parent model, data hash, teacher,
    promoted), an ``iterate-N`` run holds the whole decision, ``meta.serving_model`` names the promoted run.
 
-The serving marker. ``meta.serving_model`` is the explicit marker. Every other stage (serve, eval, export,
-route calibrate) takes "the latest finished train run" by default, so after each decision the serving
-model's run row is rewritten last (its ``created_at`` becomes the newest): a refused model is never
-picked up by a default. If the serving model had a calibrated router, the promoted model is calibrated
+The serving marker. ``meta.serving_model`` (``distill.runs``) names the model serve, export and route
+calibrate use; a refused model is never served. The serving model's run row is also rewritten last (its
+``created_at`` becomes the newest), so "the latest trained model" — what `distill eval` scores by
+default — is the serving one after a refusal too. If the serving model had a calibrated router, the promoted model is calibrated
 with the same settings (``route calibrate``); an ONNX export has to be redone (``distill export``).
 """
 
@@ -43,9 +43,9 @@ from typing import Any
 
 from distill.errors import DistillError
 from distill.project import Project
+from distill.runs import SERVING_KEY, get_run
 from distill.serve import queue as fq
 
-SERVING_KEY = "serving_model"
 OPEN_KEY = "iterate_open"
 DONE_KEY = "iterate_round"
 
@@ -101,12 +101,11 @@ class IterateReport:
 
 
 def serving_run(project: Project):
-    """The promoted train run (``meta.serving_model``) or None."""
-    run_id = project.store.get_meta(SERVING_KEY)
-    if not run_id:
-        return None
-    rows = project.store.q("SELECT * FROM runs WHERE id=? AND kind='train' AND status='done'", (run_id,))
-    return rows[0] if rows else None
+    """The serving model's train run row (``distill.runs``: promoted, or passed its gate), or None."""
+    from distill import runs
+
+    ref = runs.serving_model_or_none(project.store, project.root, project.spec.kind)
+    return None if ref is None else runs.get_run(project.store, ref.run_id)
 
 
 def _set_meta(project: Project, key: str, value: str | None) -> None:
@@ -121,6 +120,7 @@ def _touch_run(project: Project, row, **record_updates: Any) -> None:
     """Rewrite a train run's row with extra record keys; its created_at becomes now (see module docstring)."""
     record = json.loads(row["record"] or "{}")
     record.update(record_updates)
+    # the stored path as it is (already project-relative): record_run would resolve it against the cwd
     project.store.put_run(row["id"], row["kind"], row["status"], row["path"], record)
 
 
@@ -220,7 +220,7 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
     from distill.evaluate import evaluate
     from distill.filters import run_filters
     from distill.labeling import label
-    from distill.recipes.train_classifier import TrainConfig, train
+    from distill.recipes.train import train
 
     t0 = time.monotonic()
     spec = project.spec
@@ -231,7 +231,7 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
     if new_traffic is not None and not Path(new_traffic).is_file():
         raise DistillError(f"{new_traffic}: no such file", hint="pass a CSV/JSONL/Parquet file of new inputs (column 'text')")
     tname = spec.get_teacher(teacher).name
-    config = TrainConfig.from_dict(spec.student)   # a bad `student:` fails before anything is consumed or paid
+    spec.student_config()   # a bad `student:` fails before anything is consumed or paid
 
     # 1. open (or resume) the round ------------------------------------------------------------------
     with project.exclusive("iterate"):
@@ -247,10 +247,9 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
 
         # the serving model before this round: the promoted one, else what the service serves by default
         serving = serving_run(project)
-        if serving is None and (latest := project.store.latest_run("train")) is not None:
-            serving = latest
-            _set_meta(project, SERVING_KEY, latest["id"])
-            report.reasons.append(f"adopted the latest trained model {latest['id']} as the serving model")
+        if serving is not None and project.store.get_meta(SERVING_KEY) != serving["id"]:
+            project.promote(serving["id"], "adopted by iterate: its eval had passed the quality gate")
+            report.reasons.append(f"adopted the evaluated model {serving['id']} as the serving model")
         report.parent_run_id = serving["id"] if serving is not None else None
 
         # 2. new inputs: failure queue + traffic file ----------------------------------------------------
@@ -276,10 +275,10 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
     report.filter = asdict(run_filters(project, tname))
 
     # 4. train -----------------------------------------------------------------------------------------
-    rep = train(project, teacher=tname, config=config, progress=progress)
+    rep = train(project, teacher=tname, progress=progress)
     report.run_id = rep.run_id
     report.data_sha256 = rep.record.get("data_sha256")
-    new_row = project.store.q("SELECT * FROM runs WHERE id=?", (rep.run_id,))[0]
+    new_row = get_run(project.store, rep.run_id)
     if serving is not None and rep.run_id == serving["id"]:
         report.reasons.append("the training data did not change, so training gave the serving model again")
         report.serving_model = serving["id"]
@@ -295,11 +294,7 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
     report.gate_failures = list(new_eval["gate"]["failures"])
     regressions: list[str] = []
     if serving is not None:
-        if not Path(serving["path"] or "").exists():
-            raise DistillError(f"the serving model's folder {serving['path']} is missing",
-                               hint="restore it, or clear the marker: `sqlite3 distill.db \"DELETE FROM meta WHERE "
-                                    "key='serving_model'\"` and re-run")
-        old_eval = evaluate(project, model_path=serving["path"], teacher=tname, progress=progress,
+        old_eval = evaluate(project, model_path=str(project.serving_model().path), teacher=tname, progress=progress,
                             latency_samples=latency_samples).to_dict()
         report.metric, report.comparison, regressions = compare(old_eval, new_eval, regression_margin)
 
@@ -321,13 +316,13 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         if serving is not None:
             _touch_run(project, serving, serving=False)
         _touch_run(project, new_row, lineage=lineage, serving=True)
-        _set_meta(project, SERVING_KEY, rep.run_id)
+        project.promote(rep.run_id, f"promoted by iterate round {round_no}: passed the gate, no segment regressed")
         report.serving_model = rep.run_id
         report.router = _recalibrate(project, serving, rep.path)
     else:
         _touch_run(project, new_row, lineage=lineage, serving=False)
         if serving is not None:
-            _touch_run(project, project.store.q("SELECT * FROM runs WHERE id=?", (serving["id"],))[0], serving=True)
+            _touch_run(project, get_run(project.store, serving["id"]), serving=True)
         report.serving_model = serving["id"] if serving is not None else None
     _close_round(project, report)
     return _finish(report, t0)
@@ -337,9 +332,10 @@ def _recalibrate(project: Project, old_serving, new_path: Path) -> str | None:
     """Calibrate the promoted model's router with the old router's settings, if the old model had one."""
     if old_serving is None or not old_serving["path"]:
         return None
+    from distill.runs import from_store_path
     from distill.serve.router import ROUTER_FILE, RouterConfig, calibrate_project
 
-    old = Path(old_serving["path"])
+    old = from_store_path(project.root, old_serving["path"])
     f = next((d / ROUTER_FILE for d in (old, old.parent / "onnx") if (d / ROUTER_FILE).is_file()), None)
     if f is None:
         return None
@@ -352,7 +348,7 @@ def _recalibrate(project: Project, old_serving, new_path: Path) -> str | None:
 
 def _close_round(project: Project, report: IterateReport) -> None:
     rec = report.to_dict()
-    project.store.put_run(f"iterate-{report.round}", "iterate", "done", None, rec)
+    project.record_run(f"iterate-{report.round}", "iterate", "done", None, rec)
     with project.store.tx() as c:
         c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (DONE_KEY, str(report.round)))
         c.execute("DELETE FROM meta WHERE key=?", (OPEN_KEY,))

@@ -22,9 +22,9 @@ import asyncio
 import re
 from typing import Any, Sequence
 
-from distill.labeling import record_call, reply_from_row
 from distill.task import TeacherSpec, cache_key
 from distill.teachers.base import TeacherRequest
+from distill.teachers.ledger import record_call, reply_from_row
 
 JUDGE_SYSTEM = (
     "You grade answers to a task. Task: {description}\n"

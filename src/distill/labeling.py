@@ -1,7 +1,6 @@
 """Labelling at volume: ask a teacher about every input once, pay once, lose nothing.
 
-    python -m distill.labeling PROJECT [--teacher NAME] [--budget USD] [--limit N]
-    (the CLI equivalent is ``distill label PROJECT --teacher NAME``)
+    distill label PROJECT [--teacher NAME] [--budget USD] [--limit N]      (the CLI runs ``label``)
 
 The recipe, top to bottom (``label``):
 1. take the project's exclusive lock (two labellers would pay twice for the same inputs);
@@ -15,10 +14,11 @@ The recipe, top to bottom (``label``):
 4. for each input, under the limiter (RPM/TPM/concurrency): for attempt 0..max_parse_retries, key =
    ``cache_key(identity, messages, attempt)``; a key already in ``teacher_calls`` is a cache hit (no
    call); otherwise check the budget, call the teacher, and commit in ONE transaction the ledger row
-   and (when the answer parses, or when this was the last attempt) the labels row. An answer that does
-   not parse is stored as a ``parse_error`` call and re-asked with the next attempt's key. Nothing is
-   counted done before its commit, so ``kill -9`` loses at most the calls in flight - and those are sent
-   again with the same Idempotency-Key, so a provider that honours it does not charge twice;
+   (``distill.teachers.ledger``) and (when the answer parses, or when this was the last attempt) the
+   labels row. An answer that does not parse is stored as a ``parse_error`` call and re-asked with the
+   next attempt's key. Nothing is counted done before its commit, so ``kill -9`` loses at most the calls
+   in flight - and those are sent again with the same Idempotency-Key, so a provider that honours it
+   does not charge twice;
 5. ensembles: label with each member (their own rows), then write one combined label per input.
 
 Probabilities for classify (``labels.probs`` / ``confidence``), in order of preference:
@@ -38,11 +38,9 @@ single-thread), and each is synchronous, so cancellation (Ctrl-C) can never inte
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -53,11 +51,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from distill.errors import DistillError
 from distill.project import Project
 from distill.ratelimit import Limiter, estimate_prompt_tokens
+from distill.redact import redact
 from distill.task import (ParseError, ProjectSpec, TeacherSpec, answer_key, cache_key, parse_answer,
                           render_messages, split_rationale)
 from distill.teachers import make_teacher
 from distill.teachers.base import NoAnswer, Teacher, TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
 from distill.teachers.ensemble import MemberAnswer, combine
+from distill.teachers.ledger import cost_of, record_call, reply_from_row, upsert_label
 
 SPLITS = ("train", "validation", "test")
 # A single TeacherUnavailable is one input whose retries ran out (left unlabelled, retried next run). This
@@ -159,9 +159,9 @@ def label_with(project: Project, tspec: TeacherSpec, teacher: Teacher, *, limite
                budget_scope or [tspec.name], limit, _check_splits(splits), progress)
     report = asyncio.run(run.main())
     if run.fatal is not None:
-        e = run.fatal
-        raise type(e)(e.message, hint=(e.hint + "; " if e.hint else "")
-                      + f"{report.ok} labels and {report.calls} calls from this run are saved; re-run to continue")
+        e = run.fatal     # its message may quote the provider's error body: redacted (distill.redact)
+        raise type(e)(redact(e.message), hint=redact((e.hint + "; " if e.hint else "")
+                      + f"{report.ok} labels and {report.calls} calls from this run are saved; re-run to continue"))
     return report
 
 
@@ -317,8 +317,9 @@ class _Run:
                 except NoAnswer as e:
                     # nothing was paid: no ledger row, a failed label with the teacher's reason
                     with self.store.tx() as c:
-                        upsert_label(c, item.id, self.tspec.name, status="failed", reason=e.reason, call_key=None)
-                    self.fail(e.reason)
+                        upsert_label(c, item.id, self.tspec.name, status="failed", reason=redact(e.reason),
+                                     call_key=None)
+                    self.fail(redact(e.reason))
                     return True
                 if reply is None:
                     return False
@@ -397,7 +398,8 @@ class _Run:
 
     def insert_call(self, c, item: _Item, key: str, attempt: int, reply: TeacherReply, status: str,
                     error: str | None) -> None:
-        cost = record_call(c, self.tspec, key, attempt, item.messages, reply, status, error)
+        # a teacher's error text may quote the API key: nothing unredacted goes into the store
+        cost = record_call(c, self.tspec, key, attempt, item.messages, reply, status, redact(error))
         # counted only here, i.e. inside the transaction that records the call
         self.report.spend += cost
         self.report.tokens_in += reply.tokens_in
@@ -415,55 +417,6 @@ def _progress_bar(show: bool) -> Progress | None:
         return None
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=_console)
-
-
-def cost_of(tspec: TeacherSpec, tokens_in: float, tokens_out: float, latency_s: float) -> float:
-    p = tspec.price
-    return tokens_in / 1e6 * p.input_per_1m + tokens_out / 1e6 * p.output_per_1m + latency_s / 3600 * p.per_hour
-
-
-def record_call(c, tspec: TeacherSpec, key: str, attempt: int, messages: list[dict[str, str]], reply: TeacherReply,
-                status: str, error: str | None, *, source: str | None = None, or_ignore: bool = False) -> float:
-    """Write one teacher call to ``teacher_calls`` (the cache and the ledger) inside the caller's transaction
-    ``c``; return its cost. Labelling, serving (``source="serve"``) and judging (``source="judge"``) all record
-    calls here. ``or_ignore``: another process may have recorded the same key meanwhile (keep the first)."""
-    cost = cost_of(tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
-    params = {k: v for k, v in tspec.identity().items() if k != "name"}    # no secrets: see identity()
-    request = {"messages": messages, "params": params, **({"source": source} if source else {})}
-    response = {"texts": reply.texts, "label_probs": reply.label_probs, "logprobs": reply.logprobs, "raw": reply.raw}
-    c.execute(
-        f"""INSERT {"OR IGNORE " if or_ignore else ""}INTO teacher_calls(key, teacher, model, attempt, request,
-           response, status, error, tokens_in, tokens_out, cost, latency_s, retries, created_at)
-           VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-        (key, tspec.name, tspec.model, attempt, json.dumps(request, ensure_ascii=False),
-         json.dumps(response, ensure_ascii=False), status, error, reply.tokens_in, reply.tokens_out, cost,
-         reply.latency_s, reply.retries, time.time()))
-    return cost
-
-
-def reply_from_row(row: Any) -> TeacherReply:
-    resp = json.loads(row["response"] or "{}")
-    return TeacherReply(texts=resp.get("texts") or [], label_probs=resp.get("label_probs"),
-                        logprobs=resp.get("logprobs"), tokens_in=row["tokens_in"], tokens_out=row["tokens_out"],
-                        latency_s=row["latency_s"], retries=row["retries"], raw=resp.get("raw") or {})
-
-
-def upsert_label(c, example_id: str, teacher: str, *, status: str, answer: Any = None,
-                 probs: dict | None = None, confidence: float | None = None, agreement: float | None = None,
-                 samples: list | None = None, rationale: str | None = None, logprobs: list | None = None,
-                 reason: str | None = None, call_key: str | None = None) -> None:
-    def j(v: Any) -> str | None:
-        return None if v is None else json.dumps(v, ensure_ascii=False)
-
-    c.execute(
-        """INSERT INTO labels(example_id, teacher, status, answer, probs, confidence, agreement, samples,
-           rationale, logprobs, reason, call_key, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)
-           ON CONFLICT(example_id, teacher) DO UPDATE SET status=excluded.status, answer=excluded.answer,
-           probs=excluded.probs, confidence=excluded.confidence, agreement=excluded.agreement,
-           samples=excluded.samples, rationale=excluded.rationale, logprobs=excluded.logprobs,
-           reason=excluded.reason, call_key=excluded.call_key, created_at=excluded.created_at""",
-        (example_id, teacher, status, j(answer) if status == "ok" else None, j(probs), confidence, agreement,
-         j(samples), rationale, j(logprobs), reason, call_key, time.time()))
 
 
 def label_fields(spec: ProjectSpec, reply: TeacherReply, answer: Any) -> dict[str, Any]:
@@ -568,34 +521,3 @@ def write_ensemble_labels(project: Project, tspec: TeacherSpec, splits: tuple[st
             upsert_label(c, ex_id, tspec.name, status="ok", answer=comb.answer, probs=comb.probs,
                          confidence=comb.confidence, agreement=comb.agreement, samples=comb.samples)
             report.ok += 1
-
-
-# -- `python -m distill.labeling` (until the CLI's `distill label` takes over) ---------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m distill.labeling", description="Label a project's inputs.")
-    ap.add_argument("project")
-    ap.add_argument("--teacher")
-    ap.add_argument("--budget", type=float)
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--split", action="append", dest="splits")
-    ap.add_argument("--accept-terms", action="store_true")
-    ap.add_argument("--wait", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        project = Project.open(args.project)
-        report = label(project, args.teacher, budget=args.budget, limit=args.limit,
-                       splits=tuple(args.splits or SPLITS), accept_terms=args.accept_terms, wait=args.wait,
-                       progress=not args.no_progress)
-    except DistillError as e:
-        _console.print(f"[red]error[/]: {e}")
-        return 2
-    print(json.dumps(report.to_dict()))
-    _console.print(report.message())
-    return {"budget": 3, "interrupted": 130}.get(report.stopped or "", 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

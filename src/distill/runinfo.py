@@ -9,10 +9,13 @@ import platform
 import subprocess
 import sys
 import hashlib
+import json
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from distill.fsutil import write_text_atomic
 
 PACKAGES = ("distill", "torch", "transformers", "peft", "accelerate", "datasets", "onnxruntime",
             "scikit-learn", "numpy", "httpx", "fastapi", "uvicorn")
@@ -116,14 +119,6 @@ def bench_result(name: str, *, smoke: bool, config: dict, results: dict, ratios:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON via a temp file + rename: a killed bench never leaves half a file."""
-    import json
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON atomically (``distill.fsutil``): a killed bench never leaves half a file.
+    Unlike ``fsutil.write_json_atomic`` a NaN is written as ``NaN``, as bench results always have been."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")

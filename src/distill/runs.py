@@ -12,7 +12,9 @@ Two questions, two answers:
   model (serve, export, route calibrate, iterate, cost) asks here.
 
 Paths are stored relative to the project folder when they lie inside it, so a copied or moved project
-finds its own models, never the original's. Older stores hold absolute paths; those still load.
+finds its own models, never the original's. Older stores hold absolute paths; those still load, and when the
+project has since been copied or moved they resolve to the same file inside *this* project (see
+``from_store_path``), so a copy never serves the original's model.
 """
 
 from __future__ import annotations
@@ -63,10 +65,34 @@ def to_store_path(root: Path, path: str | Path | None) -> str | None:
 
 
 def from_store_path(root: Path, stored: str | None) -> Path | None:
+    """A stored path as an absolute one: relative paths are under ``root``; an absolute one written by an older
+    distill inside a project that has since been copied or moved is mapped into ``root`` (``_relocated``)."""
     if not stored:
         return None
     p = Path(stored)
-    return p if p.is_absolute() else Path(root).resolve() / p
+    if not p.is_absolute():
+        return Path(root).resolve() / p
+    return _relocated(Path(root).resolve(), p) or p
+
+
+# the folders under a project's root that runs point into (models, evaluations, rounds, exports)
+_RUN_DIRS = ("models", "reports", "rounds", "exports")
+
+
+def _relocated(root: Path, p: Path) -> Path | None:
+    """``OLD/models/r1/final`` -> ``root/models/r1/final`` when OLD is not ``root``, OLD is gone or is a distill
+    project (the original of this copy), and the same file exists here. None otherwise: a path outside any
+    project (a shared model folder) stays as stored."""
+    if p == root or root in p.parents:
+        return None
+    parts = p.parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] not in _RUN_DIRS:
+            continue
+        old_root, here = Path(*parts[:i]), root.joinpath(*parts[i:])
+        if here.exists() and (not old_root.exists() or (old_root / "distill.yaml").is_file()):
+            return here
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,6 +128,11 @@ def get_run(store: Store, run_id: str):
     return rows[0] if rows else None
 
 
+def all_runs(store: Store) -> list:
+    """Every run (train, eval, export, iterate), oldest first."""
+    return store.q("SELECT * FROM runs ORDER BY created_at")
+
+
 def train_runs(store: Store, kind: str | None = None, status: str = "done") -> list:
     """Finished model runs, newest first."""
     kinds = (kind,) if kind else MODEL_KINDS
@@ -125,14 +156,16 @@ def latest_model(store: Store, root: Path, task_kind: str | None = None) -> Mode
     return _row_to_ref(root, rows[0], "the latest finished training run") if rows else None
 
 
-def run_for_path(store: Store, root: Path, path: str | Path) -> ModelRef | None:
-    """The training run whose folder is ``path`` (as typed, or resolved, or relative to the project)."""
+def run_for_path(store: Store, root: Path, path: str | Path, kinds: tuple[str, ...] = MODEL_KINDS) -> ModelRef | None:
+    """The run (a training run by default) whose folder is ``path`` (as typed, resolved, or project-relative)."""
     want = {to_store_path(root, path)}
     p = Path(path)
     want.add(str(p))
     if not p.is_absolute():
         want.add(to_store_path(root, Path(root) / p))
-    for row in train_runs(store):
+    marks = ",".join("?" * len(kinds))
+    for row in store.q(f"SELECT * FROM runs WHERE kind IN ({marks}) AND status='done' ORDER BY created_at DESC",
+                       kinds):
         stored = row["path"]
         if stored in want or str(from_store_path(root, stored)) in {str(from_store_path(root, w)) for w in want}:
             return _row_to_ref(root, row)
@@ -145,7 +178,8 @@ def pinned_model(store: Store, root: Path, path: str | Path) -> ModelRef:
     if not p.exists() and (Path(root) / p).exists():
         p = Path(root) / p
     if not p.is_dir():
-        raise DistillError(f"{path}: no such model folder", hint="pass a folder written by `distill train` "
+        raise DistillError(f"--model {path}: no such model folder (no such folder as typed, nor inside the project)",
+                           hint="pass a model folder written by `distill train` "
                            "(or its ONNX export)")
     p = p.resolve()
     run = run_for_path(store, root, p)
@@ -180,6 +214,16 @@ def gate_passed(store: Store, model_run_id: str) -> bool | None:
 # the serving model
 
 
+def serving_model_or_none(store: Store, root: Path, task_kind: str | None = None) -> ModelRef | None:
+    """The serving model, or None when no model may be served yet (iterate's first round)."""
+    try:
+        return serving_model(store, root, None, task_kind)
+    except DistillError:
+        if store.get_meta(SERVING_KEY):
+            raise           # a promoted model whose folder is gone is an error, not "nothing served"
+        return None
+
+
 def serving_model(store: Store, root: Path, pinned: str | Path | None = None,
                   task_kind: str | None = None) -> ModelRef:
     """The model to deploy: ``pinned`` if given, else the promoted one. Raises a DistillError that says what
@@ -190,6 +234,10 @@ def serving_model(store: Store, root: Path, pinned: str | Path | None = None,
     if ref is not None:
         return _checked(ref)
     latest = latest_model(store, root, task_kind)
+    if latest is not None and gate_passed(store, latest.run_id):
+        # a project evaluated before promotions were recorded: its passing latest model is the serving one
+        return _checked(ModelRef(latest.run_id, latest.kind, latest.path, latest.record,
+                                 f"its eval (eval-{latest.run_id}) passed the quality gate"))
     if latest is None:
         raise DistillError(f"{root}: no trained model yet",
                            hint=f"train and evaluate one: `distill train {root}` then `distill eval {root}`")

@@ -2,14 +2,39 @@
 
 Cache hits are not stored (they cost nothing and leave no row), so the ledger side reports paid calls,
 parse errors among them, transport retries, tokens and spend per teacher.
+
+Status only reads: ``open_readonly`` opens the store read-only, so it works on a read-only folder, store or
+mount (an archived project, a colleague's copy) and can never change what it reports on.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
-from distill.project import Project
+from distill import runs
+from distill.errors import DistillError
+from distill.project import SPEC_FILE, STORE_FILE, Project
+from distill.store import Store
+from distill.task import load_spec
+
+
+def open_readonly(root: str | Path) -> Project:
+    """The project at ``root`` with its store opened read-only (``Store(readonly=True)``): no schema creation,
+    no WAL switch, no write of any kind. A project that has no store yet is opened as usual (which creates
+    it), as every command does."""
+    root = Path(root)
+    if not (root / SPEC_FILE).exists() or not (root / STORE_FILE).exists():
+        return Project.open(root)          # not a project (its usual message), or a fresh one
+    spec = load_spec(root / SPEC_FILE)
+    return Project(root=root, spec=spec, store=Store(root / STORE_FILE, readonly=True))
+
+
+def when(ts: float | None) -> str | None:
+    """A stored epoch time as local 'YYYY-MM-DD HH:MM:SS' (what a person reads in `distill status`)."""
+    return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def status(project: Project) -> dict[str, Any]:
@@ -23,7 +48,8 @@ def status(project: Project) -> dict[str, Any]:
     out["examples"]["with_gold"] = s.one("SELECT COUNT(*) FROM examples WHERE gold IS NOT NULL")
 
     out["imports"] = [
-        {k: (json.loads(r[k]) if k == "rejected_reasons" else r[k]) for k in r.keys()}
+        {k: (json.loads(r[k]) if k == "rejected_reasons" else when(r[k]) if k == "created_at" else r[k])
+         for k in r.keys()}
         for r in s.q("SELECT * FROM imports ORDER BY id")
     ]
 
@@ -63,10 +89,52 @@ def status(project: Project) -> dict[str, Any]:
             """SELECT reason, COUNT(*) AS n FROM filter_decisions WHERE run_id = ? AND kept = 0
                GROUP BY reason ORDER BY n DESC""", (r["id"],))}
         filters[r["teacher"]] = {"run_id": r["id"], "kept": r["kept"], "dropped": r["dropped"],
-                                 "dropped_by_reason": reasons, "created_at": r["created_at"]}
+                                 "dropped_by_reason": reasons, "created_at": when(r["created_at"])}
     out["filter"] = filters
 
     out["runs"] = [{"id": r["id"], "kind": r["kind"], "status": r["status"], "path": r["path"],
-                    "created_at": r["created_at"]}
-                   for r in s.q("SELECT id, kind, status, path, created_at FROM runs ORDER BY created_at")]
+                    "created_at": when(r["created_at"]), **_gate_of(s, r)}
+                   for r in runs.all_runs(s)]
+
+    try:
+        ref = project.serving_model()
+        out["serving_model"] = {"run_id": ref.run_id, "path": str(ref.path), "why": ref.why}
+    except DistillError as e:
+        out["serving_model"] = {"run_id": None, "why": e.message}
+    out["queue"] = {r["reason"]: r["n"] for r in s.q(
+        "SELECT reason, COUNT(*) AS n FROM failure_queue WHERE status='new' GROUP BY reason ORDER BY reason")}
+    out["queue"]["total"] = sum(out["queue"].values())
+    out["next_step"] = next_step(project, out)
     return out
+
+
+def _gate_of(s, r) -> dict[str, Any]:
+    if r["kind"] not in runs.MODEL_KINDS:
+        return {}
+    passed = runs.gate_passed(s, r["id"])
+    return {"gate": "not evaluated" if passed is None else "passed" if passed else "failed"}
+
+
+def next_step(project: Project, st: dict[str, Any]) -> str:
+    """The one command a user most likely wants next, from what the store holds."""
+    root = project.root
+    ex = st["examples"]
+    if not ex["total"]:
+        return f"import inputs: `distill import {root} data.csv --text text`"
+    labelled = sum(v.get("ok", 0) for t in st["labels"].values() for v in t.values())
+    if not labelled:
+        return f"label them with the teacher: `distill label {root}`"
+    if not st["filter"]:
+        return f"filter the teacher's labels: `distill filter {root}`"
+    latest = project.latest_model()
+    if latest is None:
+        return f"train a student: `distill train {root}`"
+    passed = runs.gate_passed(project.store, latest.run_id)
+    if passed is None:
+        return f"evaluate the latest model {latest.run_id}: `distill eval {root}`"
+    if st["serving_model"]["run_id"] is None:
+        return (f"the latest model failed its quality gate: see `distill report {root}`, improve the data or the "
+                "student, and train again")
+    if st["queue"]["total"]:
+        return f"{st['queue']['total']} inputs wait in the failure queue: `distill iterate {root}`"
+    return f"serve the model: `distill serve {root}`"

@@ -113,11 +113,22 @@ CREATE TABLE IF NOT EXISTS label_history(
 
 
 class Store:
-    """Thin wrapper over one sqlite3 connection. Not shared across threads; open one per process."""
+    """Thin wrapper over one sqlite3 connection. Not shared across threads; open one per process.
 
-    def __init__(self, path: Path, *, check: bool = True):
+    ``readonly=True`` (``distill status``): the file is opened with SQLite's ``mode=ro``, no schema is created and
+    nothing is written, so a read-only project folder, store or mount can still be inspected (see
+    ``_readonly_uri`` for the one case SQLite needs ``immutable=1``). Tables an older store lacks are created
+    empty in the connection's TEMP schema, in memory, never on disk. ``tx()`` refuses; SQLite refuses the rest."""
+
+    readonly = False
+
+    def __init__(self, path: Path, *, check: bool = True, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
         self._key = str(self.path.resolve())
+        if readonly and not self.path.is_file():
+            raise DistillError(f"{self.path}: no store to read (the project has never been written to)",
+                               hint="run a command that writes, e.g. `distill import`, in a writable folder")
         if self.path.exists() and self.path.stat().st_size > 0 and not _OPEN.get(self._key):
             # Read the header only while this process has no Store open on the file: closing *any* fd of a
             # file drops all of the process's POSIX locks on it, including SQLite's. Without its SHARED lock
@@ -131,12 +142,16 @@ class Store:
                     hint="restore it from a backup; distill will not overwrite it",
                 )
         try:
-            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is durable across process crashes (kill -9) in WAL mode; FULL adds power-loss safety.
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
+            if readonly:
+                self.conn = sqlite3.connect(_readonly_uri(self.path), uri=True, timeout=30.0, isolation_level=None)
+                self.conn.row_factory = sqlite3.Row
+            else:
+                self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+                self.conn.row_factory = sqlite3.Row
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL is durable across process crashes (kill -9) in WAL mode; FULL adds power-loss safety.
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self.conn.execute("PRAGMA foreign_keys=ON")
             if check:
                 res = self.conn.execute("PRAGMA quick_check").fetchone()[0]
                 if res != "ok":
@@ -144,10 +159,14 @@ class Store:
                         f"{self.path}: integrity check failed: {res}",
                         hint="restore the store from a backup; nothing was written",
                     )
-            self.conn.executescript(SCHEMA)
+            if readonly:
+                _temp_missing_tables(self.conn)
+            else:
+                self.conn.executescript(SCHEMA)
             cur = self.get_meta("schema_version")
             if cur is None:
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
+                if not readonly:
+                    self.set_meta("schema_version", str(SCHEMA_VERSION))
             elif int(cur) > SCHEMA_VERSION:
                 raise DistillError(f"{self.path}: made by a newer distill (schema {cur})", hint="upgrade distill")
         except sqlite3.DatabaseError as e:
@@ -166,6 +185,9 @@ class Store:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One atomic write. BEGIN IMMEDIATE takes the write lock up front so two processes never
         interleave half-written work; on any error the whole transaction rolls back."""
+        if self.readonly:
+            raise DistillError(f"{self.path}: opened read-only, so nothing can be written",
+                               hint="this command only reads the store; a writing command opens it normally")
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -230,6 +252,47 @@ class Store:
 
 # resolved path -> Stores of this process open on it (see the header check in Store.__init__)
 _OPEN: dict[str, int] = {}
+
+
+def _readonly_uri(path: Path) -> str:
+    """``file:...?mode=ro``, plus ``immutable=1`` when the folder is not writable and holds no WAL index (-shm):
+    reading a WAL database needs one, and SQLite cannot create it there. A store closed cleanly has neither
+    -wal nor -shm, so nothing is missed. The costs of immutable, in the rare cases it applies: a -wal copied
+    without its -shm is not read (its last commits are not shown), and SQLite takes no lock, so a writer reaching
+    the same file through another, writable path could be read mid-write (status then shows an error; re-run)."""
+    from urllib.parse import quote
+
+    p = path.resolve()
+    shm = p.with_name(p.name + "-shm")
+    immutable = not _writable(p.parent) and not shm.exists()
+    return f"file:{quote(str(p))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def _writable(folder: Path) -> bool:
+    """Could this process create a file in ``folder``? Without trying: ``os.access`` for permissions, and the
+    mount's read-only flag, which ``os.access`` misses for root."""
+    import os
+
+    try:
+        return os.access(folder, os.W_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+
+
+def _temp_missing_tables(conn: sqlite3.Connection) -> None:
+    """Tables of SCHEMA an older store lacks, created empty in TEMP (memory), so readers can query them."""
+    import re
+
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    stmt = ""
+    for part in SCHEMA.split(";"):            # a ';' inside a comment does not end a statement
+        stmt += part + ";"
+        if not sqlite3.complete_statement(stmt):
+            continue
+        m = re.search(r"CREATE TABLE IF NOT EXISTS (\w+)", stmt)
+        if m and m.group(1) not in have:
+            conn.execute(stmt.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE IF NOT EXISTS", 1))
+        stmt = ""
 
 
 def _db_hint(e: Exception) -> str:

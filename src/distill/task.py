@@ -2,7 +2,8 @@
 
 A project's ``distill.yaml`` is one ``ProjectSpec``. Every model here forbids unknown keys, so a typo
 in the YAML fails loudly with the field's path instead of being silently ignored (as nanoGPT's
-configurator does). ``load_spec`` turns pydantic's errors into messages that name the field and a fix.
+configurator does). ``load_spec`` turns pydantic's errors into messages that name the field, its line
+and a fix. ``student:`` is checked against the config of the project's kind (``distill.student_config``).
 
 Three kinds of task:
 - ``classify``: one label from ``labels``; the teacher may give a full distribution over them.
@@ -16,15 +17,22 @@ import functools
 import hashlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
+import jinja2.filters
 import jsonschema
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from distill.errors import DistillError
+from distill.student_config import OLD_NAMES, StudentConfig, config_class, error_text, student_config_for
 
 TaskKind = Literal["classify", "extract", "generate"]
 
@@ -155,6 +163,21 @@ class PromptSpec(_Strict):
     system: str | None = None
     user: str = "{{ text }}"
 
+    @field_validator("system", "user")
+    @classmethod
+    def _check_template(cls, v: str | None) -> str | None:
+        # at load, so a hostile or broken template is refused before anything is paid or served
+        if v is not None:
+            try:
+                _template(v)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"prompt template error on line {e.lineno}: {e.message}") from None
+            except jinja2.TemplateError as e:           # e.g. a filter that does not exist
+                raise ValueError(f"prompt template error: {e.message}") from None
+            except ValueError as e:
+                raise ValueError(f"prompt template refused: {e}") from None
+        return v
+
 
 class SplitSpec(_Strict):
     validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of new inputs hashed to validation.")
@@ -202,7 +225,9 @@ class ProjectSpec(_Strict):
     quality: QualityBar = Field(default_factory=QualityBar)
     teachers: list[TeacherSpec] = Field(default_factory=list)
     teacher: str | None = Field(None, description="Default teacher name for `distill label`.")
-    student: dict[str, Any] = Field(default_factory=dict, description="Student/training settings (see `distill train --help`).")
+    student: dict[str, Any] = Field(
+        default_factory=dict, description="Student/training settings, checked against the config of `kind` "
+        "(distill.student_config; `distill train --help` lists them). Kept as written; `student_config()` is typed.")
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -212,15 +237,54 @@ class ProjectSpec(_Strict):
             return [{"name": x} if isinstance(x, str) else x for x in v]
         return v
 
+    @field_validator("labels")
+    @classmethod
+    def _check_label_names(cls, v: list[Label]) -> list[Label]:
+        # A label the answer parser cannot tell from another one, or cannot produce at all, silently turns
+        # answers into the wrong label: `[Spam, spam]` stored "Spam" answers as `spam`, and `"a "` or "" were
+        # never produced. So labels must be distinct as the parser compares them (_norm_label: Unicode NFKC,
+        # case, spaces/_/- and surrounding quotes ignored), non-empty, on one line, without outer spaces.
+        errors, seen = [], {}
+        for i, lab in enumerate(v):
+            name, problem = lab.name, None
+            if not name.strip():
+                problem = "is empty"
+            elif name != name.strip():
+                problem = f"{name!r} has leading or trailing whitespace"
+            elif any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+                problem = f"{name!r} contains a line break or control character"
+            elif not _norm_label(name):
+                problem = f"{name!r} has no letters or digits a teacher could answer"
+            elif _norm_label(name) in seen:
+                j = seen[_norm_label(name)]
+                problem = (f"{name!r} is the same label as labels[{j}] {v[j].name!r} once case, Unicode forms, "
+                           "spaces/_/- are ignored (the teacher's answer could not tell them apart)")
+            if problem:
+                errors.append(InitErrorDetails(type=PydanticCustomError("label_name", "labels[{i}] {problem}",
+                                                                        {"i": i, "problem": problem}),
+                                               loc=(i, "name"), input=name))
+            seen.setdefault(_norm_label(name), i)
+        if errors:
+            raise ValidationError.from_exception_data("labels", errors)
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _check_student(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Validated here, at load, against the config of the project's kind: a typo in `student:` fails with
+        # its path (student.X) like any other field, instead of at train time. (`kind` is declared above, so
+        # it is in info.data when it was valid.)
+        kind = info.data.get("kind")
+        if kind is not None:
+            config_class(kind).model_validate(v)   # its ValidationError nests under `student`
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "ProjectSpec":
         if self.kind == "classify":
             names = [lab.name for lab in self.labels]
             if len(names) < 2:
                 raise ValueError("kind 'classify' needs at least two labels under `labels:`")
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise ValueError(f"labels are repeated: {dupes}")
         if self.kind == "extract":
             if not self.json_schema:
                 raise ValueError("kind 'extract' needs a JSON schema under `schema:`")
@@ -237,18 +301,17 @@ class ProjectSpec(_Strict):
                     raise ValueError(f"teacher '{t.name}': member '{m}' is not another teacher in `teachers:`")
         if self.teacher and self.teacher not in names:
             raise ValueError(f"`teacher: {self.teacher}` is not one of the teachers {names}")
-        for tpl in (self.prompt.system, self.prompt.user):
-            if tpl:
-                try:
-                    _ENV.parse(tpl)
-                except jinja2.TemplateSyntaxError as e:
-                    raise ValueError(f"prompt template error on line {e.lineno}: {e.message}") from None
         return self
 
     # -- helpers used across stages -------------------------------------------------------------
     @property
     def label_names(self) -> list[str]:
         return [lab.name for lab in self.labels]
+
+    def student_config(self, overrides: dict[str, Any] | None = None) -> StudentConfig:
+        """``student:`` as the typed config of this kind (``EncoderStudentConfig`` or ``LMStudentConfig``),
+        with ``overrides`` (e.g. CLI flags) on top; a DistillError naming the field if they do not validate."""
+        return student_config_for(self.kind, self.student).with_overrides(overrides)
 
     def get_teacher(self, name: str | None = None) -> TeacherSpec:
         name = name or self.teacher or (self.teachers[0].name if self.teachers else None)
@@ -267,19 +330,92 @@ class ProjectSpec(_Strict):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    # ('labels', 1, 'name') -> labels[1].name
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+
+
+def _first_per_field(errors: list[dict]) -> list[dict]:
+    # a union-typed student field (e.g. lora_target_modules: str | list) reports one error per alternative
+    seen, out = set(), []
+    for err in errors:
+        key = err["loc"][:2] if err["loc"][:1] == ("student",) else err["loc"]
+        if key not in seen:
+            seen.add(key)
+            out.append(err)
+    return out
+
+
+# distill.yaml is read with YAML aliases refused outright, and at most MAX_SPEC_BYTES of it. A 661-byte file of
+# nested anchors/aliases (a "billion laughs") once took 42 s and 2.5 GB before a MemoryError: PyYAML shares
+# aliased nodes, but validation, the JSON schema check and the prompt's json.dumps(schema) each expand them.
+# Counting the expansion instead would keep anchors usable, but a spec is a short file a person writes (no
+# example or scaffold uses them); refusing them removes the whole class - bombs, cyclic aliases, cache keys
+# that differ from what the file looks like - for the cost of writing a repeated block out twice.
+MAX_SPEC_BYTES = 1_000_000
+
+
+class _AliasRefused(yaml.MarkedYAMLError):
+    pass
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (``*name``) where the composer meets them, with their line."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(None, None, f"YAML alias *{event.anchor} refused (distill.yaml allows no aliases)",
+                                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _line_of(raw_text: str, loc: tuple[Any, ...]) -> int | None:
+    """The line in distill.yaml of the setting at ``loc`` (or of the nearest enclosing one that is written
+    there: a renamed key such as ``lr`` is reported under its new name, ``learning_rate``)."""
+    try:
+        node = yaml.compose(raw_text, Loader=_SpecLoader)
+    except (yaml.YAMLError, RecursionError):
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if hit is None:
+                hit = next(((k, v) for k, v in node.value if OLD_NAMES.get(k.value) == part), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def load_spec(path: Path) -> ProjectSpec:
     path = Path(path)
     try:
-        raw_text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw_bytes = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise DistillError(f"{path}: not found", hint="run `distill init DIR --kind classify` first") from None
+    if len(raw_bytes) > MAX_SPEC_BYTES:
+        raise DistillError(f"{path}: larger than {MAX_SPEC_BYTES:,} bytes; a spec is a short file of settings",
+                           hint="keep data (inputs, examples, recordings) in their own files, not in distill.yaml")
+    try:
+        raw_text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DistillError(f"{path}: not UTF-8 (byte {e.start})", hint="save the file as UTF-8") from None
     try:
-        raw = yaml.safe_load(raw_text)
+        raw = yaml.load(raw_text, Loader=_SpecLoader)   # nosec B506 # _SpecLoader is a SafeLoader (no aliases)
+    except _AliasRefused as e:
+        mark = e.problem_mark
+        raise DistillError(
+            f"{path}: line {mark.line + 1}, column {mark.column + 1}: {e.problem}",
+            hint="write the value out where the alias is (anchors and aliases can expand a few bytes into "
+                 "gigabytes, so distill.yaml does not allow them)",
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -287,17 +423,27 @@ def load_spec(path: Path) -> ProjectSpec:
             f"{path}:{where}: invalid YAML: {getattr(e, 'problem', e)}",
             hint="check indentation and quoting near that line",
         ) from None
+    except RecursionError:
+        raise DistillError(f"{path}: nested too deeply to read", hint="a spec needs a few levels of nesting") from None
     if not isinstance(raw, dict):
         raise DistillError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
     try:
         return ProjectSpec.model_validate(raw)
     except ValidationError as e:
         lines = []
-        for err in e.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
+        for err in _first_per_field(e.errors()):
+            msg, loc = err["msg"].removeprefix("Value error, "), err["loc"]
+            if loc[:1] == ("student",) and raw.get("kind") in ("classify", "extract", "generate"):
+                # the student config's own wording (ranges, types), and on a typo the names it knows
+                cfg = config_class(raw["kind"])
+                msg = error_text(cfg, {**err, "loc": err["loc"][1:]})
+                if err["type"] == "extra_forbidden":
+                    msg += f"; valid for kind {raw['kind']}: " + ", ".join(cfg.model_fields)
+                loc = loc[:2]
+            elif err["type"] == "extra_forbidden":
                 msg = "unknown setting (typo?); remove it or check `distill init` for the valid names"
-            lines.append(f"  field `{_loc(err['loc'])}`: {msg}")
+            line = _line_of(raw_text, loc)
+            lines.append(f"  field `{_loc(loc)}`" + (f" (line {line})" if line else "") + f": {msg}")
         raise DistillError(f"{path}: the spec does not validate:\n" + "\n".join(lines)) from None
 
 
@@ -309,7 +455,131 @@ def dump_spec(spec: ProjectSpec) -> str:
 # ------------------------------------------------------------------------------------------------
 # Prompts
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# A distill.yaml may come from someone else (a shared example, a pull request), and `serve` renders the prompt
+# for every routed request, so a template must not be able to run code or take the process down. A plain
+# jinja2.Environment lets `{{ cycler.__init__.__globals__.os.popen('id').read() }}` run a shell command. So:
+# - every template renders in an ImmutableSandboxedEnvironment (no `_`-attributes, no mutation, no
+#   os/sys/globals reachable), with no global functions at all (no range/lipsum/cycler/joiner/namespace);
+# - `_check_template` refuses, at spec load, what a prompt never needs and what escapes or amplifies: calls
+#   (`x.method()`, macros, `loop(...)`), `{% set %}`/`{% with %}`/macros/blocks/includes, `**`, `_`-names and
+#   `_`-attributes, and filters outside ``PROMPT_FILTERS`` (no `format`/`center`/`indent`/`replace`/`batch`...:
+#   each turns a short template into gigabytes);
+# - what is left is bounded at render time: all `{% for %}` loops of one render together run at most
+#   ``MAX_LOOP_ITERATIONS`` times, and no value built by `~`, `+`, `*` or `join`, nor the rendered prompt,
+#   may exceed ``MAX_PROMPT_CHARS`` (a prompt that long fits no model's context anyway).
+MAX_LOOP_ITERATIONS = 10_000
+MAX_PROMPT_CHARS = 2_000_000
+MAX_TEMPLATE_CHARS = 50_000
+PROMPT_FILTERS = ("abs", "attr", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "first", "float",
+                  "groupby", "int", "items", "join", "last", "length", "list", "lower", "map", "max", "min", "reject",
+                  "rejectattr", "reverse", "round", "select", "selectattr", "sort", "string", "striptags", "title",
+                  "tojson", "trim", "truncate", "unique", "upper", "wordcount")
+_ALLOWED_NODES = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.Const, nodes.Name, nodes.Getattr,
+                  nodes.Getitem, nodes.Slice, nodes.Tuple, nodes.List, nodes.Dict, nodes.Pair, nodes.Keyword,
+                  nodes.If, nodes.CondExpr, nodes.For, nodes.Filter, nodes.Test, nodes.Compare, nodes.Operand,
+                  nodes.And, nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.Add, nodes.Sub, nodes.Mul, nodes.Div,
+                  nodes.FloorDiv, nodes.Mod, nodes.Concat, nodes.FilterBlock)
+_WHAT = {nodes.Call: "calls (`x.method()`, `loop(...)`, macros)", nodes.Pow: "the `**` operator",
+         nodes.Assign: "`{% set %}`", nodes.AssignBlock: "`{% set %}`", nodes.With: "`{% with %}`",
+         nodes.Macro: "macros", nodes.CallBlock: "`{% call %}`", nodes.Block: "blocks",
+         nodes.Extends: "`{% extends %}`", nodes.Include: "`{% include %}`", nodes.Import: "`{% import %}`",
+         nodes.FromImport: "`{% from ... import %}`"}
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_PROMPT_CHARS:
+        raise SecurityError(f"a value of {len(value):,} characters/items is longer than the limit of "
+                            f"{MAX_PROMPT_CHARS:,}")
+    if isinstance(value, int) and value.bit_length() > 4096:
+        raise SecurityError("a number of more than 4096 bits")
+    return value
+
+
+def _joined(parts: list[str], sep: str = "") -> str:
+    # the size is checked before the string is built: `[text, text, ...]|join(text)` would otherwise
+    # allocate gigabytes first
+    if sum(map(len, parts)) + len(sep) * len(parts) > MAX_PROMPT_CHARS:
+        raise SecurityError(f"joining {len(parts):,} parts would be longer than {MAX_PROMPT_CHARS:,} characters")
+    return sep.join(parts)
+
+
+@jinja2.pass_environment
+def _join_filter(env: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+    """Jinja's ``join``, size-checked."""
+    if attribute is not None:
+        value = map(jinja2.filters.make_attrgetter(env, attribute), value)
+    return _joined([str(x) for x in value], str(d))
+
+
+@jinja2.pass_context
+def _loop_budget(context: Any, iterable: Any) -> Any:
+    # every `{% for %}` iterates through this (``_check_template`` rewrites the loops); the count lives on the
+    # render's own Context, so it is per render and no template can reset it
+    for item in iterable:
+        context.distill_loop_iterations = getattr(context, "distill_loop_iterations", 0) + 1
+        if context.distill_loop_iterations > MAX_LOOP_ITERATIONS:
+            raise SecurityError(f"the template's loops ran more than {MAX_LOOP_ITERATIONS:,} times for one prompt")
+        yield item
+
+
+class _PromptEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*`, `+` and `%` checked before they build anything big."""
+
+    intercepted_binops = frozenset({"*", "+", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%" and isinstance(left, str):
+            raise SecurityError("`%` string formatting is not allowed in a prompt (join text with `~`)")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_PROMPT_CHARS:
+                raise SecurityError(f"repeating {len(seq):,} characters/items {n:,} times")
+        return _sized(super().call_binop(context, operator, left, right))
+
+
+_ENV = _PromptEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+_ENV.globals.clear()
+_ENV.filters = {name: _ENV.filters[name] for name in PROMPT_FILTERS}
+_ENV.filters.update(join=_join_filter, distill_loop_budget=_loop_budget,
+                    distill_concat=lambda parts: _joined([str(x) for x in parts]))
+
+
+def _check_template(source: str) -> nodes.Template:
+    """Parse ``source`` and refuse what a prompt may not do (see above); returns the tree with every loop
+    counted and every `~` capped. Raises TemplateSyntaxError / ValueError (with the template's line)."""
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"the template is {len(source):,} characters long; the limit is {MAX_TEMPLATE_CHARS:,}")
+    tree = _ENV.parse(source)
+    for node in tree.find_all(nodes.Node):
+        where = f" (line {node.lineno} of the template)"
+        if not isinstance(node, _ALLOWED_NODES):
+            what = next((w for cls, w in _WHAT.items() if isinstance(node, cls)), f"`{type(node).__name__}`")
+            raise ValueError(f"not allowed in a prompt: {what}{where}")
+        if isinstance(node, nodes.Name) and node.name.startswith("_") and node.name != "_":
+            raise ValueError(f"the name `{node.name}` is not allowed in a prompt{where}")
+        if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+            raise ValueError(f"the attribute `.{node.attr}` is not allowed in a prompt{where}")
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and str(node.arg.value).startswith("_"):
+            raise ValueError(f"the item `[{node.arg.value!r}]` is not allowed in a prompt{where}")
+        if isinstance(node, nodes.Mod) and isinstance(node.left, nodes.Const) and isinstance(node.left.value, str):
+            raise ValueError(f"`%` string formatting is not allowed in a prompt{where} (join text with `~`)")
+        if isinstance(node, (nodes.Filter, nodes.Test)):
+            # attr('__class__'), map(attribute='__class__'), sort(attribute=...): refused here already
+            args = node.args + [k.value for k in node.kwargs]
+            bad = [a.value for a in args if isinstance(a, nodes.Const) and str(a.value).startswith("_")]
+            if bad:
+                raise ValueError(f"the argument {bad[0]!r} is not allowed in a prompt{where}")
+        if isinstance(node, nodes.Filter) and node.name not in PROMPT_FILTERS:
+            raise ValueError(f"the filter `{node.name}` is not allowed in a prompt{where}; "
+                             f"available: {', '.join(PROMPT_FILTERS)}")
+    # rewrite after the walk (find_all would otherwise visit the new nodes)
+    for loop in list(tree.find_all(nodes.For)):
+        loop.iter = nodes.Filter(loop.iter, "distill_loop_budget", [], [], None, None, lineno=loop.iter.lineno)
+    for concat in list(tree.find_all(nodes.Concat)):
+        parts = nodes.List(concat.nodes, lineno=concat.lineno)
+        concat.nodes = [nodes.Filter(parts, "distill_concat", [], [], None, None, lineno=concat.lineno)]
+    return tree
+
 
 DEFAULT_SYSTEM = {
     "classify": (
@@ -338,7 +608,33 @@ DEFAULT_SYSTEM = {
 def _template(source: str) -> jinja2.Template:
     # compiling a template costs ~5 ms; labelling renders every input's prompt on every run (to find the
     # inputs whose cache key changed), so 100k inputs would spend minutes compiling the same two strings
-    return _ENV.from_string(source)
+    return _ENV.from_string(_check_template(source))
+
+
+def _render(field: str, source: str, ctx: dict[str, Any]) -> str:
+    """One template rendered in the sandbox; anything the template itself raises is a DistillError naming
+    ``field`` (a hostile or broken template must not end in a traceback, nor in a prompt of gigabytes)."""
+    try:
+        out, size = [], 0
+        for chunk in _template(source).generate(**ctx):
+            size += len(chunk)
+            if size > MAX_PROMPT_CHARS:
+                raise SecurityError(f"the rendered prompt is longer than {MAX_PROMPT_CHARS:,} characters")
+            out.append(chunk)
+        return "".join(out)
+    except jinja2.UndefinedError as e:
+        raise DistillError(
+            f"prompt template `{field}` uses an unknown variable: {e.message}",
+            hint="available: text, segment, meta.<column>, labels, schema, rationale, description",
+        ) from None
+    except SecurityError as e:
+        raise DistillError(f"prompt template `{field}` was refused: {e}",
+                           hint="a prompt may only show the variables; fix `" + field + "` in distill.yaml") from None
+    except (jinja2.TemplateError, ValueError) as e:     # syntax/unsafe constructs: the spec's validation says so
+        raise DistillError(f"prompt template `{field}`: {e}", hint=f"fix `{field}` in distill.yaml") from None
+    except (TypeError, ArithmeticError, LookupError, RecursionError) as e:
+        raise DistillError(f"prompt template `{field}` failed: {type(e).__name__}: {e}",
+                           hint=f"fix `{field}` in distill.yaml") from None
 
 
 def render_messages(spec: ProjectSpec, text: str, segment: str | None = None, meta: dict | None = None,
@@ -349,20 +645,16 @@ def render_messages(spec: ProjectSpec, text: str, segment: str | None = None, me
         "text": text,
         "segment": segment,
         "meta": meta or {},
-        "labels": spec.labels,
+        # plain dicts, not the pydantic Labels: a template sees data only (no methods, nothing to climb
+        # through), and the sandbox checks attribute access on objects, which made rendering 9x slower
+        "labels": [{"name": lab.name, "description": lab.description} for lab in spec.labels],
         "schema": json.dumps(spec.json_schema, sort_keys=True) if spec.json_schema else "",
         "rationale": rationale,
         "description": spec.description,
     }
     system_tpl = spec.prompt.system if spec.prompt.system is not None else DEFAULT_SYSTEM[spec.kind]
-    try:
-        system = _template(system_tpl).render(**ctx).strip()
-        user = _template(spec.prompt.user).render(**ctx)
-    except jinja2.UndefinedError as e:
-        raise DistillError(
-            f"prompt template uses an unknown variable: {e.message}",
-            hint="available: text, segment, meta.<column>, labels, schema, rationale, description",
-        ) from None
+    system = _render("prompt.system", system_tpl, ctx).strip()
+    user = _render("prompt.user", spec.prompt.user, ctx)
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": user})
     return msgs
@@ -405,7 +697,9 @@ def split_rationale(text: str) -> tuple[str | None, str]:
 
 
 def _norm_label(s: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", s.strip().strip("\"'`.*").lower()).strip()
+    # what an answer and a label are compared by; ProjectSpec refuses labels that are equal under it
+    s = unicodedata.normalize("NFKC", s)
+    return re.sub(r"[\s_\-]+", " ", s.strip().strip("\"'`.*").casefold()).strip()
 
 
 def parse_answer(spec: ProjectSpec, text: str | None) -> Any:

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from tiny_models import tiny_bert_folder  # noqa: E402
 
 from distill.errors import DistillError  # noqa: E402
-from distill.export_onnx import OnnxClassifier, check_parity, export_onnx, parity  # noqa: E402
+from distill.export.onnx import check_parity, export_onnx, parity
+from distill.students.predictor import OnnxPredictor  # noqa: E402
 from distill.students.classifier import ClassifierStudent  # noqa: E402
 
 LABELS = ["pos", "neg", "neutral"]
@@ -34,7 +35,7 @@ def exported(tmp_path_factory):
 
 def test_fp32_graph_matches_torch(exported):
     student, _, out, report = exported
-    onnx = OnnxClassifier(out, int8=False)
+    onnx = OnnxPredictor(out, int8=False)
     assert onnx.labels == LABELS
     ref = student.predict_proba(TEXTS)
     got = onnx.predict_proba(TEXTS)
@@ -47,7 +48,7 @@ def test_fp32_graph_matches_torch(exported):
 
 def test_dynamic_batch_and_sequence_axes(exported):
     _, _, out, _ = exported
-    onnx = OnnxClassifier(out, int8=False)
+    onnx = OnnxPredictor(out, int8=False)
     together = onnx.predict_proba(TEXTS, batch_size=len(TEXTS))     # padded to the longest text
     one_by_one = np.concatenate([onnx.predict_proba([t], batch_size=1) for t in TEXTS])
     assert np.abs(together - one_by_one).max() < 1e-5
@@ -77,11 +78,33 @@ def test_reexport_replaces_the_folder(exported, tmp_path):
     assert not any(p.name.endswith((".tmp", ".old")) for p in tmp_path.iterdir())
 
 
+def test_export_deletes_only_a_previous_export(exported, tmp_path):
+    """A folder that is not an ONNX export is refused (before any work), or with force moved aside; a user's
+    ``<out>.old`` beside it is never touched (the exporter once rmtree'd that name)."""
+    _, model_dir, _, _ = exported
+    out, users_old = tmp_path / "o", tmp_path / "o.old"
+    for d in (out, users_old):
+        d.mkdir()
+        (d / "mine.txt").write_text("mine")
+    with pytest.raises(DistillError, match="exists and is not empty") as e:
+        export_onnx(model_dir, out, quantize=False)
+    assert "--force" in e.value.hint and (out / "mine.txt").exists()
+    report = export_onnx(model_dir, out, quantize=False, force=True)
+    assert Path(report.moved_aside).name.startswith("o.replaced-")
+    assert (Path(report.moved_aside) / "mine.txt").read_text() == "mine" and (out / "export.json").is_file()
+    export_onnx(model_dir, out, quantize=False)        # its own previous export: replaced without force
+    assert (users_old / "mine.txt").read_text() == "mine"
+    assert len(list(tmp_path.glob("o.replaced-*"))) == 1
+    assert json.loads((out / "export.json").read_text())["out_dir"] == "."   # self-describing when moved
+    with pytest.raises(DistillError, match="project folder"):
+        export_onnx(model_dir, tmp_path, project_root=tmp_path / "o", force=True)
+
+
 def test_bad_inputs_are_distill_errors(tmp_path, exported):
     with pytest.raises(DistillError, match="not a model folder"):
         export_onnx(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(DistillError, match="not found"):
-        OnnxClassifier(tmp_path, int8=True)
+        OnnxPredictor(tmp_path, int8=True)
     with pytest.raises(ValueError):
         parity(np.zeros((2, 3)), np.zeros((3, 3)))
 
@@ -102,16 +125,17 @@ def test_minilm_export_parity(tmp_path):
 def test_export_project_writes_beside_the_model_and_serving_picks_it_up(tmp_path):
     import torch
 
-    from distill.export_onnx import export_project
+    from distill.export.onnx import export_project
     from distill.project import Project
-    from distill.serve.app import load_predictor
+    from distill.students.predictor import load_predictor
     from tiny_models import tiny_classify_project
 
     project = tiny_classify_project(tmp_path / "proj", n=40)
     torch.manual_seed(0)
     student = ClassifierStudent.create(str(tiny_bert_folder(tmp_path / "base")), ["pos", "neg"], device="cpu")
     model_dir = student.save(tmp_path / "proj" / "models" / "r1" / "final")
-    project.store.put_run("r1", "train", "done", str(model_dir), {})
+    project.record_run("r1", "train", "done", model_dir, {})
+    project.promote("r1", "test fixture")     # export takes the serving model
     project.close()
     project = Project.open(tmp_path / "proj")
     with project.store.tx() as c:     # the tiny project has no test split; give it one
@@ -123,5 +147,5 @@ def test_export_project_writes_beside_the_model_and_serving_picks_it_up(tmp_path
     assert n_test > 0 and report.parity_fp32["n"] == n_test   # the test-split inputs, not the probe texts
     assert report.parity_fp32["argmax_agreement"] == 1.0
     pred = load_predictor(model_dir)                           # backend auto: the int8 export is preferred
-    assert isinstance(pred, OnnxClassifier) and pred.int8
-    assert type(load_predictor(model_dir, backend="torch")).__name__ == "TorchPredictor"
+    assert isinstance(pred, OnnxPredictor) and pred.int8
+    assert type(load_predictor(model_dir, backend="torch")).__name__ == "EncoderTorchPredictor"

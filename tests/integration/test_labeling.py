@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_openai_server import make_project, start_server  # noqa: E402
 
 from distill.errors import DistillError  # noqa: E402
-from distill.labeling import label, label_with, main  # noqa: E402
+from distill.labeling import label, label_with  # noqa: E402
 from distill.project import Project  # noqa: E402
 from distill.status import status  # noqa: E402
 from distill.teachers.base import NoAnswer, TeacherAuthError, TeacherReply, TeacherUnavailable  # noqa: E402
@@ -99,18 +99,19 @@ def test_parse_failures_are_reasked_then_marked_failed(tmp_path, server):
     assert r2.calls == 0 and r2.failed_by_reason == {"label_not_in_set": 1} and r2.cache_hits == 3
 
 
-def test_budget_stops_cleanly_and_resume_finishes(tmp_path, server, capsys):
+def test_budget_stops_cleanly_and_resume_finishes(tmp_path, server):
     p = make_project(tmp_path / "p", 40, server.base_url, concurrency=2)
     budget = 0.0015  # a call costs ~0.00006 but is estimated at ~0.00058 (256 max_tokens at $2/1M)
-    code = main([str(p.root), "--budget", str(budget), "--no-progress"])
-    out = capsys.readouterr()
-    assert code == 3
-    assert "stopped at $" in out.err and "re-run with a larger --budget to continue" in out.err
-    report = json.loads(out.out)
-    assert report["stopped"] == "budget" and 0 < report["ok"] < 40
+    # through the CLI, as a user runs it: a budget stop is exit 4 (3 means a failed quality gate)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cli = subprocess.run([sys.executable, "-m", "distill.cli", "label", str(p.root), "--budget", str(budget),
+                          "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 4, cli.stderr
+    assert "stopped at $" in cli.stderr and "re-run with a larger --budget to continue" in cli.stderr
     p = Project.open(p.root)
     assert p.store.spend("api") <= budget
     first = len(ledger(p))
+    assert 0 < first < 40
     assert label_counts(p) == {"ok": first}        # every paid call is a committed label
 
     # the same budget again: the budget is cumulative, so at most what the in-flight reserve held back fits

@@ -1,5 +1,5 @@
-"""An extract project end to end on a tiny in-process Llama: train_lm_project -> evaluate_lm -> report ->
-export_lm_project, plus reuse of a finished run and resume after a real kill -9.
+"""An extract project end to end on a tiny in-process Llama: train (recipes.train -> train_lm_project) ->
+evaluate_lm -> report -> export_lm_project, plus reuse of a finished run and resume after a real kill -9.
 
 The tiny model answers nonsense; these tests check that the stages connect, that the numbers are computed
 (shape, ranges, values that can be derived by hand from the store), not the student's quality."""
@@ -94,27 +94,34 @@ def make_project(root: Path, base_dir: Path) -> Project:
 
 
 def test_train_eval_report_export_end_to_end(base_dir, tmp_path):
-    from distill.evaluate_lm import evaluate_lm
-    from distill.recipes.lm_project import export_lm_project, train_lm_project
+    from distill.evaluate import evaluate_lm
+    from distill.export.lm import export_lm_project
+    from distill.recipes.lm_project import train_lm_project
+    from distill import runs
+    from distill.recipes.train import train
     from distill.report.html import write_report
 
     t_start = time.perf_counter()
     proj = make_project(tmp_path / "proj", base_dir)
 
-    rep = train_lm_project(proj, progress=False)
+    rep = train(proj, progress=False)
     assert not rep.reused and rep.path.is_dir() and rep.path.parent == proj.models_dir / rep.run_id
     assert rep.record["counts"]["train"] == 16 and rep.record["steps"] == 3
     assert rep.record["teacher"]["identity"]["name"] == "rec"
+    # the spec's `base:` and `lr:` are the older names of base_model and learning_rate
+    assert rep.record["config"]["base_model"] == str(base_dir) and rep.record["config"]["learning_rate"] == 0.03
     run = proj.store.latest_run("train_lm")
-    assert run["id"] == rep.run_id and run["path"] == str(rep.path.resolve())
+    # registered with a path relative to the project folder (a moved project still finds its models)
+    assert run["id"] == rep.run_id and run["path"] == str(rep.path.resolve().relative_to(proj.root.resolve()))
+    assert proj.model(run_id=rep.run_id).path == rep.path.resolve()
     # same settings, same data: the finished run is reused, nothing is trained
     again = train_lm_project(proj, progress=False)
     assert again.reused and again.run_id == rep.run_id
     # an override that changes the weights is a different run
-    other = train_lm_project(proj, overrides={"max_steps": 2}, progress=False)
+    other = train(proj, overrides={"max_steps": 2}, progress=False)
     assert other.run_id != rep.run_id and other.record["steps"] == 2
     with pytest.raises(DistillError, match="max_stepz"):
-        train_lm_project(proj, overrides={"max_stepz": 2}, progress=False)
+        train(proj, overrides={"max_stepz": 2}, progress=False)
 
     res = evaluate_lm(proj, model_path=str(rep.path), max_new_tokens=12, progress=False)
     assert res["model_run_id"] == rep.run_id and res["test"]["n"] == 8 and res["test"]["n_gold"] == 8
@@ -145,7 +152,8 @@ def test_train_eval_report_export_end_to_end(base_dir, tmp_path):
     # written atomically as JSON, registered as an eval run, and the HTML report renders it
     on_disk = json.loads(Path(res["json_path"]).read_text())
     assert on_disk == json.loads(json.dumps(res))
-    assert proj.store.latest_run("eval")["path"] == res["json_path"]
+    _, eval_json = runs.latest_eval(proj.store, proj.root)          # stored relative to the project folder
+    assert eval_json == Path(res["json_path"]).resolve()
     html, _ = write_report(proj, res)
     assert "tiny-slots" in html.read_text()
 
@@ -169,8 +177,10 @@ def test_train_eval_report_export_end_to_end(base_dir, tmp_path):
 
 
 def test_user_errors(base_dir, tmp_path):
-    from distill.evaluate_lm import evaluate_lm
-    from distill.recipes.lm_project import export_lm_project, train_lm_project
+    from distill.evaluate import evaluate_lm
+    from distill.export.lm import export_lm_project
+    from distill.recipes.lm_project import train_lm_project
+    from distill.recipes.train import train
 
     proj = make_project(tmp_path / "proj", base_dir)
     with pytest.raises(DistillError, match="no trained generative student"):
@@ -178,7 +188,10 @@ def test_user_errors(base_dir, tmp_path):
     with pytest.raises(DistillError, match="no finished generative-student run"):
         export_lm_project(proj)
     with pytest.raises(DistillError, match="both `base` and `base_model`"):
-        train_lm_project(proj, overrides={"base": "a", "base_model": "b"}, progress=False)
+        train(proj, overrides={"base": "a", "base_model": "b"}, progress=False)
+    # an override by its older name replaces the file's setting, whichever name the file used
+    assert proj.spec.student_config({"base_model": "b"}).base_model == "b"
+    assert proj.spec.student_config({"lr": 0.5}).learning_rate == 0.5
     with pytest.raises(DistillError, match="no teacher named 'nope'"):
         train_lm_project(proj, teacher="nope", progress=False)
     proj.close()
@@ -189,9 +202,10 @@ import functools, sys, time, torch
 torch.set_num_threads(1)
 from distill.project import Project
 import distill.recipes.lm_project as lp
+from distill.recipes.train import train
 # a slow training run: sleep after every optimizer step so the parent can kill it mid-run
 lp.train_lm = functools.partial(lp.train_lm, on_step=lambda step, entry, model: time.sleep(0.3))
-lp.train_lm_project(Project.open({root!r}), overrides={{"max_steps": 6, "save_every": 1}}, progress=False)
+train(Project.open({root!r}), overrides={{"max_steps": 6, "save_every": 1}}, progress=False)
 """
 
 
@@ -200,7 +214,7 @@ def test_rerun_after_kill_9_resumes_the_same_run(base_dir, tmp_path):
     import signal
     import subprocess
 
-    from distill.recipes.lm_project import train_lm_project
+    from distill.recipes.train import train
 
     root = tmp_path / "proj"
     make_project(root, base_dir).close()
@@ -221,7 +235,7 @@ def test_rerun_after_kill_9_resumes_the_same_run(base_dir, tmp_path):
     (run_dir,) = [p for p in (root / "models").iterdir() if p.is_dir()]
     assert not (run_dir / "training_record.json").exists()
     assert proj.store.one("SELECT status FROM runs WHERE id=?", (run_dir.name,)) == "running"
-    rep = train_lm_project(proj, overrides={"max_steps": 6, "save_every": 1}, progress=False)
+    rep = train(proj, overrides={"max_steps": 6, "save_every": 1}, progress=False)
     assert rep.run_id == run_dir.name and not rep.reused
     assert rep.record["resumed_from"] is not None and 2 <= rep.record["resumed_from"] < 6
     assert len(rep.record["history"]) == 6
@@ -268,8 +282,8 @@ def test_smollm2_snips_slots_train_and_eval(tmp_path):
     import shutil
 
     from distill.data.importer import import_file
-    from distill.evaluate_lm import evaluate_lm
-    from distill.recipes.lm_project import train_lm_project
+    from distill.evaluate import evaluate_lm
+    from distill.recipes.train import train
 
     src = Path(__file__).resolve().parents[2] / "examples" / "snips-slots"
     root = tmp_path / "snips-slots"
@@ -282,7 +296,7 @@ def test_smollm2_snips_slots_train_and_eval(tmp_path):
                   "SELECT id, 'qwen-1.5b-recorded', 'ok', gold, 0 FROM examples WHERE split='train' "
                   "ORDER BY id LIMIT 8")
     # one step of one sequence, one test row
-    rep = train_lm_project(proj, overrides={"max_steps": 1, "batch_size": 1, "grad_accum": 1}, progress=False)
+    rep = train(proj, overrides={"max_steps": 1, "batch_size": 1, "grad_accum": 1}, progress=False)
     assert rep.record["steps"] == 1 and rep.record["data"]["truncated"] == 0
     res = evaluate_lm(proj, max_new_tokens=8, limit=1, progress=False)
     assert res["test"]["n"] == 1
@@ -297,7 +311,7 @@ def test_generate_eval_with_the_teacher_as_judge(base_dir, tmp_path, monkeypatch
     """quality.judge on a generate project: student and base answers are graded by the teacher (here a fake
     that prefers answers equal to the reference), the grades land in the report, a re-run pays nothing."""
     import distill.teachers as teachers
-    from distill.evaluate_lm import evaluate_lm
+    from distill.evaluate import evaluate_lm
     from distill.recipes.lm_project import train_lm_project
     from distill.teachers.base import TeacherReply
 

@@ -22,7 +22,7 @@ from tiny_models import WORDS, tiny_bert_folder  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.project import Project  # noqa: E402
 from distill.serve import queue as fq  # noqa: E402
-from distill.serve.app import ServeConfig, create_app  # noqa: E402
+from distill.serve.app import ServeConfig, create_app, uvicorn_config  # noqa: E402
 from distill.serve.batcher import MicroBatcher  # noqa: E402
 from distill.serve.keys import create_key, revoke_key  # noqa: E402
 from distill.serve.router import Router, RouterConfig, calibrate_project  # noqa: E402
@@ -45,14 +45,14 @@ def _free_port() -> int:
 
 
 class Server:
-    """uvicorn in a background thread; the app's lifespan (store, batcher, teacher) runs in that thread."""
+    """uvicorn in a background thread, configured as `distill serve` runs it (``uvicorn_config``); the app's
+    lifespan (store, writer thread, batcher, teacher) runs in that thread."""
 
     def __init__(self, app):
         import uvicorn
 
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -99,7 +99,8 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     student = ClassifierStudent.create(str(tiny_bert_folder(tmp / "base")), list(LABELS), device="cpu")
     model_dir = student.save(tmp / "proj" / "models" / "r1" / "final")
-    project.store.put_run("r1", "train", "done", str(model_dir), {})
+    project.record_run("r1", "train", "done", model_dir, {})
+    project.promote("r1", "test fixture")      # serve answers with the promoted model only
     _, key = create_key(project.store, "tests")
     project.close()
     yield {"root": tmp / "proj", "fake": fake, "key": key, "student": student, "model_dir": model_dir}
@@ -336,7 +337,8 @@ def test_calibrate_project_then_serve_with_the_calibrated_router(world, tmp_path
     app = create_app(root, model_path=model_copy)
     s = Server(app)
     try:
-        assert httpx.get(s.url + "/healthz").json()["router"] == "calibrated"
+        # the model's details are for key holders (without a key /healthz is liveness only)
+        assert httpx.get(s.url + "/healthz", headers={"Authorization": f"Bearer {key}"}).json()["router"] == "calibrated"
         r = httpx.post(s.url + "/v1/classify", json={"texts": ["great fast delivery"]},
                        headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["ood_score"] is not None

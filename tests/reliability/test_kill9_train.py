@@ -48,7 +48,8 @@ def final_run(root: Path) -> dict:
     p = Project.open(root)
     try:
         row = p.store.latest_run("train")
-        return {"path": row["path"], "record": json.loads(row["record"])}
+        # runs store paths relative to the project folder: resolve through the project
+        return {"path": str(p.model(run_id=row["id"]).path), "record": json.loads(row["record"])}
     finally:
         p.close()
 

@@ -64,13 +64,14 @@ def test_planted_key_never_appears_anywhere(tmp_path):
 
         # serve with a router that sends everything to the teacher: the serving process uses the key too
         p = Project.open(root)
-        model_dir = Path(p.store.latest_run("train")["path"])
+        model_dir = p.latest_model().path
         p.close()
         from distill.serve.router import Router, RouterConfig
 
         Router(RouterConfig(labels=list(LABELS), ood="none", conf_threshold=1.01)).save(model_dir)
         before = sum(x["charged"] for x in server.log_lines())
-        serve = ServeProcess(root, env={"FAKE_KEY": key}, log=tmp_path / "serve.log")
+        # pinned: a 1-epoch student may have failed its gate, and only a pinned model is served then
+        serve = ServeProcess(root, args=("--model", model_dir), env={"FAKE_KEY": key}, log=tmp_path / "serve.log")
         h = {"Authorization": f"Bearer {service_key}"}
         r = httpx.post(serve.url + "/v1/classify", json={"texts": ["I feel negative about a brand new order"]},
                        headers=h, timeout=60)

@@ -1,6 +1,7 @@
 """The service's security defaults, checked on a real `distill serve` process started through the CLI:
 loopback-only bind by default (read from the kernel's socket table, not from our own config), refusal to
-serve without keys on another interface, 401 without a valid key (and no echo of the key offered), 413
+serve without keys on another interface, 401 without a valid key before anything about the body or the schema
+(and no echo of the key offered), 413
 for big bodies, 422 for too many texts, and API keys that exist only as salted hashes on disk.
 tests/integration/test_serve.py checks the same limits on an in-process app; this is the deployed shape."""
 
@@ -74,6 +75,18 @@ def test_no_key_wrong_key_revoked_key_are_401_and_never_echoed(world):
     for path in ("/v1/models", "/metrics"):
         assert httpx.get(u + path).status_code == 401
     assert httpx.get(u + "/v1/models", headers={"Authorization": f"Bearer {world['key']}"}).status_code == 200
+
+
+def test_without_a_key_nothing_but_401(world):
+    # the body is not looked at (no 422 naming fields) and the schema is not served without a key
+    u = world["serve"].url
+    for body in (b'{"text": 1}', b"not json", b'{"texts": ["\\ud800"]}'):
+        r = httpx.post(u + "/v1/classify", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and "texts" not in r.text, r.text
+    for path in ("/openapi.json", "/docs", "/nope"):
+        assert httpx.get(u + path).status_code == 401
+    doc = httpx.get(u + "/openapi.json", headers={"Authorization": f"Bearer {world['key']}"})
+    assert doc.status_code == 200 and "/v1/classify" in doc.json()["paths"]
 
 
 def test_body_and_batch_limits(world):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from distill.evaluate_lm import (
+from distill.evaluate.lm import (
     _gate,
     _parse_outputs,
     field_pairs,

@@ -134,7 +134,35 @@ def test_failed_export_keeps_the_previous_file(labelled, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("distill.data.export._write_jsonl", half_then_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(DistillError, match="cannot write .*data.jsonl: disk full") as e:   # fsutil names the file
         export_data(labelled, out)
+    assert "previous file is unchanged" in e.value.hint
     assert out.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".")) == []
+
+
+def test_export_target_rule(labelled, tmp_path):
+    """The project, its store and what it points at are refused even with force; a file distill did not write
+    is refused, or with force moved aside (never deleted); a previous export is replaced."""
+    p = labelled
+    db = (p.root / "distill.db").read_bytes()
+    for bad in (p.root / "distill.db", p.root / "distill.yaml", p.root, p.root.parent, p.root / "recording.jsonl",
+                p.root / "models"):
+        for force in (False, True):
+            with pytest.raises(DistillError, match="export target") as e:
+                export_data(p, bad, force=force)
+            assert str(bad) in str(e.value) and e.value.hint
+    assert (p.root / "distill.db").read_bytes() == db
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text("precious\n")
+    with pytest.raises(DistillError, match="--force"):
+        export_data(p, theirs)
+    told: list[str] = []
+    export_data(p, theirs, force=True, say=told.append)
+    aside = next(tmp_path.glob("theirs.jsonl.replaced-*"))
+    assert aside.read_text() == "precious\n" and str(aside) in told[0]
+    export_data(p, theirs)                                  # now a previous export: replaced without force
+    assert len(list(tmp_path.glob("theirs.jsonl.replaced-*"))) == 1
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(DistillError, match="is a folder"):
+        export_data(p, tmp_path / "dir")

@@ -257,3 +257,24 @@ def test_failure_during_insert_rolls_back(tmp_path, monkeypatch):
     with pytest.raises((DistillError, sqlite3.OperationalError)):
         import_file(p, write(tmp_path, "n.csv", "text\nsomething new\nand another\n"))
     assert dump(p) == before
+
+
+def test_lone_surrogate_escape_names_line_and_column_and_imports_nothing(tmp_path):
+    p = make_project(tmp_path)
+    before = dump(p)
+    f = write(tmp_path, "s.jsonl", '{"text": "pair \\ud83d\\ude00 ok"}\n{"text": "x", "note": ["\\udc00"]}\n')
+    msg = _err(p, f)
+    assert "s.jsonl, line 2, column 'note'" in msg and "\\udc00" in msg and "surrogate" in msg
+    assert dump(p) == before
+
+
+def test_tab_separated_csv_says_so_and_csv_as_tsv_too(tmp_path):
+    p = make_project(tmp_path)
+    msg = _err(p, write(tmp_path, "t.csv", "text\tlabel\na\tpositive\n"), label="label")
+    assert "'text\\tlabel'" in msg and "tab-separated" in msg and "rename the file to .tsv" in msg
+    msg = _err(p, write(tmp_path, "t2.csv", "text\tlabel\na, b\tpositive\n"), label="label")
+    assert "t2.csv, line 2: 2 fields" in msg and "tab-separated" in msg
+    msg = _err(p, write(tmp_path, "c.tsv", "text,label\na,positive\n"), label="label")
+    assert "comma-separated" in msg and "rename the file to .csv" in msg
+    # an ordinary missing column keeps its plain hint
+    assert "tab-separated" not in _err(p, write(tmp_path, "c3.csv", "body,label\na,positive\n"))

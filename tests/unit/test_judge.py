@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from distill.judge import judge, judge_messages, parse_grade
 from distill.project import Project
@@ -81,3 +83,12 @@ def test_a_failing_teacher_leaves_grades_missing_not_invented(tmp_path):
     assert r["grades"] == [None, None] and r["errors"] == 2 and r["new_calls"] == 0
     assert p.store.q("SELECT COUNT(*) AS n FROM teacher_calls")[0]["n"] == 0
     p.close()
+
+
+def test_the_ledger_does_not_pull_in_the_labeller():
+    """The judge (and the service) record calls through distill.teachers.ledger, which must not import the
+    asyncio labeller: a fresh interpreter shows what importing them really loads."""
+    code = ("import sys, distill.teachers.ledger, distill.judge; "
+            "print(sorted(m for m in sys.modules if m in ('distill.labeling', 'distill.ratelimit', 'rich.progress')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

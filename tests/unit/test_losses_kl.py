@@ -106,3 +106,29 @@ def test_different_tokenizers_refused_with_a_hint():
     with pytest.raises(DistillError, match="tokenizers differ") as e:
         check_same_tokenizer(same_a, tiny_tokenizer(extra_tokens=["hello"]), "kd_forward")
     assert "sft" in e.value.hint
+
+
+def test_nan_and_inf_at_a_masked_position_do_not_reach_the_loss_or_the_gradient():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[IGNORE, 2, 3], [1, IGNORE, IGNORE]])
+    bad_s, bad_t = s.clone(), t.clone()
+    bad_s[0, 0, 1] = float("nan")
+    bad_s[1, 2, 0] = float("inf")
+    bad_t[1, 1, 4] = float("nan")
+    for f, kw in ((forward_kl, {}), (reverse_kl, {}), (generalized_jsd, {"beta": 0.5}),
+                  (generalized_jsd, {"beta": 0.0}), (generalized_jsd, {"beta": 1.0})):
+        for reduction in ("mean", "sum"):
+            clean = f(s, t, labels, reduction=reduction, **kw)
+            x = bad_s.clone().requires_grad_(True)
+            got = f(x, bad_t, labels, reduction=reduction, **kw)
+            assert torch.isfinite(got) and torch.allclose(got, clean, rtol=1e-5, atol=1e-7), (f.__name__, kw)
+            got.backward()
+            assert torch.isfinite(x.grad).all()
+            assert x.grad[0, 0].abs().sum() == 0 and x.grad[1, 1:].abs().sum() == 0
+
+
+def test_unknown_reduction_is_a_value_error():
+    for f in (forward_kl, reverse_kl, generalized_jsd):
+        with pytest.raises(ValueError, match="'mean', 'sum'.*'avg'"):
+            f(S, T, L, reduction="avg")

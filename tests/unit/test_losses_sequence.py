@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from distill.losses.sequence import IGNORE, build_completion_labels, next_token_view, sequence_kd_loss
@@ -58,3 +59,36 @@ def test_shifting_labels_equals_shifting_logits():
     a = sequence_kd_loss(*next_token_view(logits, labels), reduction="sum")
     b = sequence_kd_loss(logits, shifted_labels(labels), reduction="sum")
     assert torch.allclose(a, b) and shifted_labels(labels)[:, -1].eq(-100).all()
+
+
+def test_nan_at_a_masked_position_does_not_reach_the_loss_or_the_gradient():
+    logits = torch.tensor([[[0.0, math.log(3)], [5.0, -5.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1, IGNORE, 0]])
+    expected = (-math.log(0.75) + math.log(2)) / 2
+    bad = logits.clone()
+    bad[0, 1, 0] = float("nan")
+    bad.requires_grad_(True)
+    got = sequence_kd_loss(bad, labels)
+    assert torch.isfinite(got) and math.isclose(got.item(), expected, rel_tol=1e-6)
+    assert math.isclose(got.item(), sequence_kd_loss(logits, labels).item(), rel_tol=1e-6)
+    got.backward()
+    assert torch.isfinite(bad.grad).all() and bad.grad[0, 1].abs().sum() == 0
+
+
+def test_reduce_tokens_selects_rather_than_multiplies():
+    from distill.losses.sequence import reduce_tokens
+
+    per_token = torch.tensor([[1.0, float("nan"), 2.0], [float("inf"), 4.0, float("-inf")]])
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    assert math.isclose(reduce_tokens(per_token, mask, "sum").item(), 7.0, rel_tol=1e-6)
+    assert math.isclose(reduce_tokens(per_token, mask, "mean").item(), 7.0 / 3, rel_tol=1e-6)
+
+
+def test_unknown_reduction_is_a_value_error():
+    from distill.losses.sequence import reduce_tokens
+
+    logits, labels = torch.zeros(1, 2, 3), torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="'mean', 'sum'.*'avg'"):
+        sequence_kd_loss(logits, labels, reduction="avg")
+    with pytest.raises(ValueError, match="'mean', 'sum'.*'none'"):
+        reduce_tokens(torch.zeros(1, 2), labels >= 0, "none")

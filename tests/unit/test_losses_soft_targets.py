@@ -150,3 +150,40 @@ def test_mix_endpoints_are_pure_kd_and_pure_ce():
                           hard_label_ce(z, y, 0.1))
     with pytest.raises(ValueError, match="alpha"):
         kd_ce_mix(z, p, y, alpha=1.5)
+
+
+# -- robustness: half-precision inputs, ignored rows ------------------------------------------------
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_kd_upcasts_half_precision_inputs_to_float32(half):
+    g = torch.Generator().manual_seed(3)
+    z = (3 * torch.randn(4, 6, generator=g)).to(half)
+    p = torch.softmax(torch.randn(4, 6, generator=g), -1).to(half)
+    y = torch.tensor([0, 5, 2, 3])
+    for T in (1.0, 2.0):
+        got = soft_target_kd(z, p, T)
+        assert got.dtype == torch.float32
+        # the same (already rounded) inputs, computed in float64
+        want = soft_target_kd(z.double(), p.double(), T)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
+        mix = kd_ce_mix(z, p, y, alpha=0.3, temperature=T, label_smoothing=0.1)
+        assert mix.dtype == torch.float32
+        assert torch.allclose(mix.double(), kd_ce_mix(z.double(), p.double(), y, alpha=0.3, temperature=T,
+                                                      label_smoothing=0.1), rtol=1e-5, atol=1e-7)
+    assert hard_label_ce(z, y).dtype == torch.float32
+
+
+def test_ce_ignored_rows_are_selected_away_even_when_nan():
+    z = t([[0.0, LN3], [float("nan"), 0.0], [0.0, 0.0]]).requires_grad_()
+    y = torch.tensor([1, -100, 0])
+    want = (-math.log(0.75) + math.log(2)) / 2
+    got = hard_label_ce(z, y)
+    assert math.isclose(got.item(), want, rel_tol=1e-9)
+    got.backward()
+    assert torch.isfinite(z.grad).all() and z.grad[1].abs().sum() == 0
+    # smoothing 0.1 over 2 labels: targets [0.05, 0.95] and [0.95, 0.05] on the kept rows
+    want_s = -(0.05 * math.log(0.25) + 0.95 * math.log(0.75) + math.log(0.5)) / 2
+    assert math.isclose(hard_label_ce(z, y, label_smoothing=0.1).item(), want_s, rel_tol=1e-9)
+    # no row left: 0, not NaN (mean over nothing)
+    assert hard_label_ce(z, torch.full((3,), -100)).item() == 0.0

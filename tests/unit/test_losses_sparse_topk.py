@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from distill.losses.kl import forward_kl
@@ -104,3 +105,113 @@ def test_teacher_positions_off_student_token_boundaries_are_skipped_and_counted(
     ids, lps, stats = sparse_targets_for_completion(lp, cids, [0], tok)
     assert stats.unaligned == 1 and stats.unmapped == 1          # "he" is not one student token
     assert ids == [cids] and stats.hard_positions == 1
+
+
+# -- robustness: empty "other" bucket, duplicate targets, masked NaNs, bad reduction -----------------
+
+
+def _kl_by_hand(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def test_k_equal_full_vocab_minimal_case_does_not_multiply_rounding_by_log_zero():
+    # V = 2 = k: the student has no "other" token. The API's log-probs of (0.9, 0.1000001) sum to 1.0000001,
+    # are scaled to 1, and 1 - sum then rounds to ~6e-8 (or to 0, depending on the CPU); that leftover
+    # times log p_S(other) = -1e30 gave 5.96e22. True value: teacher (0.9, 0.1000001) / 1.0000001 against
+    # the uniform student (1/2, 1/2).
+    s = torch.zeros(1, 1, 2)
+    ids = torch.tensor([[[0, 1]]])
+    lps = torch.tensor([[[math.log(0.9), math.log(0.1000001)]]])
+    total = 0.9 + 0.1000001
+    expected = _kl_by_hand((0.9 / total, 0.1000001 / total), (0.5, 0.5))      # 0.3680640...
+    got = sparse_topk_kd_loss(s, ids, lps, torch.tensor([[0]])).item()
+    assert math.isclose(got, expected, rel_tol=1e-5)
+    # whatever 1 - sum rounds to, the answer is the same: shift the teacher's sum to either side of 1
+    for eps in (-1e-7, -1e-6, 1e-7):
+        shifted = sparse_topk_kd_loss(s, ids, lps + math.log1p(eps), torch.tensor([[0]])).item()
+        assert math.isclose(shifted, expected, rel_tol=1e-5)
+
+
+def test_k_equal_full_vocab_with_missing_teacher_mass_renormalises_the_top_k():
+    # Teacher lists every student token but with only 0.9 of its mass (the rest on strings the student
+    # cannot write). The student cannot put mass on "other", so the top-k is renormalised to (2/3, 1/3)
+    # and compared with the uniform student; the old code gave 0.1 * 1e30.
+    s = torch.zeros(1, 1, 2, requires_grad=True)
+    ids = torch.tensor([[[0, 1]]])
+    lps = torch.tensor([[[math.log(0.6), math.log(0.3)]]])
+    loss = sparse_topk_kd_loss(s, ids, lps, torch.tensor([[0]]))
+    assert math.isclose(loss.item(), _kl_by_hand((2 / 3, 1 / 3), (0.5, 0.5)), rel_tol=1e-5)
+    loss.backward()
+    # d KL / d logits = p_S - p_T = (1/2 - 2/3, 1/2 - 1/3)
+    assert torch.allclose(s.grad, torch.tensor([[[-1 / 6, 1 / 6]]]), atol=1e-6)
+
+
+def test_duplicate_target_ids_in_the_loss_add_their_mass():
+    # V = 3, uniform student. Slots 0 and 2 are both token 0 with p = 0.3 each -> one outcome with p = 0.6;
+    # token 1 has p = 0.2, other = 0.2 (student other = token 2 = 1/3).
+    s = torch.zeros(1, 1, 3)
+    ids = torch.tensor([[[0, 1, 0]]])
+    lps = torch.log(torch.tensor([[[0.3, 0.2, 0.3]]]))
+    expected = _kl_by_hand((0.6, 0.2, 0.2), (1 / 3, 1 / 3, 1 / 3))
+    assert math.isclose(sparse_topk_kd_loss(s, ids, lps, torch.tensor([[0]])).item(), expected, rel_tol=1e-5)
+
+
+def test_duplicate_teacher_strings_keep_their_summed_mass():
+    from tiny_lm import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    a, b = (tok.convert_tokens_to_ids(x) for x in "ab")
+    # "a" listed twice (two teacher tokens that spell the same string): 0.4 + 0.2 = 0.6, not 0.4
+    lp = [{"token": "a", "logprob": math.log(0.4),
+           "top_logprobs": [{"token": "a", "logprob": math.log(0.4)}, {"token": "b", "logprob": math.log(0.3)},
+                            {"token": "a", "logprob": math.log(0.2)}]}]
+    cids = tok("a", add_special_tokens=False)["input_ids"]
+    ids, lps, stats = sparse_targets_for_completion(lp, cids, [0], tok)
+    assert ids == [[a, b]] and stats.entries == 3 and stats.unmapped == 0
+    assert math.isclose(lps[0][0], math.log(0.6), rel_tol=1e-9) and math.isclose(lps[0][1], math.log(0.3), rel_tol=1e-9)
+    # and the loss sees 0.6: uniform student over V, other = 0.1 on V - 2 tokens
+    t_ids, t_lps = pad_sparse_targets([(ids, lps)], seq_len=1, starts=[0])
+    v = len(tok)
+    s = torch.zeros(1, 1, v)
+    expected = _kl_by_hand((0.6, 0.3, 0.1), (1 / v, 1 / v, (v - 2) / v))
+    assert math.isclose(sparse_topk_kd_loss(s, t_ids, t_lps, torch.tensor([[a]])).item(), expected, rel_tol=1e-5)
+
+
+def test_two_strings_for_one_student_id_keep_their_summed_mass():
+    from tiny_lm import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    x, y = (tok.convert_tokens_to_ids(c) for c in "xy")
+    # A real tokenizer can map two API strings to one id (normalisation); the memo (string -> student id,
+    # the cache sparse_targets_for_completion fills) stands in for that here: "X" is read as "x".
+    memo = {"X": x}
+    lp = [{"token": "x", "logprob": math.log(0.5),
+           "top_logprobs": [{"token": "x", "logprob": math.log(0.5)}, {"token": "X", "logprob": math.log(0.25)},
+                            {"token": "y", "logprob": math.log(0.125)}]}]
+    ids, lps, _ = sparse_targets_for_completion(lp, [x], [0], tok, memo=memo)
+    assert ids == [[x, y]]
+    assert math.isclose(lps[0][0], math.log(0.75), rel_tol=1e-9) and math.isclose(lps[0][1], math.log(0.125), rel_tol=1e-9)
+
+
+def test_nan_at_a_masked_position_does_not_reach_the_loss_or_the_gradient():
+    torch.manual_seed(2)
+    s = torch.randn(1, 3, 6)
+    ids = torch.tensor([[[0, 1], [2, -1], [4, 5]]])
+    lps = torch.log(torch.tensor([[[0.5, 0.2], [0.7, 1.0], [0.1, 0.3]]]))
+    labels = torch.tensor([[IGNORE, 2, 4]])
+    for reduction in ("mean", "sum"):
+        clean = sparse_topk_kd_loss(s, ids, lps, labels, reduction=reduction)
+        bad_s, bad_lps = s.clone(), lps.clone()
+        bad_s[0, 0, 3] = float("nan")
+        bad_lps[0, 0, 1] = float("nan")
+        bad_s.requires_grad_(True)
+        got = sparse_topk_kd_loss(bad_s, ids, bad_lps, labels, reduction=reduction)
+        assert torch.isfinite(got) and torch.allclose(got, clean, rtol=1e-5, atol=1e-7)
+        got.backward()
+        assert torch.isfinite(bad_s.grad).all() and bad_s.grad[0, 0].abs().sum() == 0
+
+
+def test_unknown_reduction_is_a_value_error():
+    with pytest.raises(ValueError, match="'mean', 'sum'.*'avg'"):
+        sparse_topk_kd_loss(torch.zeros(1, 1, 3), torch.tensor([[[0]]]), torch.tensor([[[0.0]]]),
+                            torch.tensor([[0]]), reduction="avg")

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from distill.errors import DistillError
-from distill.labeling import answer_token_span, cost_of, first_token_distribution, label_fields
+from distill.labeling import answer_token_span, first_token_distribution, label_fields
+from distill.teachers.ledger import cost_of
 from distill.ratelimit import Limiter, TokenBucket
 from distill.task import ProjectSpec, TeacherSpec
 from distill.teachers.base import TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable

@@ -1,5 +1,6 @@
 """ReplayTeacher: hits return the recorded reply, misses raise NoAnswer, provenance is kept, and bad
-recordings fail with a DistillError naming the line."""
+recordings fail with a DistillError naming the line. write_recording / RecordingAppender write files it
+replays exactly."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 from distill.errors import DistillError
 from distill.task import TeacherSpec
-from distill.teachers.base import NoAnswer, TeacherRequest
-from distill.teachers.replay import ReplayTeacher, messages_sha256
+from distill.teachers.base import NoAnswer, TeacherReply, TeacherRequest
+from distill.teachers.replay import RecordingAppender, ReplayTeacher, messages_sha256, read_recording, write_recording
 
 PROV = {"teacher": "qwen-1.5b", "model": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "sha256": "ab" * 32,
         "command": "python record.py", "date": "2026-01-01T00:00:00+00:00", "machine": "test"}
@@ -106,3 +107,89 @@ def test_bad_recordings_are_clear_errors(tmp_path):
     _write(tmp_path / "shape.jsonl", [{"provenance": PROV}, {"messages": _msgs("x"), "answer": "A"}])
     with pytest.raises(DistillError, match=r"shape.jsonl:2: expected"):
         _teacher(root, "shape.jsonl")
+
+
+# -- writing recordings -------------------------------------------------------------------------------
+
+REPLIED = ("texts", "label_probs", "logprobs", "tokens_in", "tokens_out", "latency_s")
+
+
+def _entries():
+    logprobs = [{"token": "A", "logprob": -0.1, "top_logprobs": [{"token": "B", "logprob": -2.4}]}]
+    return [
+        (_msgs("teacher reply"), TeacherReply(texts=["A", "B"], label_probs={"A": 0.7, "B": 0.3}, logprobs=logprobs,
+                                              tokens_in=31, tokens_out=2, latency_s=1.25, retries=3,
+                                              raw={"id": "chatcmpl-1"}), {"id": "r1"}),
+        (_msgs("reply dict"), {"texts": ["B"], "tokens_in": 9, "tokens_out": 1, "latency_s": 0.0}),
+        (_msgs("bare answer"), "A"),
+        (_msgs("json answer"), ["not", "a", "reply"]),          # any other value: its JSON text
+        (_msgs("ünïcode ✓"), TeacherReply(texts=["A"])),
+    ]
+
+
+def test_write_recording_round_trips_through_the_replay_teacher(tmp_path):
+    entries = _entries()
+    path = write_recording(tmp_path / "sub" / "rec.jsonl", PROV, entries)
+    assert path == tmp_path / "sub" / "rec.jsonl"
+    assert [p.name for p in path.parent.iterdir()] == ["rec.jsonl"]      # no temporary file left
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert lines[0] == {"provenance": PROV} and len(lines) == 1 + len(entries)
+    assert lines[1]["id"] == "r1" and "retries" not in lines[1]["reply"]
+    assert lines[2]["reply"] == entries[1][1] and "raw" not in lines[5]["reply"]   # None / empty fields left out
+
+    t = _teacher(SimpleNamespace(root=tmp_path), "sub/rec.jsonl")
+    assert t.provenance == PROV and len(t) == len(entries)
+    want = [entries[0][1], TeacherReply(texts=["B"], tokens_in=9, tokens_out=1), TeacherReply(texts=["A"]),
+            TeacherReply(texts=['["not", "a", "reply"]']), TeacherReply(texts=["A"])]
+    for (msgs, _, *_extra), w in zip(entries, want):
+        got = asyncio.run(t.ask(TeacherRequest(key="k", messages=msgs, kind="classify")))
+        assert {f: getattr(got, f) for f in REPLIED} == {f: getattr(w, f) for f in REPLIED}
+        assert got.retries == 0 and {k: got.raw[k] for k in w.raw} == w.raw
+    # and read_recording sees exactly what was written
+    prov, replies = read_recording(path)
+    assert prov == PROV and set(replies) == {messages_sha256(e[0]) for e in entries}
+
+
+def test_write_recording_is_atomic(tmp_path):
+    path = write_recording(tmp_path / "rec.jsonl", PROV, _entries()[:2])
+    before = path.read_bytes()
+
+    def crashing():
+        yield _entries()[2]
+        raise RuntimeError("recorder crashed")
+
+    with pytest.raises(RuntimeError):
+        write_recording(path, PROV, crashing())
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["rec.jsonl"]
+
+
+def test_write_recording_refuses_what_the_replay_could_not_read(tmp_path):
+    with pytest.raises(DistillError, match="provenance"):
+        write_recording(tmp_path / "a.jsonl", {}, [])
+    with pytest.raises(DistillError, match="unknown|only these keys"):
+        write_recording(tmp_path / "b.jsonl", PROV, [(_msgs("x"), {"texts": ["A"], "answer": "A"})])
+    with pytest.raises(DistillError, match="messages must be a list"):
+        write_recording(tmp_path / "c.jsonl", PROV, [("just text", "A")])
+    with pytest.raises(DistillError, match="may not be"):
+        write_recording(tmp_path / "d.jsonl", PROV, [(_msgs("x"), "A", {"reply": 1})])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_appender_resumes_after_a_kill_and_keeps_the_first_provenance(tmp_path):
+    path = tmp_path / "rec.jsonl"
+    with RecordingAppender(path, PROV) as rec:
+        assert rec.provenance == PROV and len(rec) == 0
+        rec.add(_msgs("one"), TeacherReply(texts=["A"], tokens_in=5, latency_s=0.5), {"id": "1"})
+        rec.add(_msgs("two"), "B")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"id": "3", "messages": [{"role": "us')                 # killed mid-line
+    other = {**PROV, "sha256": "cd" * 32}
+    with RecordingAppender(path, other) as rec:
+        assert rec.provenance == PROV                                 # the file's header, to compare against
+        assert _msgs("one") in rec and _msgs("two") in rec and _msgs("three") not in rec and len(rec) == 2
+        rec.add(_msgs("three"), {"texts": ["A"], "label_probs": {"A": 1.0, "B": 0.0}})
+    assert path.read_text(encoding="utf-8").endswith("\n")
+    t = _teacher(SimpleNamespace(root=tmp_path))
+    assert len(t) == 3 and t.provenance == PROV
+    assert [_ask(t, x).texts for x in ("one", "two", "three")] == [["A"], ["B"], ["A"]]
+    assert _ask(t, "one").latency_s == 0.5 and _ask(t, "three").label_probs == {"A": 1.0, "B": 0.0}

@@ -76,3 +76,26 @@ def test_second_exclusive_holder_is_refused(tmp_path):
 def test_open_without_spec_says_how_to_start(tmp_path):
     with pytest.raises(DistillError, match="distill init"):
         Project.open(tmp_path)
+
+
+def test_readonly_store_reads_and_refuses_every_write(tmp_path):
+    import sqlite3
+
+    f = tmp_path / "distill.db"
+    s = Store(f)
+    s.set_meta("k", "v")
+    s.close()
+    before = f.read_bytes()
+    ro = Store(f, readonly=True)
+    try:
+        assert ro.get_meta("k") == "v" and ro.one("SELECT COUNT(*) FROM failure_queue") == 0
+        with pytest.raises(DistillError, match="read-only"):
+            ro.put_run("r", "train", "done", None, {})
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            ro.set_meta("k", "w")
+    finally:
+        ro.close()
+    assert f.read_bytes() == before
+    with pytest.raises(DistillError, match="no store"):
+        Store(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()

@@ -156,3 +156,81 @@ def test_deterministic_teachers_are_not_reasked_and_local_dtype_is_part_of_ident
     bf16 = TeacherSpec(name="l", kind="local", path="p", dtype="bfloat16")
     assert local.identity() != bf16.identity() and bf16.identity()["dtype"] == "bfloat16"
     assert "dtype" not in api.identity()
+
+
+# ------------------------------------------------------------------------------------------------ student:
+
+
+CLASSIFY_YAML = "name: a\nkind: classify\nlabels: [x, y]\n"
+GENERATE_YAML = "name: a\nkind: generate\n"
+
+
+@pytest.mark.parametrize("head,kind", [(CLASSIFY_YAML, "classify"), (GENERATE_YAML, "generate")])
+def test_unknown_student_key_fails_at_load_with_its_path(tmp_path, head, kind):
+    f = tmp_path / "distill.yaml"
+    f.write_text(head + "student:\n  epochs: 2\n  learnig_rate: 0.001\n")
+    with pytest.raises(DistillError) as e:
+        load_spec(f)
+    msg, n = str(e.value), head.count("\n")          # the student: block starts on line n + 1
+    assert f"field `student.learnig_rate` (line {n + 3})" in msg and "unknown setting" in msg
+    assert f"valid for kind {kind}:" in msg and "learning_rate" in msg
+    # a value out of range or of the wrong type is refused at load too, in the config's own words
+    f.write_text(head + "student:\n  learning_rate: -1\n  epochs: four\n")
+    with pytest.raises(DistillError) as e:
+        load_spec(f)
+    assert f"field `student.learning_rate` (line {n + 2}): must be > 0 (got -1)" in str(e.value)
+    assert f"field `student.epochs` (line {n + 3}): expected int, got 'four'" in str(e.value)
+    # a setting of the other kind's student is unknown here
+    other = "lora_rank: 8" if kind == "classify" else "signal: soft"
+    f.write_text(head + f"student:\n  {other}\n")
+    with pytest.raises(DistillError, match=f"student.{other.split(':')[0]}"):
+        load_spec(f)
+
+
+@pytest.mark.parametrize("head", [CLASSIFY_YAML, GENERATE_YAML])
+def test_student_older_names_are_accepted_but_not_both(tmp_path, head):
+    f = tmp_path / "distill.yaml"
+    f.write_text(head + "student: {base: my-model, lr: 0.003}\n")
+    spec = load_spec(f)
+    cfg = spec.student_config()
+    assert (cfg.base_model, cfg.learning_rate) == ("my-model", 0.003)
+    assert spec.student == {"base": "my-model", "lr": 0.003}          # kept as written
+    assert spec.student_config({"epochs": 3, "base": "other"}).base_model == "other"
+    f.write_text(head + "student: {base: a, base_model: b}\n")
+    with pytest.raises(DistillError, match="both `base` and `base_model`"):
+        load_spec(f)
+    with pytest.raises(DistillError, match="both `lr` and `learning_rate`"):
+        spec.student_config({"lr": 1.0, "learning_rate": 2.0})
+
+
+def test_both_student_configs_use_the_same_names():
+    from distill.student_config import EncoderStudentConfig, LMStudentConfig, student_config_for
+
+    shared = {"base_model", "learning_rate", "epochs", "batch_size", "max_length", "weight_decay", "temperature",
+              "seed", "device", "keep_checkpoints"}
+    assert shared <= set(EncoderStudentConfig.model_fields) and shared <= set(LMStudentConfig.model_fields)
+    for name in shared:   # the same thing has the same type in both
+        assert EncoderStudentConfig.model_fields[name].annotation == LMStudentConfig.model_fields[name].annotation
+    assert type(student_config_for("classify", {})) is EncoderStudentConfig
+    assert type(student_config_for("extract", {})) is LMStudentConfig
+    # every field has a default and a help line
+    for cls in (EncoderStudentConfig, LMStudentConfig):
+        for name, f in cls.model_fields.items():
+            assert not f.is_required() and f.description, name
+    # the run id covers what changes the weights, not where or how verbosely it runs
+    enc, lm = EncoderStudentConfig(), LMStudentConfig()
+    assert "learning_rate" in enc.identity() and not {"device", "keep_checkpoints"} & set(enc.identity())
+    assert "lora_rank" in lm.identity() and not {"device", "save_every", "cpu_threads"} & set(lm.identity())
+
+
+def test_train_help_lists_the_student_settings_of_both_kinds():
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    for name in ("learning_rate", "signal", "early_stopping_patience", "lora_rank", "loss", "max_steps",
+                 "keep_checkpoints"):
+        assert f" {name}: " in r.output, name
+    assert "all-minilm-l6-v2" in r.output and "smollm2-135m-instruct" in r.output

@@ -15,11 +15,11 @@ import torch
 from distill.errors import DistillError
 from distill.recipes.train_causal_lm import (
     LMExample,
-    LMTrainConfig,
     accumulate_gradients,
     prepare,
     train_lm,
 )
+from distill.student_config import LMStudentConfig
 from distill.students.causal_lm import add_lora, encode_example, format_example, load_base
 
 WORDS = ["cat", "house", "sun", "garden", "ox", "river", "stone", "a", "paper", "light",
@@ -66,11 +66,11 @@ def teacher():
     return tiny_llama(vocab_size=len(tok), seed=1), tok
 
 
-def cfg(base_dir, **kw) -> LMTrainConfig:
-    d = dict(base_model=str(base_dir), lora_rank=4, lora_alpha=8, lora_dropout=0.0, lr=3e-2, batch_size=4,
+def cfg(base_dir, **kw) -> LMStudentConfig:
+    d = dict(base_model=str(base_dir), lora_rank=4, lora_alpha=8, lora_dropout=0.0, learning_rate=3e-2, batch_size=4,
              max_steps=8, save_every=100, max_length=64, device="cpu", seed=0)
     d.update(kw)
-    return LMTrainConfig(**d)
+    return LMStudentConfig(**d)
 
 
 # ------------------------------------------------------------------------------------------------ tokens
@@ -120,7 +120,7 @@ def test_short_prompt_trains_and_answers_without_the_system_prompt(base_dir, tmp
     assert student_prompt(tok, info, msgs) == student_prompt(tok, {}, [msgs[1]])   # what training saw
     assert SYSTEM in student_prompt(tok, {**info, "prompt": "teacher"}, msgs)
     with pytest.raises(DistillError, match="teacher would see the short prompt"):
-        LMTrainConfig(loss="jsd", prompt="short")
+        LMStudentConfig.from_dict({"loss": "jsd", "prompt": "short"})
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -232,16 +232,32 @@ def test_finished_run_and_foreign_checkpoints_are_refused(base_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_lm(examples(4), c, tmp_path / "half", log=None, on_step=crash)
     with pytest.raises(DistillError, match="different settings or data"):
-        train_lm(examples(4), cfg(base_dir, max_steps=2, save_every=1, lr=1e-3), tmp_path / "half", log=None)
+        train_lm(examples(4), cfg(base_dir, max_steps=2, save_every=1, learning_rate=1e-3), tmp_path / "half", log=None)
+
+
+def test_keep_checkpoints_window_while_training_and_after(base_dir, tmp_path):
+    seen = []
+
+    def count(step, entry, model):
+        seen.append(sorted(p.name for p in (tmp_path / "none" / "checkpoints").glob("step-*")))
+
+    # keep_checkpoints: 0 still keeps the newest checkpoint while training (resume needs it), none after
+    train_lm(examples(4), cfg(base_dir, max_steps=3, save_every=1, keep_checkpoints=0), tmp_path / "none", log=None,
+             on_step=count)
+    assert seen == [["step-000001"], ["step-000002"], ["step-000003"]]
+    assert not (tmp_path / "none" / "checkpoints").exists()
+    train_lm(examples(4), cfg(base_dir, max_steps=3, save_every=1, keep_checkpoints=2), tmp_path / "two", log=None)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
 def test_user_errors(base_dir, tmp_path):
     from tiny_lm import tiny_llama, tiny_tokenizer
 
     with pytest.raises(DistillError, match="unknown setting"):
-        LMTrainConfig.from_dict({"los": "sft"})
+        LMStudentConfig.from_dict({"los": "sft"})
     with pytest.raises(DistillError, match="beta"):
-        LMTrainConfig(beta=2.0)
+        LMStudentConfig.from_dict({"beta": 2.0})
+    assert LMStudentConfig.from_dict({"lr": 1e-3, "base": "m"}).learning_rate == 1e-3      # the older names
     other_tok = tiny_tokenizer(extra_tokens=["hello"])
     with pytest.raises(DistillError, match="tokenizers differ"):
         train_lm(examples(4), cfg(base_dir, loss="kd_forward"), tmp_path / "x", log=None,
@@ -281,7 +297,7 @@ def test_merged_model_equals_base_plus_adapter(base_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distill.lm_export import merge_and_save
+    from distill.export.lm import merge_and_save
     from distill.students.causal_lm import generate, load_student
 
     train_lm(examples(), cfg(base_dir, max_steps=4), tmp_path / "run", log=None)
@@ -364,11 +380,11 @@ def test_smollm2_lora_train_and_merge(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distill.lm_export import merge_and_save
+    from distill.export.lm import merge_and_save
 
-    # one thread: on this shared 2-core machine it was 2-5x faster than two (see cpu_threads in LMTrainConfig)
-    c = LMTrainConfig(base_model="smollm2-135m-instruct", batch_size=2, max_steps=2, max_length=48, lora_rank=4,
-                      lora_alpha=8, lr=1e-3, save_every=100, device="cpu", cpu_threads=1)
+    # one thread: on this shared 2-core machine it was 2-5x faster than two (see cpu_threads in LMStudentConfig)
+    c = LMStudentConfig(base_model="smollm2-135m-instruct", batch_size=2, max_steps=2, max_length=48, lora_rank=4,
+                        lora_alpha=8, learning_rate=1e-3, save_every=100, device="cpu", cpu_threads=1)
     rec = train_lm(examples(2), c, tmp_path / "run", log=None)
     assert rec["student"]["format"] == "chat" and all(math.isfinite(h["loss"]) for h in rec["history"])
     adapter = tmp_path / "run" / "adapter"
@@ -428,4 +444,4 @@ def test_on_policy_training_uses_student_samples_and_resumes_exactly(base_dir, t
     assert [h["on_policy"] for h in resumed["history"]] == flags
     assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
     with pytest.raises(DistillError, match="on_policy"):
-        LMTrainConfig(loss="sft", on_policy=0.5)
+        LMStudentConfig.from_dict({"loss": "sft", "on_policy": 0.5})

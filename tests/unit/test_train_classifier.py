@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback, set_seed
 
 from distill.errors import DistillError
-from distill.recipes.train_classifier import TrainConfig, train, trained_model_path, training_examples
+from distill.recipes.train_classifier import train, trained_model_path, training_examples
+from distill.student_config import EncoderStudentConfig
 from distill.students.classifier import ClassifierStudent
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,10 +34,11 @@ def base(tmp_path_factory) -> Path:
     return tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
 
 
-def tiny_config(base: Path, **kw) -> TrainConfig:
+def tiny_config(base: Path, **kw) -> EncoderStudentConfig:
     # lr 5e-3 / batch 8: a random 2-layer BERT needs big steps to learn the toy task in 4 epochs
-    return TrainConfig(base=str(base), epochs=4, learning_rate=5e-3, batch_size=8, max_length=16, device="cpu",
-                       early_stopping_patience=0, **kw)
+    d = dict(base_model=str(base), epochs=4, learning_rate=5e-3, batch_size=8, max_length=16, device="cpu",
+             early_stopping_patience=0)
+    return EncoderStudentConfig(**{**d, **kw})
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -148,7 +149,7 @@ def test_resume_after_crash_equals_uninterrupted(reference_run, base, tmp_path):
 
 def test_crash_after_early_stop_is_finalised_not_trained_further(base, tmp_path):
     # agreement hits 1.0 by epoch 2 on the toy task, so patience 1 stops the run at epoch 3 of 6
-    cfg = replace(tiny_config(base), epochs=6, early_stopping_patience=1, early_stopping_metric="agreement")
+    cfg = tiny_config(base, epochs=6, early_stopping_patience=1, early_stopping_metric="agreement")
     straight = train(tiny_classify_project(tmp_path / "straight"), config=cfg, progress=False)
     stop = straight.record["epochs_run"]
     assert stop < 6
@@ -165,12 +166,13 @@ def test_crash_after_early_stop_is_finalised_not_trained_further(base, tmp_path)
 def test_sigkill_mid_training_then_rerun_finishes(base, tmp_path):
     """A real kill -9 in a subprocess while it trains; the rerun resumes and registers a finished run."""
     project = tiny_classify_project(tmp_path / "killed")
-    cfg = replace(tiny_config(base), epochs=6)
+    cfg = tiny_config(base, epochs=6)
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
         from distill.project import Project
-        from distill.recipes.train_classifier import TrainConfig, train
-        train(Project.open({str(project.root)!r}), config=TrainConfig(**{cfg.__dict__!r}), progress=False)
+        from distill.recipes.train_classifier import train
+        from distill.student_config import EncoderStudentConfig
+        train(Project.open({str(project.root)!r}), config=EncoderStudentConfig(**{cfg.model_dump()!r}), progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -195,7 +197,7 @@ def test_gold_signal_and_missing_validation_split(base, tmp_path):
     project = tiny_classify_project(tmp_path / "noval", n=40, val_share=0.0)
     with project.store.tx() as c:  # half the rows lose their gold label
         c.execute("UPDATE examples SET gold=NULL WHERE CAST(substr(id, 3) AS INTEGER) % 2 = 1")
-    cfg = replace(tiny_config(base), signal="gold", epochs=1)
+    cfg = tiny_config(base, signal="gold", epochs=1)
     train_ex, val_ex, counts = training_examples(project, "rec", cfg)
     assert counts["skipped"] == {"no_gold": 20} and counts["validation_carved"]
     assert len(val_ex) == 2 and len(train_ex) == 18
@@ -215,17 +217,31 @@ def test_corrections_become_one_hot(base, tmp_path):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(DistillError, match="student.lr.*unknown") as e:
-        TrainConfig.from_dict({"lr": 1e-4})
+    with pytest.raises(DistillError, match="student.learnin_rate.*unknown") as e:
+        EncoderStudentConfig.from_dict({"learnin_rate": 1e-4})
     assert "learning_rate" in e.value.hint
     with pytest.raises(DistillError, match="student.epochs.*expected int"):
-        TrainConfig.from_dict({"epochs": "four"})
+        EncoderStudentConfig.from_dict({"epochs": "four"})
     with pytest.raises(DistillError, match="student.signal"):
-        TrainConfig.from_dict({"signal": "distill"})
+        EncoderStudentConfig.from_dict({"signal": "distill"})
     with pytest.raises(DistillError, match="student.alpha"):
-        TrainConfig.from_dict({"alpha": 1.5})
-    cfg = TrainConfig.from_dict({"learning_rate": 1, "max_train_examples": None, "signal": "soft"})
+        EncoderStudentConfig.from_dict({"alpha": 1.5})
+    with pytest.raises(DistillError, match=r"distill.yaml: field `student.learning_rate`: must be > 0 \(got -1\)"):
+        EncoderStudentConfig.from_dict({"learning_rate": -1})
+    with pytest.raises(DistillError, match="student.epochs.*expected int, got True"):
+        EncoderStudentConfig.from_dict({"epochs": True})          # a bool is not an int here
+    cfg = EncoderStudentConfig.from_dict({"learning_rate": 1, "max_train_examples": None, "signal": "soft"})
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float) and cfg.signal == "soft"
+    # the older names of distill.yaml files still load
+    old = EncoderStudentConfig.from_dict({"base": "my-encoder", "lr": 3e-4})
+    assert (old.base_model, old.learning_rate) == ("my-encoder", 3e-4)
+
+
+def test_keep_checkpoints_keeps_the_newest(base, tmp_path):
+    rep = train(tiny_classify_project(tmp_path / "keep"), config=tiny_config(base, epochs=3, keep_checkpoints=1),
+                progress=False)
+    left = sorted(p.name for p in (rep.path.parent / "checkpoints").iterdir())
+    assert left == ["checkpoint-24"]                     # 3 epochs x 8 steps: only the last one is kept
 
 
 def test_bad_projects_fail_clearly(base, tmp_path):

@@ -3,8 +3,8 @@
 Why export at all: the data a teacher produced is an asset of its own (to train elsewhere, to audit, to
 share). It should travel with what made it: which teacher (model and sampling parameters, never a key),
 what its terms say about training on its outputs, which filters ran and what they dropped, and a hash of
-the data so the sidecar provably belongs to the file. Both files are written to a temporary name and
-renamed into place, so a crash never leaves a half-written export where the old one was.
+the data so the sidecar provably belongs to the file. Both files are written atomically (``distill.fsutil``:
+a temporary name, then a rename), so a crash never leaves a half-written export where the old one was.
 
 Rows come from ``distill.dataset.rows`` (the one reader every stage uses): train/validation rows are
 the latest filter run's kept rows, contaminated rows are never exported, and test rows are exported only
@@ -16,27 +16,35 @@ when asked (``splits`` includes "test"). Each record:
 All values are JSON-native. Both formats load with ``datasets.load_dataset("json" | "parquet",
 data_files=...)``. In Parquet a column needs one type; if nested answers differ in shape across rows, the
 nested columns are written as JSON strings instead, and the sidecar lists them under ``json_columns``.
+
+Where it may write: ``distill.fsutil.check_export_target``. An existing file is replaced only when it is a
+previous data export (its ``.provenance.json`` sidecar names it, or its records have exactly the fields
+above); anything else is refused, or with ``force`` moved aside to ``NAME.replaced-TIME``, never deleted. The
+project folder, its store (``--out PROJECT/distill.db``), spec, recordings and what its store points at are
+refused even with ``force``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import distill
 from distill.data.splits import SPLITS
 from distill.dataset import latest_filter_run, rows
 from distill.errors import DistillError
+from distill.fsutil import check_export_target, move_aside, project_protected, write_atomic, write_text_atomic
 from distill.project import Project
 from distill.task import TeacherSpec
 
 NESTED = ("label", "answer", "gold", "probs", "samples", "logprobs")
+# every record has these fields (+ label or answer): how a data export without its sidecar is recognised
+FIELDS = frozenset({"id", "text", "split", "segment", "gold", "source", "probs", "confidence", "agreement",
+                    "rationale", "samples", "logprobs"})
 
 
 def _record(kind: str, r: Any) -> dict[str, Any]:
@@ -55,21 +63,6 @@ def _record(kind: str, r: Any) -> dict[str, Any]:
         "samples": r.samples,
         "logprobs": r.logprobs,
     }
-
-
-def _atomic_write(out: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``out``: readers see the old file or the new one, never half."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # same folder (so the rename is atomic); not mkstemp, whose 0600 mode would survive the rename
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:
@@ -145,12 +138,52 @@ def _filter_provenance(project: Project, teacher: str) -> dict[str, Any]:
     return out
 
 
+def is_data_export(path: Path) -> bool:
+    """A file ``export_data`` wrote: its sidecar names it, or (sidecar lost) its first record has our fields."""
+    if not path.is_file():
+        return False
+    try:
+        side = json.loads(path.with_name(path.name + ".provenance.json").read_text(encoding="utf-8"))
+        if isinstance(side, dict) and side.get("file") == path.name:
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PAR1":
+            import pyarrow.parquet as pq
+
+            names = set(pq.read_schema(path).names)
+        else:
+            with open(path, encoding="utf-8") as f:
+                names = set(json.loads(f.readline(1_000_000)))
+    except Exception:  # unreadable, not JSON, not Parquet: not ours
+        return False
+    return FIELDS <= names and len(names & {"label", "answer"}) == 1 and len(names) == len(FIELDS) + 1
+
+
 def export_data(project: Project, out: str | Path, *, fmt: str = "jsonl", teacher: str | None = None,
-                splits: Iterable[str] = ("train", "validation")) -> Path:
-    """Write the labelled rows of ``splits`` to ``out`` and ``<out>.provenance.json``; returns ``out``."""
+                splits: Iterable[str] = ("train", "validation"), force: bool = False,
+                say: Callable[[str], None] | None = None) -> Path:
+    """Write the labelled rows of ``splits`` to ``out`` and ``<out>.provenance.json``; returns ``out``.
+
+    ``out`` is checked first (module docstring); ``force`` moves a file that is not a previous export aside
+    (``say`` is told where) instead of refusing."""
     out = Path(out)
     if fmt not in ("jsonl", "parquet"):
         raise DistillError(f"unknown export format {fmt!r}", hint="use jsonl or parquet")
+
+    def check() -> bool:
+        return check_export_target(out, is_export=is_data_export, root=project.root,
+                                   protected=project_protected(project), force=force,
+                                   default=f"exports/train.{fmt} in the project",
+                                   replaces="a previous data export (a file with its .provenance.json)")
+
+    check()
+    if out.is_dir():
+        raise DistillError(f"export target {out} is a folder; {fmt} data goes to a file",
+                           hint=f"give a file name, e.g. --out {out / ('train.' + fmt)}")
     splits = list(splits)
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
@@ -167,12 +200,16 @@ def export_data(project: Project, out: str | Path, *, fmt: str = "jsonl", teache
     records = [_record(spec.kind, r) for r in data]
 
     json_cols: list[str] = []
+    if check():       # --force over a file that is not ours: keep it under another name
+        moved = move_aside(out)
+        if say:
+            say(f"moved the existing {out} aside to {moved}")
     if fmt == "jsonl":
-        _atomic_write(out, lambda p: _write_jsonl(records, p))
+        write_atomic(out, lambda p: _write_jsonl(records, p))
     else:
         def write(p: Path) -> None:
             json_cols.extend(_write_parquet(records, p))
-        _atomic_write(out, write)
+        write_atomic(out, write)
 
     provenance = {
         "distill_version": distill.__version__,
@@ -192,5 +229,5 @@ def export_data(project: Project, out: str | Path, *, fmt: str = "jsonl", teache
         "filters": _filter_provenance(project, t.name),
     }
     side = out.with_name(out.name + ".provenance.json")
-    _atomic_write(side, lambda p: p.write_text(json.dumps(provenance, indent=2, ensure_ascii=False), encoding="utf-8"))
+    write_text_atomic(side, json.dumps(provenance, indent=2, ensure_ascii=False))
     return out

@@ -4,7 +4,8 @@ One import is one transaction: every row of the file is committed, or (on any er
 import adds nothing and loses nothing. The steps, in order:
 
 1. read the file (format from the extension or ``fmt``); decoding and syntax errors name the file, the
-   line as an editor shows it (1-based) and the column;
+   line as an editor shows it (1-based) and the column; a JSON string escape that is not text (a lone
+   UTF-16 surrogate such as ``"\ud800"``) is such an error too, like a byte that is not UTF-8;
 2. check the column mapping (missing columns list the ones the file has);
 3. per row: reject empty and too-long texts (counted by reason), normalise, derive the example id;
    gold answers and split-column values are validated, and any bad one stops the import *before* a
@@ -25,6 +26,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -130,6 +132,26 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
+def delimiter_mixup(fmt: str, header: list[str]) -> str | None:
+    """A sentence when the header says the file uses the other delimiter: a tab-separated file saved as .csv
+    reads as one column named 'text<TAB>label' (a comma-separated .tsv likewise), and the error that follows
+    (no column 'text', or a row with the wrong number of fields) does not say why. None when it looks fine."""
+    names = [str(h) for h in header]
+    if fmt == "csv" and any("\t" in h for h in names):
+        return ("the header contains tabs, so this file looks tab-separated (TSV), but it was read as "
+                "comma-separated CSV because of its extension")
+    if fmt == "tsv" and len(names) == 1 and "," in names[0]:
+        return ("the header is one column containing commas, so this file looks comma-separated (CSV), but it was "
+                "read as tab-separated because of its extension")
+    return None
+
+
+def _mixup_hint(fmt: str) -> str:
+    other = "tsv" if fmt == "csv" else "csv"
+    return (f"rename the file to .{other} (distill picks the delimiter from the extension), or save it again "
+            f"from your spreadsheet as {fmt.upper()}")
+
+
 def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[_Record]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
@@ -159,14 +181,40 @@ def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[_R
                                    hint="give every column a unique name")
             continue
         if len(row) != len(header):
+            fmt = "tsv" if delimiter == "\t" else "csv"
+            mixup = delimiter_mixup(fmt, header)
             raise DistillError(
-                f"{path}, line {start}: {len(row)} fields, but the header (line {header_line}) has {len(header)}",
-                hint="a field containing the delimiter must be quoted; fix or remove that row",
+                f"{path}, line {start}: {len(row)} fields, but the header (line {header_line}) has {len(header)}"
+                + (f"; {mixup}" if mixup else ""),
+                hint=_mixup_hint(fmt) if mixup
+                else "a field containing the delimiter must be quoted; fix or remove that row",
             )
         out.append(_Record(start, dict(zip(header, row))))
     if header is None:
         raise DistillError(f"{path}: the file is empty", hint="export the data again; a header line is needed")
     return header, out
+
+
+# a \uD800-\uDFFF escape: the only way a JSON line decoded from UTF-8 can carry a surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: Any) -> tuple[str, str] | None:
+    """(column, the offending string) of the first string (key or value, at any depth) holding a lone UTF-16
+    surrogate, which is not Unicode text: it cannot be stored (UTF-8) or hashed. None when there is none."""
+    stack: list[tuple[str, Any]] = [(k, v) for k, v in obj.items()] if isinstance(obj, dict) else [("", obj)]
+    while stack:
+        col, v = stack.pop()
+        for s in ((col, v) if isinstance(v, str) else (col,)):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                return col, s
+        if isinstance(v, dict):
+            stack.extend((col, x) for kv in v.items() for x in kv)
+        elif isinstance(v, list):
+            stack.extend((col, x) for x in v)
+    return None
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[_Record]]:
@@ -189,6 +237,17 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[_Record]]:
         if not isinstance(obj, dict):
             raise DistillError(f"{path}, line {i}: expected a JSON object, got {type(obj).__name__}",
                                hint='each line must look like {"text": "...", ...}')
+        bad = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(line) else None
+        if bad is not None:
+            col, s = bad
+            cp = next(f"\\u{ord(c):04x}" for c in s if 0xD800 <= ord(c) <= 0xDFFF)
+            col = col.encode("utf-8", "backslashreplace").decode("utf-8")     # the name itself may be the bad one
+            raise DistillError(
+                f"{path}, line {i}, column '{col}': the JSON escape {cp} is half of a UTF-16 surrogate pair "
+                "with no other half, so the value is not text",
+                hint="the program that wrote the file split a character (often an emoji) in two; fix or remove "
+                     "that line (nothing was imported)",
+            )
         for k in obj:
             cols.setdefault(k, None)
         out.append(_Record(i, obj))
@@ -312,9 +371,13 @@ def import_file(project: Project, path: str | Path, *, text: str = "text", label
     for arg, col in wanted.items():
         if col is not None and col not in columns:
             src = "splits.column in distill.yaml" if arg == "split" and split is None else f"--{arg}"
+            mixup = delimiter_mixup(fmt, columns)
+            shown = ", ".join(repr(c) if mixup else str(c) for c in columns)    # repr shows the \t
             raise DistillError(
-                f"{path}: no column '{col}' (asked for by {src}); the file has: {', '.join(map(str, columns))}",
-                hint=f"pass --{arg} with one of those column names, or add the column to the file",
+                f"{path}: no column '{col}' (asked for by {src}); the file has: {shown}"
+                + (f"; {mixup}" if mixup else ""),
+                hint=_mixup_hint(fmt) if mixup else f"pass --{arg} with one of those column names, or add the column "
+                "to the file",
             )
     if seg_col is not None and seg_col not in columns:
         report.warnings.append(f"segment_field '{seg_col}' is not a column of {path.name}; rows get no segment")

@@ -27,7 +27,8 @@ Temperature T divides both teachers' and students' logits before the softmax (Hi
 Shapes: student_logits and teacher_logits [B, T, V] aligned with labels [B, T] (see
 ``distill.losses.sequence.next_token_view``); positions with label -100 are ignored; the result is the
 per-token divergence (summed over the vocabulary) averaged over completion tokens, or summed with
-``reduction="sum"``.
+``reduction="sum"``. Masked positions are selected away before the softmax (not multiplied by 0), so a
+NaN/inf logit there cannot reach the loss or the gradient; see ``distill.losses.sequence``.
 """
 
 from __future__ import annotations
@@ -35,13 +36,20 @@ from __future__ import annotations
 import torch
 
 from distill.errors import DistillError
-from distill.losses.sequence import IGNORE, Reduction, reduce_tokens
+from distill.losses.sequence import IGNORE, Reduction, check_reduction, reduce_selected
 
 
-def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
+def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               temperature: float, reduction: str):
+    """Log-probs of both models at the N completion positions only: [B, T, V] x2 -> [N, V] x2."""
+    check_reduction(reduction)
     if temperature <= 0:
         raise DistillError(f"temperature must be > 0, got {temperature}", hint="use 1.0 unless you have a reason")
     s, t = align_vocab(student_logits, teacher_logits)
+    # Select completion rows *before* any arithmetic: a NaN logit at a masked position would otherwise
+    # survive as nan * 0 = NaN in the loss and as NaN in the log_softmax backward.
+    keep = labels != IGNORE
+    s, t = s[keep], t[keep]
     # float32 for the softmax even when the models run in bf16: log-probs of rare tokens underflow in bf16.
     log_s = torch.log_softmax(s.float() / temperature, dim=-1)
     log_t = torch.log_softmax(t.float() / temperature, dim=-1)
@@ -49,7 +57,7 @@ def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position, summed over the vocabulary: [B, T, V] x2 -> [B, T].
+    """KL(p || q) per position, summed over the vocabulary: [..., V] x2 -> [...].
     Both come from log_softmax of finite logits, so no entry is -inf and no 0 * inf NaN can appear."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
@@ -57,15 +65,15 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                temperature: float = 1.0, reduction: Reduction = "mean") -> torch.Tensor:
     """KL(p_T || p_S) per completion token. See the module docstring for shapes."""
-    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return reduce_tokens(_kl(log_t, log_s), labels != IGNORE, reduction)
+    log_s, log_t = _log_probs(student_logits, teacher_logits, labels, temperature, reduction)
+    return reduce_selected(_kl(log_t, log_s), reduction)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                temperature: float = 1.0, reduction: Reduction = "mean") -> torch.Tensor:
     """KL(p_S || p_T) per completion token. See the module docstring for shapes."""
-    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return reduce_tokens(_kl(log_s, log_t), labels != IGNORE, reduction)
+    log_s, log_t = _log_probs(student_logits, teacher_logits, labels, temperature, reduction)
+    return reduce_selected(_kl(log_s, log_t), reduction)
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -74,17 +82,16 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     mixture; beta = 0 is forward KL, beta = 1 reverse KL (their limits, see the module docstring)."""
     if not 0.0 <= beta <= 1.0:
         raise DistillError(f"beta must be in [0, 1], got {beta}", hint="0 = forward KL, 1 = reverse KL, 0.5 = JSD")
-    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    mask = labels != IGNORE
+    log_s, log_t = _log_probs(student_logits, teacher_logits, labels, temperature, reduction)
     if beta == 0.0:
-        return reduce_tokens(_kl(log_t, log_s), mask, reduction)
+        return reduce_selected(_kl(log_t, log_s), reduction)
     if beta == 1.0:
-        return reduce_tokens(_kl(log_s, log_t), mask, reduction)
+        return reduce_selected(_kl(log_s, log_t), reduction)
     b = torch.tensor(beta, dtype=log_s.dtype, device=log_s.device)
     # log m computed in log space (logsumexp) so tiny probabilities do not underflow to log(0).
     log_m = torch.logsumexp(torch.stack([log_t + torch.log(b), log_s + torch.log1p(-b)]), dim=0)
     per_token = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
-    return reduce_tokens(per_token, mask, reduction)
+    return reduce_selected(per_token, reduction)
 
 
 # ------------------------------------------------------------------------------------------------

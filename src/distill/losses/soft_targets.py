@@ -14,6 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill.losses.sequence import IGNORE
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 at least: bf16 has 8 bits of mantissa, so its softmax/log of small probabilities (and a
+    bf16 copy of the teacher's probabilities) loses the very tail KD is about. float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
 
 def temper_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """Soften (T > 1) or sharpen (T < 1) a distribution: ``p ** (1/T) / sum(p ** (1/T))``.
@@ -47,8 +58,11 @@ def soft_target_kd(student_logits: torch.Tensor, teacher_probs: torch.Tensor, te
     0 (``xlogy``), so one-hot teachers are fine."""
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(f"shapes differ: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_probs.shape)}")
-    p = temper_probs(teacher_probs.to(student_logits.dtype), temperature)
-    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    # Upcast inside (bf16/fp16 -> fp32) rather than casting the teacher down to the student's dtype; the
+    # result is float32 (float64 inputs stay float64).
+    dtype = _compute_dtype(student_logits, teacher_probs)
+    p = temper_probs(teacher_probs.to(dtype), temperature)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1)   # [B]
     return kl.mean() * temperature**2
 
@@ -58,8 +72,14 @@ def hard_label_ce(student_logits: torch.Tensor, labels: torch.Tensor, label_smoo
 
     student_logits: [B, L]; labels: [B] int64 in [0, L). With smoothing ε the target is
     ``(1-ε)·onehot + ε/L`` (Szegedy et al. 2016, "Rethinking the Inception Architecture", arXiv 1512.00567,
-    Sec. 7): it stops the student from chasing infinite margins on labels a teacher may have got wrong."""
-    return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    Sec. 7): it stops the student from chasing infinite margins on labels a teacher may have got wrong.
+
+    Rows labelled -100 are ignored (as in ``F.cross_entropy``), by selecting them away first so that a NaN
+    in such a row cannot reach the gradient; the mean over zero rows is 0, not NaN. Computed in float32
+    at least, like ``soft_target_kd``."""
+    keep = labels != IGNORE
+    z = student_logits[keep].to(_compute_dtype(student_logits))
+    return F.cross_entropy(z, labels[keep], label_smoothing=label_smoothing, reduction="sum") / keep.sum().clamp(min=1)
 
 
 def kd_ce_mix(student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor, *,

@@ -18,6 +18,11 @@ This is the forward KL between the two distributions coarsened to k+1 outcomes, 
 when the student matches the teacher, and with k = the whole vocabulary it *is* the full forward KL
 (tested). Renormalising the top-k to sum to 1 instead would tell the student that the teacher was more
 certain than it was. When rounded API log-probs sum to slightly more than 1, they are scaled down to 1.
+When the top-k leaves the student no "other" token at all (k = the whole vocabulary), the "other" term is
+dropped and the top-k renormalised: p_T(other) is then float rounding (or mass on strings the student
+cannot write), and multiplied by log p_S(other) = log 0 it would dominate the loss; renormalised, k = V
+stays exactly the full forward KL. Two slots with the same student id are one outcome and their
+probabilities are added.
 No temperature: the API's log-probs are at the teacher's sampling temperature and the missing tail cannot
 be re-tempered.
 
@@ -32,7 +37,9 @@ labels         [B, T]       -100 where no loss is taken (prompt, padding)
 
 Teacher tokens are *strings*. ``sparse_targets_for_completion`` maps them to student ids: a string that is
 exactly one student token (encode gives one id and decoding it gives the string back) is kept; any other
-string's probability is moved into "other" and counted in ``SparseStats.unmapped``. Teacher positions are
+string's probability is moved into "other" and counted in ``SparseStats.unmapped``. Entries that land on
+the same student id (an API listing one string twice, or two strings for one student token) keep their
+summed probability (logsumexp of the log-probs), not just the first one's. Teacher positions are
 matched to student positions by character offset in the answer text; a teacher position that does not
 start where a student token starts is skipped and counted (``unaligned``). Student completion positions
 with no teacher distribution (the end-of-turn token, skipped positions) get the hard label as a 1-token
@@ -41,12 +48,13 @@ target with log-prob 0, i.e. plain cross-entropy, so the student still learns to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from distill.losses.sequence import IGNORE, Reduction, reduce_tokens
+from distill.losses.sequence import IGNORE, Reduction, check_reduction, reduce_selected
 
 # Finite stand-in for -inf when masking tokens out of a logsumexp: a true -inf gives NaN gradients when
 # every token is masked (k = whole vocabulary), a large finite value gives exp(...) = 0 and finite grads.
@@ -56,27 +64,46 @@ _MASKED = -1e30
 def sparse_topk_kd_loss(student_logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor,
                         labels: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
     """(k+1)-way forward KL from the teacher's top-k log-probs. Shapes in the module docstring."""
-    log_s = torch.log_softmax(student_logits.float(), dim=-1)                  # [B, T, V]
-    valid = target_ids >= 0                                                    # [B, T, K]
-    ids = target_ids.clamp(min=0)
-    log_s_k = log_s.gather(-1, ids)                                            # [B, T, K]
+    check_reduction(reduction)
+    # Select the scored positions before any arithmetic (not ``loss * mask``): a NaN/inf logit or target
+    # at a masked position then reaches neither the loss nor the gradient.
+    keep = (labels != IGNORE) & (target_ids >= 0).any(-1)                      # [B, T]
+    log_s = torch.log_softmax(student_logits[keep].float(), dim=-1)            # [N, V]
+    valid = target_ids[keep] >= 0                                              # [N, K]
+    ids = target_ids[keep].clamp(min=0)
+    log_s_k = log_s.gather(-1, ids)                                            # [N, K]
+    zeros = torch.zeros_like(log_s_k)
+    p_t_k = torch.where(valid, target_logprobs[keep].float().exp(), zeros)
 
-    p_t_k = torch.where(valid, target_logprobs.float().exp(), torch.zeros_like(log_s_k))
-    total = p_t_k.sum(-1, keepdim=True)
-    p_t_k = p_t_k / total.clamp(min=1.0)          # rounded API log-probs may sum to a hair over 1
-    p_t_other = (1.0 - p_t_k.sum(-1)).clamp(min=0.0)                           # [B, T]
+    # Two slots holding the same student id are one outcome: the later slot's mass joins the first, so the
+    # KL compares p_T(v) = sum of both with p_S(v) once (K <= 21, the [N, K, K] comparison is cheap).
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)   # [N, K, K]
+    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)   # j < i
+    first = valid & ~(same & earlier).any(-1)
+    p_t_k = torch.where(first, torch.where(same, p_t_k.unsqueeze(-2), 0.0).sum(-1), zeros)
 
-    # log p_S(other) = logsumexp of the student's log-probs over every token *not* among the top-k.
+    # log p_S(other) = logsumexp of the student's log-probs over every token *not* among the top-k. The
+    # clamp keeps it finite when the student's logits are -inf there (a logsumexp of -inf has NaN grads).
     hit = torch.zeros_like(log_s).scatter_add(-1, ids, valid.to(log_s.dtype))
-    log_s_other = torch.logsumexp(log_s.masked_fill(hit > 0, _MASKED), dim=-1)  # [B, T]
+    log_s_other = torch.logsumexp(log_s.masked_fill(hit > 0, _MASKED).clamp(min=_MASKED), dim=-1)  # [N]
+    # The student has no "other" outcome when the top-k covers its whole vocabulary (or the rest has
+    # probability 0). Then p_T(other) can only be float rounding (1 - sum p_T is ~6e-8, not 0, on some
+    # CPUs) or mass on strings the student cannot write, and p_T(other) * log p_S(other) would be
+    # ~6e-8 * 1e30. The term is selected away and the teacher's top-k renormalised to 1 instead, which is
+    # exactly the full forward KL and does not depend on how 1 - sum p_T happened to round.
+    no_other = log_s_other <= _MASKED / 2                                     # [N]
+
+    total = p_t_k.sum(-1, keepdim=True)
+    # rounded API log-probs may sum to a hair over 1; scale down, never up, unless "other" is impossible
+    p_t_k = p_t_k / torch.where(no_other.unsqueeze(-1), total, total.clamp(min=1.0)).clamp(min=1e-30)
+    p_t_other = (1.0 - p_t_k.sum(-1)).clamp(min=0.0)                           # [N]
 
     log_p_t_k = torch.log(p_t_k.clamp(min=1e-30))
-    kept = torch.where(valid, p_t_k * (log_p_t_k - log_s_k), torch.zeros_like(p_t_k)).sum(-1)
+    kept = torch.where(first, p_t_k * (log_p_t_k - log_s_k), zeros).sum(-1)
     other = torch.where(
-        p_t_other > 0, p_t_other * (torch.log(p_t_other.clamp(min=1e-30)) - log_s_other),
+        (p_t_other > 0) & ~no_other, p_t_other * (torch.log(p_t_other.clamp(min=1e-30)) - log_s_other),
         torch.zeros_like(p_t_other))
-    mask = (labels != IGNORE) & valid.any(-1)
-    return reduce_tokens(kept + other, mask, reduction)
+    return reduce_selected(kept + other, reduction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +144,16 @@ def _single_token_id(tokenizer, s: str, memo: dict[str, int | None]) -> int | No
     return memo[s]
 
 
+def _logsumexp(xs: list[float]) -> float:
+    """log(sum(exp(x))): the log of the summed probability of entries that are one student token."""
+    if len(xs) == 1:
+        return xs[0]
+    m = max(xs)
+    if m == -math.inf:
+        return m
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
 def sparse_targets_for_completion(
     logprobs: list[dict], completion_ids: list[int], completion_offsets: list[int], tokenizer, k_max: int = 21,
     memo: dict[str, int | None] | None = None,
@@ -131,8 +168,9 @@ def sparse_targets_for_completion(
     memo = {} if memo is None else memo
     stats = SparseStats()
     start_to_pos = {off: j for j, off in enumerate(completion_offsets)}
-    ids_out: list[list[int]] = [[] for _ in completion_ids]
-    lp_out: list[list[float]] = [[] for _ in completion_ids]
+    # per student position: student id -> log-probs of every teacher entry mapping to it (insertion order =
+    # API order); summed at the end, so duplicates keep their total mass
+    merged: list[dict[int, list[float]]] = [{} for _ in completion_ids]
     offset = 0
     for entry in logprobs:
         tok = str(entry.get("token", ""))
@@ -146,7 +184,6 @@ def sparse_targets_for_completion(
         # The sampled token is not always among the alternatives (temperature > 0); it carries mass too.
         if all(str(a.get("token")) != tok for a in alts):
             alts.append({"token": tok, "logprob": entry.get("logprob")})
-        seen: set[int] = set()
         for a in alts:
             if a.get("logprob") is None:
                 continue
@@ -157,11 +194,13 @@ def sparse_targets_for_completion(
                 if len(stats.unmapped_examples) < 10:
                     stats.unmapped_examples.append(str(a["token"]))
                 continue
-            if sid in seen or len(ids_out[j]) >= k_max:
-                continue
-            seen.add(sid)
-            ids_out[j].append(sid)
-            lp_out[j].append(float(a["logprob"]))
+            if sid not in merged[j]:
+                if len(merged[j]) >= k_max:
+                    continue
+                merged[j][sid] = []
+            merged[j][sid].append(float(a["logprob"]))
+    ids_out = [list(m) for m in merged]
+    lp_out = [[_logsumexp(lps) for lps in m.values()] for m in merged]
     for j, tid in enumerate(completion_ids):
         if not ids_out[j]:
             # No teacher distribution here (e.g. the end-of-turn token): learn the hard label, KL to one-hot = CE.

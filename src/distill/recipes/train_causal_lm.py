@@ -1,7 +1,8 @@
 """Recipe: train a generative student (an open causal LM, LoRA by default) on a teacher's outputs.
 
-    from distill.recipes.train_causal_lm import LMTrainConfig, train_lm
-    train_lm(Project.open("my-project"), LMTrainConfig(loss="sft", max_steps=200), "my-project/models/lm")
+    from distill.student_config import LMStudentConfig
+    from distill.recipes.train_causal_lm import train_lm
+    train_lm(Project.open("my-project"), LMStudentConfig(loss="sft", max_steps=200), "my-project/models/lm")
 
 Reads top to bottom: examples -> tokens -> model (+ LoRA) -> loop (accumulate, step, log, checkpoint)
 -> save adapter + record. The losses (one module each, with their papers) are:
@@ -41,13 +42,15 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 
-from distill.errors import DistillError
+from distill.errors import DistillError, write_failed
+from distill.fsutil import write_json_atomic
 from distill.losses.kl import check_same_tokenizer, forward_kl, generalized_jsd, reverse_kl
 from distill.losses.rationale import PREFIXES, step_by_step_loss
 from distill.losses.sequence import IGNORE, next_token_view, sequence_kd_loss, shifted_labels
@@ -58,6 +61,7 @@ from distill.losses.sparse_topk import (
     sparse_topk_kd_loss,
     teacher_text,
 )
+from distill.student_config import LOGIT_LOSSES, LMStudentConfig, json_ready
 from distill.students.causal_lm import (
     student_messages,
     Encoded,
@@ -69,100 +73,12 @@ from distill.students.causal_lm import (
     write_student_info,
 )
 
-LossName = Literal["sft", "kd_forward", "kd_reverse", "jsd", "sparse_topk", "step_by_step"]
-LOGIT_LOSSES = ("kd_forward", "kd_reverse", "jsd")
 RECORD_FILE = "training_record.json"
 
 
-@dataclass
-class LMTrainConfig:
-    """Everything ``train_lm`` needs. Unknown keys fail in ``from_dict``; ranges are checked here."""
-
-    base_model: str = "smollm2-135m-instruct"  # packaged name, HF folder or .gguf; never a hub id
-    loss: LossName = "sft"                     # see the table in the module docstring
-    teacher_model: str | None = None           # local teacher for kd_forward / kd_reverse / jsd (same tokenizer)
-    beta: float = 0.5                          # jsd: teacher weight in the mixture; 0 = forward KL, 1 = reverse KL
-    on_policy: float = 0.0                     # logit losses: share of steps on student-sampled answers (GKD's lambda)
-    temperature: float = 1.0                   # logit losses: softens both distributions
-    lambda_rationale: float = 1.0              # step_by_step: weight of the rationale task (paper uses 1)
-    lora_rank: int = 16                        # higher = more capacity, more memory; 8-64 typical
-    lora_alpha: float = 32.0                   # LoRA scale is alpha / rank
-    lora_dropout: float = 0.05
-    lora_target_modules: str | list[str] = "all-linear"  # all linear layers beat attention-only (QLoRA, arXiv 2305.14314)
-    full_finetune: bool = False                # train every weight instead of adapters (needs far more memory)
-    lr: float = 2e-4                           # LoRA likes ~10x the full fine-tune learning rate
-    weight_decay: float = 0.0
-    warmup_steps: int = 0                      # then linear decay to 0 at the last step
-    max_grad_norm: float = 1.0                 # gradient clipping; 0 disables
-    epochs: int = 1
-    max_steps: int | None = None               # optimizer steps; overrides epochs when set
-    batch_size: int = 8                        # sequences per forward pass
-    grad_accum: int = 1                        # forward passes per optimizer step
-    max_length: int = 512                      # tokens; longer sequences are cut (and counted)
-    save_every: int = 50                       # checkpoint every N optimizer steps (and at the end)
-    keep_checkpoints: int = 2                  # older checkpoints are deleted
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"                       # auto = cuda if available
-    cpu_threads: int | None = None             # torch threads on CPU; None = torch's default. On a busy shared
-    #                                            machine 1 thread beat 2 by 2-5x (SmolLM2 forward, measured)
-    prompt: Literal["teacher", "short"] = "teacher"  # short: the user turn only, no system prompt (see below)
-    bf16: bool | Literal["auto"] = "auto"      # auto = bf16 autocast on a GPU that supports it; never on CPU
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> DistillError:
-            return DistillError(f"student setting `{name}`: {why}", hint="fix it under `student:` in distill.yaml")
-
-        if self.loss not in ("sft", "kd_forward", "kd_reverse", "jsd", "sparse_topk", "step_by_step"):
-            raise bad("loss", f"'{self.loss}' is not one of sft, kd_forward, kd_reverse, jsd, sparse_topk, step_by_step")
-        if not 0.0 <= self.beta <= 1.0:
-            raise bad("beta", f"must be in [0, 1], got {self.beta}")
-        if self.temperature <= 0:
-            raise bad("temperature", f"must be > 0, got {self.temperature}")
-        if self.lambda_rationale < 0:
-            raise bad("lambda_rationale", f"must be >= 0, got {self.lambda_rationale}")
-        for name in ("lora_rank", "epochs", "batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise bad("cpu_threads", f"must be >= 1, got {self.cpu_threads}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise bad("max_steps", f"must be >= 1, got {self.max_steps}")
-        if self.max_length < 8:
-            raise bad("max_length", f"must be >= 8 tokens, got {self.max_length}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.on_policy <= 1.0:
-            raise bad("on_policy", f"{self.on_policy} is not a share between 0 and 1")
-        if self.on_policy > 0 and self.loss not in ("kd_forward", "kd_reverse", "jsd"):
-            raise bad("on_policy", f"student-sampled answers have no teacher target under loss '{self.loss}'; "
-                                   "they need a local teacher's logits: use loss kd_forward, kd_reverse or jsd")
-        if self.prompt not in ("teacher", "short"):
-            raise bad("prompt", f"'{self.prompt}' is not one of teacher, short")
-        if self.prompt == "short" and self.loss in ("kd_forward", "kd_reverse", "jsd"):
-            raise bad("prompt", f"loss '{self.loss}' runs the teacher on the student's tokens, so the teacher "
-                                "would see the short prompt too; use prompt: teacher with it")
-        if self.lr <= 0:
-            raise bad("lr", f"must be > 0, got {self.lr}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "student") -> "LMTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DistillError(f"`{where}`: unknown setting(s) {unknown} (typo?)",
-                               hint="valid settings: " + ", ".join(sorted(known)))
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise DistillError(f"`{where}`: {e}", hint="check the value types") from None
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that change the trained weights (a checkpoint from other settings is not resumed)."""
-        d = asdict(self)
-        for k in ("save_every", "keep_checkpoints", "log_every", "device", "cpu_threads"):
-            d.pop(k)
-        return d
+# ``student:`` of an extract/generate project: every field with its default and why is in
+# ``distill.student_config.LMStudentConfig`` (or ``distill train --help``).
+LMTrainConfig = LMStudentConfig    # the name older code imports
 
 
 @dataclass
@@ -231,7 +147,7 @@ def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, 
     return [dict(m, content=prefix + m["content"]) if m["role"] == "user" else m for m in messages]
 
 
-def prepare(examples: Sequence[LMExample], tokenizer, cfg: LMTrainConfig) -> tuple[list[Prepared], dict[str, Any]]:
+def prepare(examples: Sequence[LMExample], tokenizer, cfg: LMStudentConfig) -> tuple[list[Prepared], dict[str, Any]]:
     """Tokenise every example once. Returns the items and counts for the training record."""
     items: list[Prepared] = []
     stats = SparseStats()
@@ -285,7 +201,7 @@ def completion_tokens(enc: Encoded) -> int:
 # One optimizer step's worth of gradient
 
 
-def accumulate_gradients(model, items: Sequence[Prepared], cfg: LMTrainConfig, pad_id: int, device: str,
+def accumulate_gradients(model, items: Sequence[Prepared], cfg: LMStudentConfig, pad_id: int, device: str,
                          teacher=None, autocast=nullcontext) -> float:
     """Forward + backward over ``items`` in micro-batches of ``cfg.batch_size``, leaving the summed gradient
     in ``.grad``. Each micro-batch's token-summed loss is divided by the completion tokens of *all* items,
@@ -307,7 +223,7 @@ def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def micro_batch_loss(model, chunk: Sequence[Prepared], cfg: LMTrainConfig, pad_id: int, device: str, teacher,
+def micro_batch_loss(model, chunk: Sequence[Prepared], cfg: LMStudentConfig, pad_id: int, device: str, teacher,
                      n_main: int, n_rat: int) -> torch.Tensor:
     batch = {k: v.to(device) for k, v in pad_batch([it.main for it in chunk], pad_id).items()}
     full = _forward(model, batch)
@@ -338,14 +254,14 @@ def micro_batch_loss(model, chunk: Sequence[Prepared], cfg: LMTrainConfig, pad_i
                              label_tokens=n_main, rationale_tokens=n_rat)
 
 
-def is_on_policy_step(step: int, cfg: LMTrainConfig) -> bool:
+def is_on_policy_step(step: int, cfg: LMStudentConfig) -> bool:
     """Whether optimizer step ``step`` trains on student-sampled answers: a pure function of (seed, step),
     so a resumed run makes the same choices."""
     return cfg.on_policy > 0 and random.Random(cfg.seed * 1_000_003 + step).random() < cfg.on_policy
 
 
 @torch.no_grad()
-def student_samples(model, items: Sequence[Prepared], tokenizer, step: int, cfg: LMTrainConfig,
+def student_samples(model, items: Sequence[Prepared], tokenizer, step: int, cfg: LMStudentConfig,
                     device: str) -> list[Prepared]:
     """On-policy data (Agarwal et al. 2024, GKD, arXiv 2306.13649, sec. 3): for each item, the student samples
     its own answer to the same prompt (temperature 1, no top-k/top-p), at most as long as the teacher's
@@ -414,26 +330,43 @@ def _load_trainable_state(model, state: dict[str, torch.Tensor], full: bool) -> 
                            hint="the checkpoint was written by another model/LoRA setup; use a new output folder")
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, cfg: LMTrainConfig, state: dict) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, cfg: LMStudentConfig, state: dict) -> Path:
     """Write checkpoint ``step-NNNNNN`` atomically (temp folder + rename): a kill at any moment leaves either
     the previous checkpoint set or the new one, never a half-written folder that resume would trust."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step:06d}.", suffix=".tmp"))
-    torch.save(_trainable_state(model, cfg.full_finetune), tmp / "trainable.pt")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")   # written last: marks completeness
+    tmp = None
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".step-{step:06d}.", suffix=".tmp"))
+        torch.save(_trainable_state(model, cfg.full_finetune), tmp / "trainable.pt")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")   # written last: marks completeness
+    except (OSError, RuntimeError) as e:
+        # disk full / `ulimit -f` (torch.save says RuntimeError "unexpected pos"): the temp folder goes, the
+        # previous checkpoints stay, and the run can resume from the newest of them
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed("the training checkpoint", final, e) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    ckpts = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for old in ckpts[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    # while training, at least the newest checkpoint stays (resume needs it); keep_checkpoints = 0 only
+    # means "none once the run has finished" (prune_checkpoints)
+    prune_checkpoints(ckpt_root, max(1, cfg.keep_checkpoints))
     return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (the folder too when ``keep`` is 0)."""
+    ckpts = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in ckpts[: len(ckpts) - keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep == 0:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -441,12 +374,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, model, opt, sched, cfg: LMTrainConfig) -> dict:
-    _load_trainable_state(model, torch.load(path / "trainable.pt", map_location="cpu"), cfg.full_finetune)
-    o = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
+def load_checkpoint(path: Path, model, opt, sched, cfg: LMStudentConfig) -> dict:
+    # weights_only: a checkpoint folder may come from elsewhere (a copied project); unpickling it could run code
+    trainable = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
+    _load_trainable_state(model, trainable, cfg.full_finetune)
+    o = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(o["optimizer"])
     sched.load_state_dict(o["scheduler"])
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -454,18 +389,11 @@ def load_checkpoint(path: Path, model, opt, sched, cfg: LMTrainConfig) -> dict:
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # The recipe
 
 
-def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path, *, teacher: str | None = None,
+def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Path, *, teacher: str | None = None,
              teacher_model: tuple[Any, Any] | None = None, log: Callable[[str], None] | None = print,
              on_start: Callable[[Any], None] | None = None,
              on_step: Callable[[int, dict, Any], None] | None = None) -> dict[str, Any]:
@@ -536,7 +464,7 @@ def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path,
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(items) / per_step)
     warm = cfg.warmup_steps
@@ -594,16 +522,22 @@ def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path,
             "input_prefix": PREFIXES["label"] if cfg.loss == "step_by_step" else "", "prompt": cfg.prompt,
             "data_hash": dhash}
     final_dir = out / ("model" if cfg.full_finetune else "adapter")
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final_dir.name}.", suffix=".tmp"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    write_student_info(tmp, info)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final_dir.name}.", suffix=".tmp"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_student_info(tmp, info)
+    except (OSError, RuntimeError, SafetensorError) as e:     # disk full, ulimit -f: never a half-written model
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed("the trained student", final_dir, e) from None
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
     timed = [h for h in history[1:]] or history  # the first step pays for warm-up allocations
     record = {
-        "status": "done", "kind": "train_lm", "path": str(final_dir), "config": asdict(cfg), "data_hash": dhash,
+        "status": "done", "kind": "train_lm", "path": str(final_dir), "config": cfg.model_dump(), "data_hash": dhash,
         "data": data_info, "steps": total_steps, "resumed_from": start or None, "history": history,
         "final_loss": history[-1]["loss"] if history else None,
         "trainable_params": sum(p.numel() for p in params),
@@ -619,7 +553,11 @@ def train_lm(project_or_examples, config: LMTrainConfig, output_dir: str | Path,
         record["base_provenance"] = resolve_model(cfg.base_model).provenance()
     except DistillError:
         record["base_provenance"] = None
-    _atomic_json(out / RECORD_FILE, record)
+    record = json_ready(record)                              # NaN/inf -> null: JSON has no NaN
+    write_json_atomic(out / RECORD_FILE, record)
+    prune_checkpoints(ckpt_root, cfg.keep_checkpoints)     # after the record: a finished run needs none of them
     if project is not None:
-        project.store.put_run(f"lm-{out.name}-{dhash[:8]}", "train_lm", "done", str(final_dir), record)
+        # Called with a Project directly (not through lm_project, which passes examples and registers the
+        # run under its own id): register the folder so `distill eval` finds it.
+        project.record_run(f"lm-{out.name}-{dhash[:8]}", "train_lm", "done", final_dir, record)
     return record

@@ -18,7 +18,6 @@ a finished run (``final/training_record.json`` exists) is returned as is unless 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +25,6 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,104 +32,27 @@ import filelock
 import numpy as np
 import torch
 from rich.console import Console
+from safetensors import SafetensorError
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import distill
 from distill.runinfo import teacher_record
 from distill.dataset import Row, latest_filter_run, rows
-from distill.errors import DistillError
+from distill.errors import DistillError, write_failed
+from distill.fsutil import write_json_atomic
 from distill.losses import hard_label_ce, kd_ce_mix, soft_target_kd
 from distill.project import Project
+from distill.student_config import EncoderStudentConfig, TrainReport, json_ready
 from distill.students.classifier import ClassifierStudent, pick_device
-
-SIGNALS = ("hard", "soft", "mix", "gold")
 
 
 # ------------------------------------------------------------------------------------------------
 # 1. Config
 
 
-@dataclass
-class TrainConfig:
-    """Everything `distill train` does for a classify project. Set under `student:` in distill.yaml."""
-
-    base: str = field(default="all-minilm-l6-v2", metadata={"help": "Encoder to start from: packaged name or local HF folder."})
-    signal: str = field(default="mix", metadata={"help": "hard | soft | mix | gold: what the student learns from."})
-    alpha: float = field(default=0.5, metadata={"help": "mix: weight of the KD term (1 = pure KD, 0 = pure CE)."})
-    temperature: float = field(default=2.0, metadata={"help": "KD temperature; >1 exposes the teacher's runner-up labels."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "CE label smoothing; guards against confidently wrong teacher labels."})
-    epochs: int = field(default=5, metadata={"help": "Maximum passes over the training rows (early stopping may end sooner)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate; 5e-5..2e-4 suits MiniLM-size encoders with a new head."})
-    batch_size: int = field(default=32, metadata={"help": "Examples per step; bigger is faster per example but uses more memory."})
-    max_length: int = field(default=64, metadata={"help": "Tokens kept per input; longer inputs are truncated (cost grows ~linearly)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear LR warmup (protects the pretrained weights early on)."})
-    seed: int = field(default=0, metadata={"help": "Seeds the head init, data order and dropout: same seed, same model."})
-    early_stopping_patience: int = field(default=2, metadata={"help": "Stop after this many epochs without validation improvement (0 = off)."})
-    early_stopping_metric: str = field(default="loss", metadata={"help": "loss | agreement: validation loss, or agreement with the training labels."})
-    max_train_examples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (a fixed, seeded subset)."})
-    device: str = field(default="auto", metadata={"help": "auto (GPU if available) | cpu | cuda."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep epoch checkpoints after a successful run (they are ~3x the model size)."})
-
-    # Settings that do not change what is learned, so they are not part of the run id.
-    _NOT_IN_RUN_ID = ("device", "keep_checkpoints")
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> DistillError:
-            return DistillError(f"distill.yaml: field `student.{name}`: {why} (got {getattr(self, name)!r})",
-                                hint=f"fix `student.{name}` in distill.yaml")
-        if self.signal not in SIGNALS:
-            raise bad("signal", f"must be one of {', '.join(SIGNALS)}")
-        if self.early_stopping_metric not in ("loss", "agreement"):
-            raise bad("early_stopping_metric", "must be loss or agreement")
-        for name in ("alpha", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "must be in [0, 1]")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise bad("warmup_ratio", "must be in [0, 1)")
-        for name in ("temperature", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "must be > 0")
-        for name in ("epochs", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
-        if self.weight_decay < 0 or self.early_stopping_patience < 0:
-            raise bad("weight_decay" if self.weight_decay < 0 else "early_stopping_patience", "must be >= 0")
-        if self.max_train_examples is not None and self.max_train_examples < 2:
-            raise bad("max_train_examples", "must be >= 2 or null")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> "TrainConfig":
-        """From the ``student:`` mapping of distill.yaml: unknown keys and wrong types fail loudly."""
-        raw = dict(raw or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in raw.items():
-            if key not in fields:
-                raise DistillError(
-                    f"distill.yaml: field `student.{key}`: unknown setting (typo?)",
-                    hint="valid settings: " + ", ".join(fields),
-                )
-            want = type(fields[key].default) if fields[key].default is not None else int
-            ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))) or (
-                want is float and isinstance(value, int) and not isinstance(value, bool)) or (
-                value is None and fields[key].default is None)
-            if not ok:
-                raise DistillError(
-                    f"distill.yaml: field `student.{key}`: expected {want.__name__}, got {value!r}",
-                    hint=f"{key}: {fields[key].metadata['help']}",
-                )
-        return cls(**{k: (float(v) if isinstance(fields[k].default, float) else v) for k, v in raw.items()})
-
-    def run_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in self._NOT_IN_RUN_ID}
-
-
-@dataclass
-class TrainReport:
-    run_id: str
-    path: Path                 # the final HF folder (ClassifierStudent.load(path))
-    record: dict[str, Any]     # what training_record.json holds
-    reused: bool = False       # True when a finished run was found and nothing was trained
+# ``student:`` of distill.yaml, validated when the spec loads (every field, its default and why:
+# ``distill.student_config.EncoderStudentConfig``, or ``distill train --help``).
+TrainConfig = EncoderStudentConfig    # the name older code imports
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +64,8 @@ def _hash_order(ids: list[str], salt: str) -> list[str]:
     return sorted(ids, key=lambda i: hashlib.sha256(f"{salt}:{i}".encode()).hexdigest())
 
 
-def training_examples(project: Project, teacher: str, config: TrainConfig) -> tuple[list[dict], list[dict], dict]:
+def training_examples(project: Project, teacher: str,
+                      config: EncoderStudentConfig) -> tuple[list[dict], list[dict], dict]:
     """(train, validation, counts). Each example: {id, text, label (int), soft (list[float], sums to 1)}."""
     labels = project.spec.label_names
     index = {name: i for i, name in enumerate(labels)}
@@ -224,9 +146,24 @@ def _collate(tokenizer):
 class KDTrainer(Trainer):
     """Trainer whose loss is the configured distillation signal (everything else is stock Trainer)."""
 
-    def __init__(self, *args, distill_config: TrainConfig, **kwargs):
+    def __init__(self, *args, distill_config: EncoderStudentConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill_config = distill_config
+
+    def _save_checkpoint(self, model, trial):
+        # A full disk or `ulimit -f` surfaces here as OSError, torch's RuntimeError ("unexpected pos") or a
+        # SafetensorError: one DistillError naming the checkpoint instead. A half-written folder has no
+        # readable trainer_state.json (Trainer writes it last): removed now to give the space back (a rerun's
+        # _complete_checkpoint would never resume from it either).
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            where = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            try:
+                json.loads((where / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                shutil.rmtree(where, ignore_errors=True)
+            raise write_failed("the training checkpoint", where, e) from None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.distill_config
@@ -344,29 +281,34 @@ def _per_epoch(log_history: list[dict]) -> list[dict]:
 
 def trained_model_path(project: Project, run_id: str | None = None) -> Path:
     """The final folder of ``run_id``, or of the latest finished training run (the default model for eval)."""
-    row = (project.store.q("SELECT * FROM runs WHERE id=? AND kind='train' AND status='done'", (run_id,)) or [None])[0] \
-        if run_id else project.store.latest_run("train")
-    if row is None or not row["path"]:
-        raise DistillError(
-            f"{project.root}: no finished training run" + (f" with id {run_id}" if run_id else ""),
-            hint=f"run `distill train {project.root}` first",
-        )
-    return Path(row["path"])
+    return project.model(run_id=run_id).path
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """After a finished run: keep the ``keep`` newest epoch checkpoints (0 = delete the folder)."""
+    if keep == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # 5. The recipe
 
 
-def train(project: Project, *, teacher: str | None = None, config: TrainConfig | None = None, progress: bool = True,
-          force: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainReport:
-    """Train (or resume, or reuse) the encoder student of a classify project. ``callbacks`` are extra
-    Trainer callbacks (UI hooks; tests use one to simulate a crash)."""
+def train(project: Project, *, teacher: str | None = None, config: EncoderStudentConfig | None = None,
+          progress: bool = True, force: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainReport:
+    """Train (or resume, or reuse) the encoder student of a classify project. ``config`` defaults to
+    ``student:`` of distill.yaml. ``callbacks`` are extra Trainer callbacks (UI hooks; tests use one to
+    simulate a crash). The project lock is the caller's (``distill.recipes.train.train`` takes it)."""
     spec = project.spec
     if spec.kind != "classify":
         raise DistillError(f"{project.root}: `distill train` with an encoder student needs kind: classify (this project is {spec.kind})",
                            hint="extract/generate projects train a causal-LM student")
-    config = config or TrainConfig.from_dict(spec.student)
+    config = config or spec.student_config()
     # Even signal=gold trains on the rows the teacher labelled and the filters kept, so a gold baseline and
     # a distilled student see the same inputs and compare fairly.
     teacher_name = spec.get_teacher(teacher).name
@@ -387,7 +329,7 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
     data_sha = data_sha256(train_ex, val_ex)
     teacher_rec = teacher_record(project, teacher_name)
     run_id = hashlib.sha256(json.dumps(
-        {"config": config.run_fields(), "data": data_sha, "teacher": teacher_rec["identity"]},
+        {"config": config.identity(), "data": data_sha, "teacher": teacher_rec["identity"]},
         sort_keys=True).encode()).hexdigest()[:12]
     run_dir = project.models_dir / run_id
     final = run_dir / "final"
@@ -405,17 +347,18 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
             shutil.rmtree(run_dir, ignore_errors=True)
         elif (final / "training_record.json").is_file():
             record = json.loads((final / "training_record.json").read_text())
-            project.store.put_run(run_id, "train", "done", str(final.resolve()), record)  # in case we died before
+            project.record_run(run_id, "train", "done", final, record)  # in case we died before registering it
             if console:
                 console.print(f"run {run_id} already finished: {final} (pass --force to retrain)")
             return TrainReport(run_id=run_id, path=final, record=record, reused=True)
         shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
-        project.store.put_run(run_id, "train", "running", None, {"config": asdict(config), "data_sha256": data_sha})
+        project.record_run(run_id, "train", "running", None, {"config": config.model_dump(), "data_sha256": data_sha})
 
         # -- student ----------------------------------------------------------------------------------
         device = pick_device(config.device)
         set_seed(config.seed)  # before create(): the new head's init comes from this seed
-        student = ClassifierStudent.create(config.base, spec.label_names, device=str(device), max_length=config.max_length)
+        student = ClassifierStudent.create(config.base_model, spec.label_names, device=str(device),
+                                           max_length=config.max_length)
 
         def encode(examples: list[dict]) -> list[dict]:
             enc = student.tokenizer([e["text"] for e in examples], truncation=True, max_length=student.max_length)
@@ -438,7 +381,7 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
             load_best_model_at_end=True,
             metric_for_best_model="eval_loss" if config.early_stopping_metric == "loss" else "eval_agreement",
             greater_is_better=config.early_stopping_metric == "agreement",
-            save_total_limit=2,                             # the best and the latest are always kept
+            save_total_limit=max(2, config.keep_checkpoints),   # the best and the latest are always kept
             seed=config.seed, data_seed=config.seed,
             use_cpu=device.type == "cpu", bf16=use_bf16,
             label_names=["labels", "soft_targets"], remove_unused_columns=False,
@@ -456,7 +399,7 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
             trainer.remove_callback(PrinterCallback)   # Trainer prints every log dict when tqdm is off
         if console:
             console.print(f"training run {run_id}: {len(train_ex)} train / {len(val_ex)} validation rows, "
-                          f"signal={config.signal}, base={config.base}, device={device}"
+                          f"signal={config.signal}, base_model={config.base_model}, device={device}"
                           + (f", resuming from {ckpt.name}" if ckpt else ""))
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
@@ -467,7 +410,7 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
             "run_id": run_id,
             "kind": "train",
             "recipe": "train_classifier",
-            "config": asdict(config),
+            "config": config.model_dump(),
             "labels": spec.label_names,
             "data_sha256": data_sha,
             "counts": counts,
@@ -488,14 +431,18 @@ def train(project: Project, *, teacher: str | None = None, config: TrainConfig |
             "wall_time_s": round(time.perf_counter() - t_start, 3),
             "parameters": student.model.num_parameters(),
         }
-        tmp = student.save(run_dir / "final.tmp")
-        record["size_bytes"] = student.size_bytes()
-        (tmp / "training_record.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+        try:
+            tmp = student.save(run_dir / "final.tmp")
+            record["size_bytes"] = student.size_bytes()
+            record = json_ready(record)                         # NaN/inf -> null: JSON has no NaN
+            write_json_atomic(tmp / "training_record.json", record)
+        except DistillError:
+            shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)    # half-written: free the space now
+            raise
         os.replace(tmp, final)
         student.path = final
-        project.store.put_run(run_id, "train", "done", str(final.resolve()), record)
-        if not config.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        project.record_run(run_id, "train", "done", final, record)
+        prune_checkpoints(run_dir / "checkpoints", config.keep_checkpoints)
         if console:
             console.print(f"[green]saved[/] {final}  ({record['epochs_run']} epochs, best {args.metric_for_best_model} "
                           f"{record['best_metric']}, {record['train_samples_per_second']} samples/s)")

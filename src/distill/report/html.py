@@ -14,13 +14,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from distill import __version__
 from distill.errors import DistillError
+from distill.fsutil import write_text_atomic
 from distill.project import Project
 
 SYSTEM_ORDER = ("student", "teacher", "base")
@@ -36,16 +36,17 @@ def write_report(project: Project, result: dict | None = None) -> tuple[Path, Pa
     doc = {**result, "funnel": funnel}
     out_dir = project.reports_dir
     html_path, json_path = out_dir / "report.html", out_dir / "report.json"
-    _write_atomic(json_path, json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False))
-    _write_atomic(html_path, render_html(doc))
+    write_text_atomic(json_path, json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False))
+    write_text_atomic(html_path, render_html(doc))
     return html_path, json_path
 
 
 def _latest_eval(project: Project) -> dict:
-    run = project.store.latest_run("eval")
-    if run is None or not run["path"]:
+    from distill.runs import latest_eval
+
+    run, path = latest_eval(project.store, project.root)
+    if run is None or path is None:
         raise DistillError(f"{project.root}: no evaluation to report on", hint="run `distill eval` first")
-    path = Path(run["path"])
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -344,7 +345,7 @@ def _lineage(d: dict) -> str:
     items = [
         ("model run", lin.get("model_run_id")),
         ("model folder", lin.get("model_path")),
-        ("student base model", cfg.get("base") or cfg.get("model")),
+        ("student base model", cfg.get("base_model") or cfg.get("base") or cfg.get("model")),
         ("training", f"{rec.get('recipe')}, {rec.get('epochs_run')} epochs, {rec.get('train_seconds')} s on "
                      f"{rec.get('device')}" if rec.get("recipe") else None),
         ("teacher", f"{t.get('name')} ({t.get('kind')}: {t.get('model') or t.get('path') or ''})"),
@@ -518,18 +519,6 @@ def _short(s: str, k: int) -> str:
 def _section(title: str, body: str) -> str:
     anchor = "".join(ch if ch.isalnum() else "-" for ch in title.lower().split(":")[0]).strip("-")
     return f"<section id='{anchor}'><h2>{_e(title)}</h2>{body}</section>"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder + rename: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DistillError(f"cannot write {path}: {e.strerror}", hint="check free space and permissions of reports/") from None
 
 
 CSS = """

@@ -3,7 +3,9 @@ the next training round needs lands in the failure queue.
 
     distill serve PROJECT --port 8000 [--shadow 0.05]
 
-Endpoints (all but /healthz need ``Authorization: Bearer <key>``; keys: ``distill keys create``):
+Endpoints (all need ``Authorization: Bearer <key>``; keys: ``distill keys create``; ``/healthz`` answers
+``{"status": "ok"}`` without one and the model's details with one; ``/openapi.json``, the request and
+response schemas, is for key holders too):
 
 - ``POST /v1/classify`` ``{"texts": [...]}`` -> one result per text: label, probs, confidence, ood_score,
   routed_to (student | teacher), reason, degraded, latency_ms.
@@ -24,41 +26,53 @@ Promises:
 - Shadow mode: a seeded share of student-answered texts is also sent to the teacher *after* the response
   (a background task), and disagreements are queued and logged. It costs teacher calls, not latency.
 - The service logs request ids, labels and timings; never texts' owners' keys, never the teacher's key.
+- Bad requests are 4xx in one error shape that names the field, never a 500 (``distill.serve.guard``): 401
+  before anything about the body is said, 413 / 408 / 415 / 400 for the body's size, pace, type and JSON,
+  then 422 from the request models. Slow clients are cut off (header and body deadlines).
 
-Concurrency model: one event loop. The store (sqlite) is opened in the loop's thread at startup and only
-used from it; the model runs in a worker thread behind the micro-batcher.
+Concurrency model: one event loop, two helper threads. The loop's store connection only reads (API keys,
+the teacher cache, queue counts): in WAL mode a reader never waits for a writer. Every write (queue
+entries, paid teacher calls) runs on ``StoreWriter``'s thread and connection, and the request awaits its
+commit: so while another process (``distill import``, ``label``) holds the write lock, only the requests
+that write wait for it, and a 2xx still means committed. The model runs in a worker thread behind the
+micro-batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.errors import DistillError
-from distill.labeling import record_call, reply_from_row
 from distill.project import Project
 from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
 from distill.serve.batcher import MicroBatcher
+from distill.serve.guard import RequestGuard, deadline_protocol, error_body
 from distill.serve.metrics import Metrics
 from distill.serve.router import ROUTER_FILE, Router, RouterConfig, RouterDecision
+from distill.store import Store
+from distill.students.predictor import load_predictor
 from distill.task import ParseError, cache_key, parse_answer, render_messages
 from distill.teachers.base import TeacherRequest
+from distill.teachers.ledger import record_call, reply_from_row
 
 log = logging.getLogger("distill.serve")
 
@@ -67,7 +81,7 @@ log = logging.getLogger("distill.serve")
 class ServeConfig:
     """Settings of one `distill serve` process. Every field has a default; ``check`` rejects nonsense."""
 
-    model_path: str | None = None          # a trained student folder or an ONNX export; default: the latest train run
+    model_path: str | None = None          # pin a student folder or an ONNX export; default: the project's serving model
     backend: Literal["auto", "onnx", "torch"] = "auto"   # auto = the int8 ONNX export when there is one
     device: str = "auto"                   # torch backend: auto -> cuda when available
     shadow_rate: float = 0.0               # share of student-answered texts the teacher re-checks in the background
@@ -78,6 +92,8 @@ class ServeConfig:
     max_texts: int = 64                    # texts per /v1/classify request
     max_text_chars: int | None = None      # default: the spec's max_text_chars
     max_body_bytes: int = 1_000_000        # bigger request bodies get 413 before they are read
+    header_timeout_s: float = 10.0         # a request's headers must arrive within this (else 408 + close)
+    body_timeout_s: float = 30.0           # ... and its body within this after them (else 408 + close)
     batch_size: int = 32                   # micro-batch: most texts per model call ...
     batch_wait_ms: float = 5.0             # ... and longest wait for more requests to join
     recent_ids: int = 10_000               # results remembered so /v1/feedback can refer to them by id
@@ -89,85 +105,14 @@ class ServeConfig:
             raise DistillError(f"teacher timeout must be > 0 s, got {self.teacher_timeout_s}")
         if self.max_texts < 1 or self.max_body_bytes < 1 or self.batch_size < 1 or self.batch_wait_ms < 0:
             raise DistillError("max_texts, max_body_bytes and batch_size must be >= 1 and batch_wait_ms >= 0")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise DistillError("header and body timeouts must be > 0 s")
         if self.backend not in ("auto", "onnx", "torch"):
             raise DistillError(f"backend {self.backend!r} is not one of auto, onnx, torch")
 
 
 # ------------------------------------------------------------------------------------------------
-# the model: ONNX (no torch at serve time) or the torch student, behind one small interface
-
-
-class TorchPredictor:
-    """``ClassifierStudent`` -> (logits, mean-pooled last hidden state) in one forward pass, as the ONNX
-    graph computes them, so a router calibrated on either backend reads the same kind of numbers."""
-
-    def __init__(self, path: Path, device: str = "auto"):
-        from distill.students.classifier import ClassifierStudent
-
-        self.student = ClassifierStudent.load(path, device=device)
-        self.labels = list(self.student.labels)
-        self.path = Path(path)
-
-    def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        s = self.student
-        s.model.eval()
-        logits, embs = [], []
-        with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                enc = s.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                                  max_length=s.max_length, return_tensors="pt").to(s.device)
-                out = s.model(**enc, output_hidden_states=True)
-                h = out.hidden_states[-1].float()
-                mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-                embs.append(((h * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy())
-                logits.append(out.logits.float().cpu().numpy())
-        if not logits:
-            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(embs)
-
-
-def resolve_model_path(project: Project, model_path: str | Path | None = None) -> Path:
-    """An explicit path (relative to the project folder if not found as given), else the latest train run."""
-    if model_path is not None:
-        p = Path(model_path)
-        if not p.exists() and (project.root / p).exists():
-            p = project.root / p
-        if not p.is_dir():
-            raise DistillError(f"{model_path}: no such model folder", hint="pass the folder `distill train` wrote")
-        return p
-    run = project.store.latest_run("train")
-    if run is None or not run["path"]:
-        raise DistillError(f"{project.root}: no finished training run to serve",
-                           hint="train a student first (`distill train PROJECT`) or pass --model PATH")
-    p = Path(run["path"])
-    if not p.is_absolute() and not p.exists():
-        p = project.root / p
-    if not p.is_dir():
-        raise DistillError(f"{p}: the latest training run's model folder is missing",
-                           hint="re-run `distill train`, or pass --model PATH")
-    return p
-
-
-def onnx_dir_for(model_path: Path) -> Path | None:
-    """Where `distill export --onnx` put the export of ``model_path`` (the folder itself, or ./onnx beside it)."""
-    for d in (model_path, model_path.parent / "onnx", model_path / "onnx"):
-        if (d / "model.int8.onnx").exists() or (d / "model.onnx").exists():
-            return d
-    return None
-
-
-def load_predictor(model_path: Path, backend: str = "auto", device: str = "auto"):
-    model_path = Path(model_path)
-    onnx_dir = onnx_dir_for(model_path)
-    if backend == "onnx" or (backend == "auto" and onnx_dir is not None):
-        if onnx_dir is None:
-            raise DistillError(f"{model_path}: no ONNX export found", hint="run `distill export PROJECT --onnx` first")
-        from distill.export_onnx import OnnxClassifier
-
-        return OnnxClassifier(onnx_dir, int8=(onnx_dir / "model.int8.onnx").exists())
-    return TorchPredictor(model_path, device=device)
+# the model (distill.students.predictor) and its router
 
 
 def load_router(pred) -> tuple[Router, bool]:
@@ -182,14 +127,60 @@ def load_router(pred) -> tuple[Router, bool]:
 
 
 # ------------------------------------------------------------------------------------------------
+# the store's writer
+
+
+class StoreWriter:
+    """Every write the service makes, on one thread with its own connection to the store, one at a time
+    in arrival order.
+
+    Why: a write first takes SQLite's write lock (``Store.tx``: BEGIN IMMEDIATE, waiting up to 30 s) and another
+    process may hold it for seconds (``distill import`` of 60k rows, ``label``, ``iterate``). Run on the event
+    loop, that wait froze every request, health checks included, and past 30 s every write was a 503. Here
+    the request that writes awaits its commit (so a 2xx still means committed) while the loop answers the
+    others. Reads stay on the loop's connection: in WAL mode they never wait for a writer."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-store-writer")
+        self._store: Store | None = None
+
+    async def start(self) -> None:
+        def open_() -> None:
+            # opened in the thread that uses it (sqlite3 connections belong to their thread)
+            self._store = Store(self.path, check=False)
+
+        await asyncio.wrap_future(self._pool.submit(open_))
+
+    async def run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """``fn(store, *args, **kwargs)`` on the writer thread; returns once it returned (committed) or raises
+        what it raised (a ``DistillError`` becomes a 503). A cancelled caller's queued write is dropped; a
+        running one finishes."""
+        return await asyncio.wrap_future(self._pool.submit(lambda: fn(self._store, *args, **kwargs)))
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await asyncio.wrap_future(self._pool.submit(self._store.close))
+            self._store = None
+        self._pool.shutdown(wait=False)
+
+
+def _record_served_call(store: Store, tspec, key: str, msgs: list[dict], reply, status: str, error: str | None) -> float:
+    with store.tx() as c:
+        # OR IGNORE: a labeller in another process may have recorded the same key meanwhile
+        return record_call(c, tspec, key, 0, msgs, reply, status, error, source="serve", or_ignore=True)
+
+
+# ------------------------------------------------------------------------------------------------
 # the teacher side: cache first, one transaction per paid call, degrade on any failure
 
 
 class TeacherGate:
     """Asks the project's teacher about one text the way the labeller would, with a deadline."""
 
-    def __init__(self, project: Project, cfg: ServeConfig, metrics: Metrics, teacher=None):
-        self.project = project
+    def __init__(self, project: Project, cfg: ServeConfig, metrics: Metrics, writer: StoreWriter, teacher=None):
+        self.project = project      # read on the loop (the cache); paid calls are written through ``writer``
+        self.writer = writer
         self.spec = project.spec
         self.metrics = metrics
         self.timeout = cfg.teacher_timeout_s
@@ -258,7 +249,7 @@ class TeacherGate:
     async def _call(self, key: str, msgs: list[dict], req: TeacherRequest) -> tuple[Any, str]:
         try:
             reply = await asyncio.wait_for(self.teacher.ask(req), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.metrics.teacher_calls["timeout"] += 1
             log.warning("teacher '%s' did not answer within %.1fs", self.tspec.name, self.timeout)
             return None, "timeout"
@@ -271,9 +262,7 @@ class TeacherGate:
             answer, status, error = parse_answer(self.spec, reply.texts[0] if reply.texts else None), "ok", None
         except ParseError as e:
             answer, status, error = None, "parse_error", e.reason
-        with self.project.store.tx() as c:
-            # OR IGNORE: a labeller in another process may have recorded the same key meanwhile
-            cost = record_call(c, self.tspec, key, 0, msgs, reply, status, error, source="serve", or_ignore=True)
+        cost = await self.writer.run(_record_served_call, self.tspec, key, msgs, reply, status, error)
         self.metrics.teacher_spend += cost
         self.metrics.teacher_calls[status] += 1
         return answer, status
@@ -301,9 +290,12 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         project.close()
         raise DistillError(f"{project.root}: serving supports classify projects; this one is '{spec.kind}'",
                            hint="use the exported LM with your own server (vLLM, llama.cpp) for extract/generate")
-    path = resolve_model_path(project, cfg.model_path)
-    project.close()     # the store is re-opened in the event loop's thread (sqlite connections are per thread)
-    pred = load_predictor(path, cfg.backend, cfg.device)
+    try:
+        # the promoted model, never a model whose quality gate failed (unless pinned with --model)
+        chosen = project.serving_model(cfg.model_path)
+    finally:
+        project.close()     # the store is re-opened in the event loop's thread (sqlite connections are per thread)
+    pred = load_predictor(chosen.path, cfg.backend, cfg.device)
     if router is None:
         router, calibrated = load_router(pred)
     else:
@@ -322,13 +314,16 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
     async def lifespan(app):
         proj = Project.open(project_dir)
         state["project"] = proj
+        writer = StoreWriter(proj.store.path)
+        await writer.start()
+        state["writer"] = writer
         state["batcher"] = MicroBatcher(pred.logits_and_embeddings, cfg.batch_size, cfg.batch_wait_ms)
-        state["gate"] = TeacherGate(proj, cfg, metrics, teacher)
+        state["gate"] = TeacherGate(proj, cfg, metrics, writer, teacher)
         if cfg.require_key and not keys_mod.list_keys(proj.store):
             log.warning("no API keys yet: every request will get 401. Create one with `distill keys create %s`",
                         project_dir)
-        log.info("serving %s (%s) from %s; router %s; shadow %.3f", spec.name, type(pred).__name__, pred.path,
-                 "calibrated" if calibrated else "pass-through", cfg.shadow_rate)
+        log.info("serving %s: model %s (%s, from %s); router %s; shadow %.3f", spec.name, chosen.describe(),
+                 type(pred).__name__, pred.path, "calibrated" if calibrated else "pass-through", cfg.shadow_rate)
         try:
             yield
         finally:
@@ -337,20 +332,30 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
             await asyncio.gather(*background, return_exceptions=True)
             await state["batcher"].close()
             await state["gate"].aclose()
+            await writer.close()
             proj.close()
 
-    app = FastAPI(title=f"distill: {spec.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(_BodyLimit, max_bytes=cfg.max_body_bytes)
+    app = FastAPI(title=f"distill: {spec.name}", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.model = chosen          # which model answers, and why (serve prints it at start)
+    app.state.config = cfg
 
-    def error(status: int, message: str, hint: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
-        # OpenAI's error shape, so the openai client surfaces `message`
-        body = {"error": {"message": message, "type": type_, "hint": hint, "code": status}}
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(body, status_code=status, headers=headers)
+    def key_ok(raw: str | None) -> bool:
+        # One indexed SELECT on the loop's connection (WAL: never waits for a writer), no cache, so a revoked
+        # key stops working at once. Nothing here writes, so nothing here takes the write lock.
+        return keys_mod.verify_key(state["project"].store, raw) is not None
+
+    # the guard runs before routing: 401 / 413 / 408 / 415 / 400 without any endpoint or validator involved
+    app.add_middleware(RequestGuard, key_ok=key_ok if cfg.require_key else None, open_paths=("/healthz",),
+                       max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s)
+
+    def error(status: int, message: str, hint: str | None = None, type_: str = "invalid_request_error",
+              param: str | None = None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, hint, type_, param), status_code=status)
 
     class _Reject(Exception):
-        def __init__(self, status: int, message: str, hint: str | None = None, type_: str = "invalid_request_error"):
-            self.args_ = (status, message, hint, type_)
+        def __init__(self, status: int, message: str, hint: str | None = None, type_: str = "invalid_request_error",
+                     param: str | None = None):
+            self.args_ = (status, message, hint, type_, param)
 
     @app.exception_handler(_Reject)
     async def _on_reject(request: Request, exc: _Reject):
@@ -365,12 +370,22 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError):
-        parts = []
+        parts, first = [], None
         for e in exc.errors()[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "(body)"
+            loc = _loc(e.get("loc", ()))
+            first = first or loc
             parts.append(f"`{loc}`: {e.get('msg')}")
-        return error(422, "invalid request: " + "; ".join(parts),
-                     hint='send JSON like {"texts": ["..."]} with Content-Type: application/json')
+        return error(422, "invalid request: " + "; ".join(parts), "see the request schema at /openapi.json", param=first)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException):
+        # 404, 405: the same error shape as everything else
+        return error(exc.status_code, str(exc.detail), None, "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _on_bug(request: Request, exc: Exception):
+        # a bug of ours: logged with its traceback by the server; the client gets the error shape, no traceback
+        return error(500, "internal error", "retry; if it persists, report it with the server's log", "server_error")
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
@@ -382,27 +397,19 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
             metrics.latency[ep].observe(time.perf_counter() - t0)
         return response
 
-    def auth(request: Request) -> str | None:
-        if not cfg.require_key:
-            return None
-        key_id = keys_mod.verify_key(state["project"].store, keys_mod.bearer(request.headers.get("authorization")))
-        if key_id is None:
-            raise _Reject(401, "missing or invalid API key", "send `Authorization: Bearer <key>`; create a key with "
-                          "`distill keys create PROJECT --name NAME`", "authentication_error")
-        return key_id
-
-    def check_texts(texts: list[str]) -> None:
+    def check_texts(texts: list[str], field: str = "texts") -> None:
         if not texts:
-            raise _Reject(422, "`texts` is empty", "send at least one text")
+            raise _Reject(422, f"`{field}` is empty", "send at least one text", param=field)
         if len(texts) > cfg.max_texts:
-            raise _Reject(422, f"`texts` has {len(texts)} items; the limit is {cfg.max_texts} per request",
-                          "split the batch into several requests")
+            raise _Reject(422, f"`{field}` has {len(texts)} items; the limit is {cfg.max_texts} per request",
+                          "split the batch into several requests", param=field)
         for i, t in enumerate(texts):
+            where = f"{field}[{i}]" if field == "texts" else field
             if len(t) > max_chars:
-                raise _Reject(422, f"`texts[{i}]` has {len(t)} characters; the limit is {max_chars}",
-                              "shorten the text (the limit is `max_text_chars` in distill.yaml)")
+                raise _Reject(422, f"`{where}` has {len(t)} characters; the limit is {max_chars}",
+                              "shorten the text (the limit is `max_text_chars` in distill.yaml)", param=where)
             if not t.strip():
-                raise _Reject(422, f"`texts[{i}]` is empty", "send non-empty texts")
+                raise _Reject(422, f"`{where}` is empty", "send non-empty texts", param=where)
 
     async def classify(texts: list[str]) -> list[dict[str, Any]]:
         """The whole pipeline for a batch of texts; queue entries are committed before it returns."""
@@ -413,39 +420,40 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         routed = [i for i, d in enumerate(decisions) if d.routed_to == "teacher"]
         answers = await asyncio.gather(*(gate.answer(texts[i]) for i in routed))
         teacher_answer = dict(zip(routed, answers))
-        store = state["project"].store
-        results = []
+        entries, results = [], []
         for i, (text, d) in enumerate(zip(texts, decisions)):
-            metrics.route_reasons[d.reason] += 1
             out_label, degraded, teacher_outcome = d.label, False, None
             if d.routed_to == "teacher":
                 ans, teacher_outcome = teacher_answer[i]
                 if ans is None:
                     degraded = True
-                    metrics.degraded += 1
-                    fq.enqueue(store, text, "degraded", student_answer=d.label, student_conf=d.confidence,
-                               note=f"router: {d.reason}; teacher: {teacher_outcome}")
+                    entries.append({"text": text, "reason": "degraded", "student_answer": d.label,
+                                    "student_conf": d.confidence, "note": f"router: {d.reason}; teacher: {teacher_outcome}"})
                 else:
                     out_label = ans
-                    fq.enqueue(store, text, "routed", student_answer=d.label, student_conf=d.confidence,
-                               teacher_answer=ans, note=f"router: {d.reason}")
+                    entries.append({"text": text, "reason": "routed", "student_answer": d.label,
+                                    "student_conf": d.confidence, "teacher_answer": ans, "note": f"router: {d.reason}"})
+            results.append({"id": "res-" + uuid.uuid4().hex[:16], "label": out_label, "probs": d.probs,
+                            "confidence": d.confidence, "ood_score": d.ood_score, "routed_to": d.routed_to,
+                            "reason": d.reason, "degraded": degraded, "student_label": d.label,
+                            "teacher": teacher_outcome})
+        if entries:
+            # one transaction for the request's entries, committed before the response exists
+            await state["writer"].run(fq.enqueue_many, entries)
+        ms = (time.perf_counter() - t0) * 1000
+        for text, d, r in zip(texts, decisions, results):
+            metrics.route_reasons[d.reason] += 1
+            metrics.degraded += r["degraded"]
             # who actually answered: a degraded text was answered by the student
-            who = "teacher" if d.routed_to == "teacher" and not degraded else "student"
-            metrics.inputs[who] += 1
-            rid = "res-" + uuid.uuid4().hex[:16]
-            recent[rid] = {"text": text, "label": out_label, "conf": d.confidence}
+            metrics.inputs["teacher" if d.routed_to == "teacher" and not r["degraded"] else "student"] += 1
+            recent[r["id"]] = {"text": text, "label": r["label"], "conf": d.confidence}
             while len(recent) > cfg.recent_ids:
                 recent.popitem(last=False)
-            results.append({"id": rid, "label": out_label, "probs": d.probs, "confidence": d.confidence,
-                            "ood_score": d.ood_score, "routed_to": d.routed_to, "reason": d.reason,
-                            "degraded": degraded, "student_label": d.label, "teacher": teacher_outcome})
+            r["latency_ms"] = round(ms, 3)
             if d.routed_to == "student" and cfg.shadow_rate > 0 and rng.random() < cfg.shadow_rate:
-                task = asyncio.get_running_loop().create_task(shadow(rid, text, d))
+                task = asyncio.get_running_loop().create_task(shadow(r["id"], text, d))
                 background.add(task)
                 task.add_done_callback(background.discard)
-        ms = (time.perf_counter() - t0) * 1000
-        for r in results:
-            r["latency_ms"] = round(ms, 3)
         return results
 
     async def shadow(rid: str, text: str, d: RouterDecision) -> None:
@@ -456,51 +464,56 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         metrics.shadow += 1
         if ans != d.label:
             metrics.shadow_disagreements += 1
-            fq.enqueue(state["project"].store, text, "shadow_disagreement", student_answer=d.label,
-                       student_conf=d.confidence, teacher_answer=ans, note=f"result {rid}")
+            try:
+                await state["writer"].run(fq.enqueue, text, "shadow_disagreement", student_answer=d.label,
+                                          student_conf=d.confidence, teacher_answer=ans, note=f"result {rid}")
+            except DistillError as e:      # nobody waits for this answer: log it
+                log.error("shadow %s: could not queue the disagreement: %s", rid, e.message)
+                return
             log.info("shadow %s: teacher says %r, student said %r (confidence %.3f)", rid, ans, d.label, d.confidence)
 
     # -- endpoints ----------------------------------------------------------------------------------
-    @app.get("/healthz")
-    async def healthz():
+    @app.get("/healthz", responses={200: {"model": HealthOut}})
+    async def healthz(request: Request):
+        # Without a key: liveness only. The model's folder, labels and teacher tell an outsider what runs here
+        # and where, so only key holders (or a --no-auth loopback server) see them.
+        body: dict[str, Any] = {"status": "ok"}
+        if cfg.require_key and not key_ok(keys_mod.bearer(request.headers.get("authorization"))):
+            return body
         gate = state.get("gate")
-        return {"status": "ok", "project": spec.name, "model": str(pred.path), "backend": type(pred).__name__,
-                "labels": list(pred.labels), "router": "calibrated" if calibrated else "pass-through",
-                "teacher": None if gate is None or gate.tspec is None else gate.tspec.name,
-                "teacher_problem": None if gate is None else gate.problem, "shadow_rate": cfg.shadow_rate}
+        body.update({"project": spec.name, "model": chosen.run_id, "model_path": str(pred.path),
+                     "model_why": chosen.why, "backend": type(pred).__name__, "labels": list(pred.labels),
+                     "router": "calibrated" if calibrated else "pass-through",
+                     "teacher": None if gate is None or gate.tspec is None else gate.tspec.name,
+                     "teacher_problem": None if gate is None else gate.problem, "shadow_rate": cfg.shadow_rate})
+        return body
 
-    @app.get("/metrics")
-    async def metrics_endpoint(request: Request):
-        auth(request)
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
+        **_errors(401)})
+    async def metrics_endpoint():
         return PlainTextResponse(metrics.render(fq.counts(state["project"].store)),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        auth(request)
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
+    async def models():
         return {"object": "list", "data": [{"id": spec.name, "object": "model", "created": 0, "owned_by": "distill"}]}
 
-    @app.post("/v1/classify")
-    async def classify_endpoint(body: ClassifyIn, request: Request):
-        auth(request)
+    @app.post("/v1/classify", responses={200: {"model": ClassifyOut}, **_errors(*_BODY_ERRORS)})
+    async def classify_endpoint(body: ClassifyIn):
         check_texts(body.texts)
         return {"model": spec.name, "results": await classify(body.texts)}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        auth(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _Reject(422, "the body is not JSON", "send an OpenAI chat.completions request") from None
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            raise _Reject(422, "`messages` is missing or not a list", 'send {"messages": [{"role": "user", ...}]}')
-        if body.get("stream"):
-            raise _Reject(422, "streaming is not supported: the answer is one label", "send stream: false")
-        text = _last_user_text(body["messages"])
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionOut}, **_errors(*_BODY_ERRORS)})
+    async def chat(body: ChatCompletionIn):
+        if body.stream:
+            raise _Reject(422, "streaming is not supported: the answer is one label", "send stream: false",
+                          param="stream")
+        i, text = _last_user_text(body.messages)
         if text is None:
-            raise _Reject(422, "no user message with text content", "the last user message is the input")
-        check_texts([text])
+            raise _Reject(422, "no user message with text content", "the last user message is the input",
+                          param="messages")
+        check_texts([text], field=f"messages[{i}].content")
         r = (await classify([text]))[0]
         return {
             "id": "chatcmpl-" + r["id"].removeprefix("res-"), "object": "chat.completion", "created": int(time.time()),
@@ -511,29 +524,48 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
             "distill": r,   # routing details; OpenAI clients ignore unknown fields
         }
 
-    @app.post("/v1/feedback")
-    async def feedback(body: FeedbackIn, request: Request):
-        auth(request)
+    @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **_errors(*_BODY_ERRORS)})
+    async def feedback(body: FeedbackIn):
         if body.label not in spec.label_names:
-            raise _Reject(422, f"`label` {body.label!r} is not one of {spec.label_names}", "send one of the project's labels")
+            raise _Reject(422, f"`label` {body.label!r} is not one of {spec.label_names}",
+                          "send one of the project's labels", param="label")
         student, conf, text = None, None, body.text
         if body.id is not None:
             seen = recent.get(body.id)
             if seen is None:
                 raise _Reject(422, f"result id {body.id!r} is unknown (this server remembers the last "
-                              f"{cfg.recent_ids} results since it started)", "send the `text` instead of the id")
+                              f"{cfg.recent_ids} results since it started)", "send the `text` instead of the id",
+                              param="id")
             text, student, conf = seen["text"], seen["label"], seen["conf"]
         if not text:
-            raise _Reject(422, "send `id` (from a /v1/classify result) or `text`")
+            raise _Reject(422, "send `id` (from a /v1/classify result) or `text`", param="text")
         if len(text) > max_chars:
-            raise _Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}")
-        # for feedback entries teacher_answer holds the label the client says is right (not yet verified)
-        qid = fq.enqueue(state["project"].store, text, "feedback", student_answer=student, student_conf=conf,
-                         teacher_answer=body.label, note=body.note)
+            raise _Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}", param="text")
+        # for feedback entries teacher_answer holds the label the client says is right (not yet verified);
+        # fq.enqueue is looked up per call (tests replace it), and the commit is awaited before the 2xx
+        qid = await state["writer"].run(fq.enqueue, text, "feedback", student_answer=student, student_conf=conf,
+                                        teacher_answer=body.label, note=body.note)
         metrics.feedback += 1
         return {"queued": qid}
 
+    def openapi() -> dict:
+        # the generated schema plus the bearer key every path but /healthz needs
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                              description="distill serve: see `distill serve --help`")
+            doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            doc["security"] = [{"bearer": []}]
+            doc["paths"]["/healthz"]["get"]["security"] = [{}, {"bearer": []}]
+            _document_limits(doc["components"]["schemas"], list(spec.label_names), cfg.max_texts, max_chars)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+# ------------------------------------------------------------------------------------------------
+# request and response bodies (they are the OpenAPI schema at /openapi.json)
 
 
 class ClassifyIn(BaseModel):
@@ -549,77 +581,205 @@ class FeedbackIn(BaseModel):
     note: str | None = None
 
 
+class ChatContentPart(BaseModel):
+    """One part of a message's content; ``type: "text"`` parts are read, others (images, ...) ignored."""
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+def _content_kind(v: Any) -> str:
+    return "parts" if isinstance(v, list) else "text"
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")      # name, tool_calls, ...
+    role: str
+    # a string or a list of parts; the discriminator picks one, so an error names only that one
+    content: Annotated[Annotated[str, Tag("text")] | Annotated[list[ChatContentPart], Tag("parts")],
+                       Discriminator(_content_kind)] | None = None
+
+
+class ChatCompletionIn(BaseModel):
+    """An OpenAI chat.completions request: the last user message is the input. The other fields OpenAI
+    clients send (temperature, max_tokens, ...) are accepted and ignored."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage]
+    stream: bool | None = None
+
+
+class ClassifyResult(BaseModel):
+    id: str                        # refer to it in /v1/feedback
+    label: str                     # the answer: the teacher's when it answered, else the student's
+    probs: dict[str, float]        # the student's probabilities
+    confidence: float
+    ood_score: float | None
+    routed_to: Literal["student", "teacher"]
+    reason: str                    # the router's reason: confident | low_confidence | ood
+    degraded: bool                 # routed to the teacher, which failed: the student answered
+    student_label: str
+    teacher: str | None            # the teacher's outcome: ok | cache_hit | parse_error | timeout | error | no_teacher
+    latency_ms: float
+
+
+class ClassifyOut(BaseModel):
+    model: str
+    results: list[ClassifyResult]
+
+
+class _ChatReply(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class _ChatChoice(BaseModel):
+    index: int
+    message: _ChatReply
+    finish_reason: str
+    logprobs: None = None
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionOut(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[_ChatChoice]
+    usage: _Usage
+    distill: ClassifyResult
+
+
+class _ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[_ModelCard]
+
+
+class FeedbackOut(BaseModel):
+    queued: int                    # the failure-queue entry's id
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    # with a key only:
+    project: str | None = None
+    model: str | None = None
+    model_path: str | None = None
+    model_why: str | None = None
+    backend: str | None = None
+    labels: list[str] | None = None
+    router: str | None = None
+    teacher: str | None = None
+    teacher_problem: str | None = None
+    shadow_rate: float | None = None
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None       # the field the error is about, when there is one
+    code: int                      # the HTTP status
+    hint: str | None = None        # what to do
+
+
+class ErrorOut(BaseModel):
+    error: _ErrorDetail
+
+
+_ERROR_WHY = {400: "the body is not JSON within the limits (depth, number size, valid text)",
+              401: "missing or invalid API key", 408: "the request did not arrive in time",
+              413: "the body is too large", 415: "the body is not JSON (Content-Type)",
+              422: "the request does not fit the schema or the limits", 503: "the store cannot write now; retry"}
+_BODY_ERRORS = (400, 401, 408, 413, 415, 422, 503)
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorOut, "description": _ERROR_WHY[c]} for c in codes}
+
+
+_ROLES = ["system", "developer", "user", "assistant", "tool", "function"]
+
+
+def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars: int) -> None:
+    """Write the limits the handlers check (this server's labels, batch size, text length; texts not blank)
+    into the generated schemas, so clients, and the fuzzer's "valid" requests, see them. The handlers stay
+    the check (with their own messages); the schema only describes it."""
+    def texts_in(node):
+        # the string schemas under ``node`` (pydantic nests them in anyOf / oneOf)
+        if isinstance(node, dict):
+            if node.get("type") == "string":
+                yield node
+            for v in node.get("anyOf", []) + node.get("oneOf", []):
+                yield from texts_in(v)
+
+    text = {"minLength": 1, "maxLength": max_chars, "pattern": r"\S"}
+    schemas["ClassifyIn"]["properties"]["texts"].update(minItems=1, maxItems=max_texts, items={"type": "string", **text})
+    for t in texts_in(schemas["FeedbackIn"]["properties"]["text"]):
+        t.update(text)
+    schemas["FeedbackIn"]["properties"]["label"]["enum"] = labels
+    chat = schemas["ChatCompletionIn"]["properties"]
+    chat["messages"].update(minItems=1, contains={"type": "object", "required": ["role"],
+                                                  "properties": {"role": {"const": "user"}}})
+    chat["stream"] = {"anyOf": [{"const": False}, {"type": "null"}], "title": "Stream",
+                      "description": "streaming is not supported: the answer is one label"}
+    message = schemas["ChatMessage"]["properties"]
+    message["role"]["enum"] = _ROLES
+    for t in texts_in(message["content"]):
+        t.update(text)
+
+
+def _loc(loc: tuple) -> str:
+    """pydantic's error location as a path: ('body', 'messages', 0, 'content') -> messages[0].content"""
+    out = ""
+    for p in loc:
+        if p == "body" and not out:
+            continue
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(body)"
+
+
 _KNOWN_PATHS = {"/v1/classify", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/metrics", "/healthz"}
 
 
-def _last_user_text(messages: list) -> str | None:
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            c = m.get("content")
+def _last_user_text(messages: list[ChatMessage]) -> tuple[int, str | None]:
+    """(index, text) of the last user message: its string content, or its text parts joined by newlines."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.role == "user":
+            c = m.content
             if isinstance(c, str):
-                return c
+                return i, c
             if isinstance(c, list):     # content parts: keep the text parts
-                parts = [p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"]
-                return "\n".join(parts) if parts else None
-            return None
-    return None
+                parts = [p.text or "" for p in c if p.type == "text"]
+                return i, "\n".join(parts) if parts else None
+            return i, None
+    return -1, None
 
 
-class _BodyLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes``, from Content-Length before reading, or while
-    reading a chunked body, so a huge upload never sits in memory."""
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info"):
+    """How ``serve`` runs ``app`` with uvicorn (tests run the same): the h11 protocol with the header
+    deadline (``guard.DeadlineH11Protocol``; h11 even where httptools is installed, because the deadline lives
+    in the protocol), uvicorn's 5 s keep-alive, no access log (it would print client
+    addresses and paths for every request; our own log lines carry request ids and outcomes, never headers,
+    so never a key)."""
+    import uvicorn
 
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-        too_big = False
-        replaced = False
-
-        async def limited():
-            nonlocal seen, too_big
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    too_big = True
-                    raise _TooBig()
-            return msg
-
-        async def guarded_send(msg):
-            # FastAPI turns an exception while reading the body into a 400; answer 413 instead
-            nonlocal replaced
-            if too_big:
-                if not replaced:
-                    replaced = True
-                    await self._reject(send)
-                return
-            await send(msg)
-
-        try:
-            await self.app(scope, limited, guarded_send)
-        except _TooBig:
-            if not replaced:
-                await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps({"error": {"message": f"request body is larger than {self.max_bytes} bytes",
-                                     "type": "invalid_request_error", "code": 413,
-                                     "hint": "send fewer or shorter texts per request"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooBig(Exception):
-    pass
+    cfg: ServeConfig = app.state.config
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          http=deadline_protocol(cfg.header_timeout_s), timeout_keep_alive=5)
 
 
 def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
@@ -634,6 +794,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         raise DistillError(f"refusing to serve without API keys on {host}",
                            hint="drop --no-auth, or bind 127.0.0.1 for local experiments")
     app = create_app(project_dir, **kwargs)
-    # access_log=False: the access log would print client addresses and paths for every request; our own
-    # log lines carry request ids and outcomes, never headers (so never a key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    import sys
+
+    print(f"distill serve: model {app.state.model.describe()}", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level)).run()

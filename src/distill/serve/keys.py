@@ -72,7 +72,11 @@ def list_keys(store: Store) -> list[KeyInfo]:
 
 
 def verify_key(store: Store, raw: str | None) -> str | None:
-    """The key id when ``raw`` is a live key, else None."""
+    """The key id when ``raw`` is a live key, else None.
+
+    Read-only (one SELECT by primary key): the service calls it on its event loop for every request, and in
+    WAL mode a reader never waits for another process's write lock. Deliberately no cache of verified keys,
+    so a revoked key stops working at the next request."""
     m = _KEY_RE.match(raw or "")
     key_id, secret = (m.group(1), m.group(2)) if m else ("", raw or "")
     row = store.q("SELECT salt, hash, revoked_at FROM api_keys WHERE id=?", (key_id,)) if m else []

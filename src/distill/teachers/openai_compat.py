@@ -13,8 +13,10 @@ that honours the header returns the stored answer instead of charging again (tes
 does; so do several gateways). With a provider that ignores it the worst case is paying once more for
 the calls that were in flight - never for committed ones, which are answered from the cache.
 
-The API key is read from the environment at construction, goes only into the Authorization header of
-the httpx client, and is never part of a reply, an exception message or anything stored.
+The API key is read from the environment at construction and goes only into the Authorization header of
+the httpx client. Providers repeat it in error bodies (whole, or masked with its tail kept), so it is
+registered with ``distill.redact`` at once and every message built from a response goes through
+``redact``: it is never part of an exception message, a log line or anything stored.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import httpx
 
 from distill.errors import DistillError
 from distill.ratelimit import Limiter, estimate_prompt_tokens
+from distill.redact import redact, register
 from distill.task import TeacherSpec
 from distill.teachers.base import TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
 
@@ -76,18 +79,24 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0, rng: rando
     return rng.uniform(0.0, min(cap, base * (2 ** attempt)))
 
 
+def _clip(text: str, n: int) -> str:
+    # redacted before it is cut, so a key that straddles the cut is still found whole
+    return redact(text[: n + 1000])[:n]
+
+
 def _server_message(body: bytes) -> str:
-    """The human part of an error body: OpenAI-style {"error": {"message": ...}} or the first 200 chars."""
+    """The human part of an error body: OpenAI-style {"error": {"message": ...}} or the first 200 chars,
+    redacted (a 401 body often repeats the key)."""
     try:
         obj = json.loads(body)
         if isinstance(obj, dict):
             err = obj.get("error", obj.get("detail", obj))
             if isinstance(err, dict) and "message" in err:
-                return str(err["message"])[:300]
-            return str(err)[:300]
-    except (json.JSONDecodeError, UnicodeDecodeError):
+                return _clip(str(err["message"]), 300)
+            return _clip(str(err), 300)
+    except (ValueError, RecursionError):   # not JSON, not UTF-8, >4300-digit ints, absurd nesting
         pass
-    return body[:200].decode("utf-8", "replace")
+    return _clip(body[:1200].decode("utf-8", "replace"), 200)
 
 
 def _convert_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -122,6 +131,7 @@ class OpenAITeacher:
                     f"teacher '{spec.name}': the environment variable ${spec.api_key_env} is not set",
                     hint=f"export {spec.api_key_env}=... (the key is read from the environment and never stored)",
                 )
+            register(key)       # from here on, distill.redact removes it from every message
             headers["Authorization"] = f"Bearer {key}"
         self.url = spec.base_url.rstrip("/") + "/chat/completions"
         self._client = httpx.AsyncClient(
@@ -179,8 +189,8 @@ class OpenAITeacher:
                 self.limiter.settle(estimate, reply.tokens_in + reply.tokens_out)
             return reply
         raise TeacherUnavailable(
-            f"teacher '{self.spec.name}' at {self.url}: gave up after {self.spec.max_retries + 1} attempts; "
-            f"last error: {reason}",
+            redact(f"teacher '{self.spec.name}' at {self.url}: gave up after {self.spec.max_retries + 1} attempts; "
+                   f"last error: {reason}"),
             hint="check that the server is up and not overloaded; re-run to continue (finished work is kept)",
         )
 
@@ -201,7 +211,7 @@ class OpenAITeacher:
         except httpx.TimeoutException as e:
             raise _Transient(f"timeout after {self.spec.timeout_s}s ({type(e).__name__})") from None
         except httpx.TransportError as e:
-            raise _Transient(f"connection error: {type(e).__name__}: {e}") from None
+            raise _Transient(redact(f"connection error: {type(e).__name__}: {e}")) from None
 
         if status in (401, 403):
             raise TeacherAuthError(

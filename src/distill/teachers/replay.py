@@ -31,17 +31,23 @@ Replayed replies report the *original* call's ``latency_s`` (also in ``raw["reco
 ledger then holds what the teacher really took, so evaluation compares the student with the teacher's
 measured latency and compute cost rather than with a file lookup. The replay's own time is in
 ``raw["replay_s"]``.
+
+Writing: ``write_recording`` writes a whole recording at once, atomically (the file is complete or absent);
+``RecordingAppender`` adds one line at a time, flushed and fsynced, for a recorder that runs for an hour and
+must resume after being killed. Both write exactly the format above, so anything they write replays.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from distill.errors import DistillError
+from distill.fsutil import write_atomic
 from distill.task import TeacherSpec
 from distill.teachers.base import NoAnswer, TeacherReply, TeacherRequest
 
@@ -100,6 +106,132 @@ def read_recording(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]
     if provenance is None:
         raise DistillError(f"{path}: empty recording (no provenance line)")
     return provenance, replies
+
+
+# -- writing recordings ------------------------------------------------------------------------------
+
+
+def reply_record(reply: TeacherReply | dict[str, Any] | Any) -> dict[str, Any]:
+    """The ``"reply"`` object of one recording line, from a ``TeacherReply``, a reply dict (checked, copied)
+    or a bare answer (a string is the answer text; a list or number is written as its JSON text). A dict is
+    always read as a reply dict, so pass an extract answer as its text: ``json.dumps(answer)``.
+
+    Fields that are None are left out (the replay reads them as None), as are ``retries`` (a replay makes
+    no transport retries) and an empty ``raw``. ``latency_s`` is kept to 0.1 ms: the replay reports it as
+    the teacher's latency, and more digits would only make the file larger."""
+    if isinstance(reply, TeacherReply):
+        rec: dict[str, Any] = {"texts": list(reply.texts), "label_probs": reply.label_probs,
+                               "logprobs": reply.logprobs, "tokens_in": reply.tokens_in,
+                               "tokens_out": reply.tokens_out, "latency_s": reply.latency_s, "raw": reply.raw}
+    elif isinstance(reply, dict):
+        unknown = set(reply) - set(_REPLY_FIELDS)
+        if unknown or not isinstance(reply.get("texts"), list):
+            raise DistillError(f"not a replay reply: keys {sorted(reply)[:8]}",
+                               hint="a reply dict needs 'texts' (a list) and only these keys: "
+                                    + ", ".join(_REPLY_FIELDS))
+        rec = dict(reply)
+    else:
+        rec = {"texts": [reply if isinstance(reply, str) else json.dumps(reply, ensure_ascii=False)]}
+    rec.pop("retries", None)
+    if "latency_s" in rec and rec["latency_s"] is not None:
+        rec["latency_s"] = round(float(rec["latency_s"]), 4)
+    return {k: v for k, v in rec.items() if v is not None and not (k == "raw" and not v)}
+
+
+def _entry_line(entry: Sequence[Any]) -> tuple[str, str]:
+    """(messages_sha256, JSON line) of one ``(messages, reply_or_answer[, extra])`` entry."""
+    if not 2 <= len(entry) <= 3:
+        raise DistillError(f"a recording entry is (messages, reply_or_answer[, extra dict]), got {len(entry)} items")
+    messages, reply = entry[0], entry[1]
+    extra = dict(entry[2]) if len(entry) == 3 and entry[2] else {}
+    if not isinstance(messages, list):
+        raise DistillError(f"a recording entry's messages must be a list of chat messages, "
+                           f"got {type(messages).__name__}")
+    clash = {"messages", "reply", "provenance"} & set(extra)
+    if clash:
+        raise DistillError(f"a recording entry's extra keys may not be {sorted(clash)}")
+    line = json.dumps({**extra, "messages": messages, "reply": reply_record(reply)}, ensure_ascii=False)
+    return messages_sha256(messages), line + "\n"
+
+
+def _header_line(provenance: dict[str, Any]) -> str:
+    if not isinstance(provenance, dict) or not provenance:
+        raise DistillError("a replay recording needs a provenance dict (which model answered, and the command "
+                           "that regenerates the recording)")
+    return json.dumps({"provenance": provenance}, ensure_ascii=False) + "\n"
+
+
+def write_recording(path: str | Path, provenance: dict[str, Any], entries: Iterable[Sequence[Any]]) -> Path:
+    """Write a whole replay recording to ``path`` atomically (via ``distill.fsutil.write_atomic``): the
+    provenance header line, then one line per entry, in order.
+
+    Each entry is ``(messages, reply_or_answer)`` or ``(messages, reply_or_answer, extra)``: ``messages`` the
+    chat messages exactly as the labeller renders them (``render_messages``), ``reply_or_answer`` anything
+    ``reply_record`` takes, ``extra`` a dict of further keys for the line (e.g. ``{"id": ...}``), which the
+    replay ignores. ``entries`` is consumed once, while the file is written."""
+    header = _header_line(provenance)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(header)
+            for entry in entries:
+                f.write(_entry_line(entry)[1])
+
+    return write_atomic(path, write)
+
+
+class RecordingAppender:
+    """Add entries to a replay recording one line at a time; each line is flushed and fsynced before
+    ``add`` returns, so a recorder killed at any point keeps every answer it paid for.
+
+    A new ``path`` starts with ``provenance`` as its header (written atomically). An existing one is
+    resumed: a half-written last line (killed mid-write) is cut off, ``self.provenance`` is the file's own
+    header (the ``provenance`` argument is then ignored: compare the two to refuse mixing models) and
+    ``self.recorded`` holds the ``messages_sha256`` of every entry already there, so ``messages in
+    appender`` tells what to skip. Use it as a context manager, or call ``close``."""
+
+    def __init__(self, path: str | Path, provenance: dict[str, Any]):
+        self.path = Path(path)
+        if self.path.exists():
+            _cut_partial_last_line(self.path)
+            self.provenance, replies = read_recording(self.path)
+            self.recorded: set[str] = set(replies)
+        else:
+            header = _header_line(provenance)
+            write_atomic(self.path, lambda tmp: tmp.write_text(header, encoding="utf-8"))
+            self.provenance, self.recorded = provenance, set()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def __contains__(self, messages: list[dict[str, str]]) -> bool:
+        return messages_sha256(messages) in self.recorded
+
+    def __len__(self) -> int:
+        return len(self.recorded)
+
+    def add(self, messages: list[dict[str, str]], reply: TeacherReply | dict[str, Any] | Any,
+            extra: dict[str, Any] | None = None) -> None:
+        """Append one entry (see ``write_recording``) and make it durable."""
+        key, line = _entry_line((messages, reply, extra))
+        self._f.write(line)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.recorded.add(key)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "RecordingAppender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _cut_partial_last_line(path: Path) -> None:
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 class ReplayTeacher:

@@ -22,7 +22,13 @@ Folder written by ``export_onnx``::
     out_dir/model.int8.onnx     dynamic int8 (when quantize=True)
     out_dir/labels.json         label names in logit order
     out_dir/tokenizer files     whatever the tokenizer's save_pretrained writes
-    out_dir/export.json         ExportReport (sizes, opset, parity on the probe texts)
+    out_dir/export.json         ExportReport (sizes, opset, parity on the probe texts); its paths are
+                                relative to out_dir, so a copied or moved export describes itself
+
+Where it may write: ``distill.fsutil.check_export_target``. An existing folder is replaced only when it is a
+previous ONNX export (it has export.json and onnx_config.json); the old export is then deleted. Anything else
+is refused, or with ``force`` moved aside to ``NAME.replaced-TIME``, never deleted; the project folder, its
+store and spec, and what the store points at are refused even with ``force``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +44,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from distill.errors import DistillError
+from distill.fsutil import check_export_target, move_aside
+from distill.students.predictor import OnnxPredictor, read_labels
 
 # onnxruntime 1.2x supports opsets up to 21+; 17 is the lowest that has LayerNormalization as one op,
 # which keeps the graph small and lets ORT fuse it.
@@ -68,36 +77,15 @@ class ExportReport:
     export_seconds: float
     parity_fp32: dict[str, Any] = field(default_factory=dict)
     parity_int8: dict[str, Any] | None = None
+    moved_aside: str | None = None     # where a non-export folder at out_dir went (force=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------------------------
-# labels
-
-
-def read_labels(folder: Path) -> list[str]:
-    """labels.json (a list, or {"labels": [...]}) or else config.json's id2label, in logit order."""
-    folder = Path(folder)
-    f = folder / "labels.json"
-    if f.exists():
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DistillError(f"{f}: not valid JSON (line {e.lineno}): {e.msg}",
-                               hint="re-save the model with `distill train`, or fix the file by hand") from None
-        labels = data.get("labels") if isinstance(data, dict) else data
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise DistillError(f"{f}: expected a JSON list of label names", hint='e.g. ["positive", "negative"]')
-        return labels
-    cfg = folder / "config.json"
-    if cfg.exists():
-        id2label = json.loads(cfg.read_text(encoding="utf-8")).get("id2label") or {}
-        if id2label:
-            return [id2label[k] for k in sorted(id2label, key=int)]
-    raise DistillError(f"{folder}: no labels.json and no id2label in config.json",
-                       hint="point at a folder written by `distill train` (ClassifierStudent.save)")
+def is_onnx_export(path: Path) -> bool:
+    """A folder ``export_onnx`` wrote (the only kind of existing folder it replaces, and so deletes)."""
+    return path.is_dir() and (path / "export.json").is_file() and (path / "onnx_config.json").is_file()
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -171,11 +159,14 @@ def torch_outputs(model, tok, texts: Sequence[str], batch_size: int = 32, max_le
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, *, quantize: bool = True,
-                parity_texts: Sequence[str] | None = None, opset: int = OPSET) -> ExportReport:
+                parity_texts: Sequence[str] | None = None, opset: int = OPSET, force: bool = False,
+                project_root: str | Path | None = None, protected: Sequence[Path] = ()) -> ExportReport:
     """Export ``model_dir`` (an HF sequence-classification folder) to ``out_dir`` and check parity.
 
     The folder is written under a temporary name and renamed into place at the end, so an interrupted
-    export never leaves a half-written model that the server would load."""
+    export never leaves a half-written model that the server would load. ``out_dir`` is checked first (see
+    the module docstring): ``project_root``/``protected`` name what must never be replaced; ``force`` moves a
+    folder that is not a previous export aside instead of refusing."""
     import shutil
     import tempfile
 
@@ -183,6 +174,13 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, quantize: bool = 
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_model_dir(model_dir)
+
+    def check() -> bool:
+        return check_export_target(out_dir, is_export=is_onnx_export, root=project_root, protected=tuple(protected),
+                                   force=force, default="onnx/ beside the model folder",
+                                   replaces="a previous ONNX export (a folder with export.json and onnx_config.json)")
+
+    check()   # before minutes of work
     labels = read_labels(model_dir)
     t0 = time.perf_counter()
     model, tok = _load_torch(model_dir)
@@ -224,8 +222,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, quantize: bool = 
 
         texts = list(parity_texts) if parity_texts else _PROBE_TEXTS
         ref_probs, ref_emb = torch_outputs(model, tok, texts, max_length=max_len)
-        par32 = parity(ref_probs, OnnxClassifier(tmp, int8=False).predict_proba(texts))
-        par8 = parity(ref_probs, OnnxClassifier(tmp, int8=True).predict_proba(texts)) if quantize else None
+        par32 = parity(ref_probs, OnnxPredictor(tmp, int8=False).predict_proba(texts))
+        par8 = parity(ref_probs, OnnxPredictor(tmp, int8=True).predict_proba(texts)) if quantize else None
         torch_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or \
             sum(f.stat().st_size for f in model_dir.glob("*.bin"))
         report = ExportReport(
@@ -234,11 +232,18 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, quantize: bool = 
             fp32_bytes=fp32.stat().st_size, int8_bytes=int8.stat().st_size if int8 else None,
             torch_bytes=torch_bytes, export_seconds=round(export_s, 3), parity_fp32=par32, parity_int8=par8,
         )
-        (tmp / "export.json").write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
-        if out_dir.exists():
-            # replace an older export: move it aside first so there is never a moment with no model
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+        # paths relative to the export folder itself: a copied or moved export stays self-consistent
+        (tmp / "export.json").write_text(json.dumps({
+            **report.to_dict(), "out_dir": ".", "fp32_path": "model.onnx",
+            "int8_path": "model.int8.onnx" if quantize else None}, indent=2), encoding="utf-8")
+        aside = check()   # again: something may have appeared at out_dir while we worked
+        if aside:
+            report.moved_aside = str(move_aside(out_dir))
+            os.replace(tmp, out_dir)
+        elif out_dir.exists():
+            # a previous export (or an empty folder): move it to a name of our own first, so there is never a
+            # moment with no model, then delete it; nothing but a previous export is ever deleted here
+            old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -265,70 +270,9 @@ def check_parity(model_dir: str | Path, onnx_dir: str | Path, texts: Sequence[st
                  ) -> dict[str, Any]:
     """Parity of an exported folder against its torch source on ``texts`` (e.g. the validation split)."""
     model, tok = _load_torch(Path(model_dir))
-    onnx = OnnxClassifier(onnx_dir, int8=int8)
+    onnx = OnnxPredictor(onnx_dir, int8=int8)
     ref, _ = torch_outputs(model, tok, texts, max_length=onnx.max_length)
     return parity(ref, onnx.predict_proba(texts))
-
-
-# ------------------------------------------------------------------------------------------------
-# inference without torch
-
-
-class OnnxClassifier:
-    """The exported classifier behind the same interface as ``ClassifierStudent``: ``.labels``,
-    ``.predict_proba(texts)``, ``.embed(texts)``, plus ``.logits_and_embeddings`` (one pass for both; the
-    router wants logits for the energy score and embeddings for Mahalanobis)."""
-
-    def __init__(self, path: str | Path, int8: bool = True, threads: int | None = None):
-        import onnxruntime as ort
-        from transformers import AutoTokenizer
-
-        self.path = Path(path)
-        fname = "model.int8.onnx" if int8 else "model.onnx"
-        f = self.path / fname
-        if not f.exists():
-            raise DistillError(f"{f}: not found", hint="export the model first: `distill export PROJECT --onnx`"
-                               + ("" if not int8 else " (or load with int8=False for the fp32 graph)"))
-        self.labels = read_labels(self.path)
-        cfg_file = self.path / "onnx_config.json"
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
-        self.max_length = int(cfg.get("max_length", 512))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.int8 = int8
-
-    def size_bytes(self) -> int:
-        return (self.path / ("model.int8.onnx" if self.int8 else "model.onnx")).stat().st_size
-
-    def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        logits, embs = [], []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="np")
-            feed = {n: enc[n].astype(np.int64) for n in self.input_names}
-            lo, em = self.session.run(["logits", "embeddings"], feed)
-            logits.append(lo)
-            embs.append(em)
-        if not logits:
-            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(embs)
-
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        logits, _ = self.logits_and_embeddings(texts, batch_size)
-        return softmax(logits)
-
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        return self.logits_and_embeddings(texts, batch_size)[1]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,17 +280,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def export_project(project_dir: str | Path, *, model_path: str | Path | None = None, out_dir: str | Path | None = None,
-                   quantize: bool = True, teacher: str | None = None, max_parity_texts: int = 500) -> ExportReport:
-    """Export the latest trained student (or ``model_path``) to ``out_dir`` (default: ``onnx/`` beside the
+                   quantize: bool = True, teacher: str | None = None, max_parity_texts: int = 500,
+                   force: bool = False) -> ExportReport:
+    """Export the project's serving model (or ``model_path``) to ``out_dir`` (default: ``onnx/`` beside the
     model folder, where `distill serve` looks for it) and check parity on up to ``max_parity_texts``
-    test-split inputs (the probe texts when the project has none)."""
+    test-split inputs (the probe texts when the project has none). ``out_dir`` may not be the project, its
+    store, spec, recordings or what its store points at; ``force``: see ``export_onnx``."""
     from distill.dataset import rows
+    from distill.fsutil import project_protected
     from distill.project import Project
-    from distill.serve.app import resolve_model_path
 
     project = Project.open(project_dir)
     try:
-        path = resolve_model_path(project, model_path)
+        if project.spec.kind != "classify":
+            raise DistillError(f"{project.root}: ONNX export is for encoder (classify) students; this project is "
+                               f"'{project.spec.kind}'", hint="use `distill export PROJECT --format merged`")
+        path = project.serving_model(model_path).path
+        root, protected = project.root, project_protected(project)
+        target = Path(out_dir) if out_dir else path.parent / "onnx"
         texts: list[str] = []
         if project.spec.teachers:
             tname = project.spec.get_teacher(teacher).name
@@ -354,5 +305,5 @@ def export_project(project_dir: str | Path, *, model_path: str | Path | None = N
             texts = [r.text for r in rows(project, tname, splits=("test",), only_kept=False)][:max_parity_texts]
     finally:
         project.close()
-    return export_onnx(path, Path(out_dir) if out_dir else path.parent / "onnx", quantize=quantize,
-                       parity_texts=texts or None)
+    return export_onnx(path, target, quantize=quantize, parity_texts=texts or None, force=force,
+                       project_root=root, protected=protected)

@@ -1,8 +1,9 @@
-"""``distill eval``: student vs teacher vs a cheap baseline on the locked test split, with a quality gate.
+"""``distill eval`` for classify students: student vs teacher vs a cheap baseline on the locked test split,
+with a quality gate.
 
 The recipe, top to bottom (``evaluate``):
 
-1. Load the student (the latest ``train`` run unless a folder is given) and the test split. Test rows are
+1. Load the student (the latest ``train`` run unless a folder is pinned; ``students.predictor``) and the test split. Test rows are
    never filtered (``dataset.rows``): dropping the hard cases would flatter everyone.
 2. Three systems answer every test row:
    - **student**: argmax of ``predict_proba``;
@@ -17,20 +18,17 @@ The recipe, top to bottom (``evaluate``):
 4. Latency and cost: the student and base are timed here; the teacher's latency and cost come from the
    ledger (``teacher_calls``), i.e. what labelling actually took and cost.
 5. The gate (``spec.quality``) turns all that into pass/fail with sentences a person can act on.
-6. The JSON is written atomically to ``reports/eval-<model run id>.json`` and registered as an ``eval`` run.
+6. The JSON is written atomically to ``reports/eval-<model run id>.json`` and registered as an ``eval`` run
+   (``common.write_result``); `distill eval` then promotes a model whose gate passed (``common.promote_if_passed``).
 
-Only ``classify`` projects are evaluated today (the student is a classifier).
+Extract/generate students: ``evaluate.lm``. What both share: ``evaluate.common``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -38,15 +36,13 @@ import numpy as np
 from distill import metrics as M
 from distill.dataset import rows as dataset_rows
 from distill.errors import DistillError
+from distill.evaluate import common as C
 from distill.project import Project
 from distill.runinfo import git_sha
 
-RESAMPLES = 1000   # bootstrap draws per CI; >= 1000 keeps the 2.5% tail stable (25 draws beyond it)
-SEED = 0           # one seed for every CI, so systems are compared on the same resamples (paired)
 N_BINS = 10        # reliability-diagram bins (Guo et al. use 15; 10 reads better at test-set sizes)
 TOP_CONFUSIONS = 10
 EXAMPLES_PER_CONFUSION = 3
-EXAMPLE_CHARS = 300  # example texts are cut so the JSON/HTML stay small
 BATCH = 32           # throughput batch size
 
 
@@ -73,7 +69,7 @@ class EvalResult:
     version: int = 1
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return C.jsonable(asdict(self))
 
 
 def evaluate(project: Project, *, model_path: str | None = None, student=None, teacher: str | None = None,
@@ -81,7 +77,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     """Evaluate the student (a folder, the latest trained model, or an already loaded ``student`` object with
     ``labels``, ``predict_proba(texts, batch_size)`` and ``size_bytes()``) on the locked test split."""
     spec = project.spec
-    say = _say if progress else (lambda *a: None)
+    say = C.say if progress else (lambda *a: None)
     if spec.kind != "classify":
         raise DistillError(
             f"`distill eval` supports kind 'classify' today; this project is '{spec.kind}'",
@@ -94,10 +90,10 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
 
     # 1. model, teacher, test split ------------------------------------------------------------------
     student, run_id, path, record = _resolve_student(project, model_path, student)
-    tname = teacher or _record_teacher(record) or spec.get_teacher(None).name
+    tname = teacher or C.record_teacher(record) or spec.get_teacher(None).name
     tspec = spec.get_teacher(tname)
     notes: list[str] = []
-    test = _test_table(project, tname, notes)
+    test = C.test_table(project, tname, notes)
     n = len(test["ids"])
     classes = list(spec.label_names)
     extra = sorted({g for g in test["gold"] if g is not None and g not in classes}, key=str)
@@ -126,7 +122,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     s_conf = probs.max(axis=1).tolist()
 
     say("eval: TF-IDF + logistic regression baseline")
-    base, base_reason = _train_baseline(project, tname)
+    base, base_reason = train_baseline(project, tname)
     if base is not None:
         bp = base.predict_proba(texts)
         b_pred = [str(base.classes_[i]) for i in bp.argmax(axis=1)]
@@ -149,7 +145,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
         "teacher": _score_system("teacher", t_pred, t_conf, codes, min_seg),
     }
     cfg = record.get("config") if isinstance(record.get("config"), dict) else {}
-    systems["student"]["description"] = f"distilled student ({cfg.get('base') or cfg.get('model') or path})"
+    systems["student"]["description"] = f"distilled student ({cfg.get('base_model') or cfg.get('base') or cfg.get('model') or path})"
     systems["teacher"]["description"] = f"teacher '{tname}' ({tspec.kind}: {tspec.model or tspec.path or ''})"
     if base is not None:
         systems["base"] = _score_system("base", b_pred, b_conf, codes, min_seg)
@@ -166,15 +162,15 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     # 4. latency and cost -----------------------------------------------------------------------------
     say(f"eval: latency ({latency_samples} requests at batch 1)")
     latency = {"student": _time_student(student, texts, latency_samples, student_batch_s),
-               "teacher": _teacher_ledger(project, tname)}
+               "teacher": C.teacher_ledger(project, tname)}
     latency["student"]["size_bytes"] = int(student.size_bytes())
     if base is not None:
         latency["base"] = _time_base(base, texts, latency_samples)
-    cost = _cost(latency, tspec.price.per_hour, cpu_hour_usd)
+    cost = C.cost_per_1m(latency, tspec.price.per_hour, cpu_hour_usd)
 
     # 5. gate, headline -------------------------------------------------------------------------------
     gate = _gate(spec.quality, systems["student"], codes)
-    headline = _headline(systems)
+    headline = C.headline(systems)
     tq = _teacher_sentence(tname, systems["teacher"], test)
     lineage = {
         "model_run_id": run_id,
@@ -182,7 +178,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
         "training_record": record,
         "teacher": {"name": tname, **tspec.identity(), "terms": tspec.terms.model_dump()},
         "filters": spec.filters.model_dump(),
-        "filter_run": _latest_filter_run(project, tname),
+        "filter_run": C.latest_filter_run(project, tname),
         "test_hash": test["hash"],
         "code_git_sha": git_sha(),
     }
@@ -195,12 +191,8 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     )
 
     # 6. write + register -----------------------------------------------------------------------------
-    out = project.reports_dir / f"eval-{_safe(run_id)}.json"
+    out = C.write_result(project, run_id, res.to_dict(), tname)
     res.json_path = str(out)
-    _write_json_atomic(out, res.to_dict())
-    project.store.put_run(f"eval-{run_id}", "eval", "done", str(out), {
-        "model_run_id": run_id, "teacher": tname, "gate": {"passed": gate["passed"]}, "headline": headline,
-    })
     say(f"eval: {tq}")
     say(f"eval: wrote {out}")
     return res
@@ -211,84 +203,23 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
 
 
 def _resolve_student(project: Project, model_path: str | None, student) -> tuple[Any, str, str | None, dict]:
-    """(student object, model run id, folder, training record). The run is the one whose ``path`` is the
-    given folder, else the latest done ``train`` run."""
-    if model_path is not None:
-        # The trainer registers resolved paths; accept the folder as typed or resolved.
-        rows = project.store.q("SELECT * FROM runs WHERE kind='train' AND path IN (?, ?) ORDER BY created_at DESC "
-                               "LIMIT 1", (str(model_path), str(Path(model_path).resolve())))
-        run = rows[0] if rows else None
-        if student is None and not Path(model_path).exists():
-            raise DistillError(f"--model {model_path}: no such folder", hint="pass a folder written by `distill train`")
-    else:
-        run = project.store.latest_run("train")
-    path = model_path or (run["path"] if run is not None else None)
+    """(predictor, model run id, folder, training record): the pinned folder, else the latest trained model
+    (eval scores the candidate you just trained; serving is decided from its gate). An already loaded
+    ``student`` is evaluated as given, with the latest run as its lineage."""
+    if model_path is None and student is not None:
+        ref = project.latest_model()
+        return student, (ref.run_id if ref else "student"), (str(ref.path) if ref else None), (ref.record if ref else {})
+    ref = project.model(pinned=model_path)
     if student is None:
-        if path is None:
-            raise DistillError(f"{project.root}: no trained model to evaluate",
-                               hint="run `distill train` first, or pass --model FOLDER")
-        if not Path(path).exists():
-            raise DistillError(f"the latest trained model's folder {path} is missing",
-                               hint="retrain with `distill train` or pass --model FOLDER")
-        from distill.students.classifier import ClassifierStudent  # heavy (torch); only when needed
+        from distill.students.predictor import load_predictor
 
-        student = ClassifierStudent.load(path, device="auto")
-    record = json.loads(run["record"]) if run is not None else {}
-    run_id = run["id"] if run is not None else (Path(path).name if path else "student")
-    return student, run_id, path, record
+        # torch unless the pinned folder is itself an ONNX export (eval then measures what would be served)
+        onnx = (ref.path / "model.onnx").exists() or (ref.path / "model.int8.onnx").exists()
+        student = load_predictor(ref.path, backend="onnx" if onnx else "torch")
+    return student, ref.run_id, str(ref.path), ref.record
 
 
-def _record_teacher(record: dict) -> str | None:
-    """The teacher a model was trained on: the training record stores {identity: {name, ...}, terms, ...}."""
-    t = record.get("teacher")
-    if isinstance(t, dict):
-        return (t.get("identity") or {}).get("name") or t.get("name")
-    return t if isinstance(t, str) else None
-
-
-def _test_table(project: Project, teacher: str, notes: list[str]) -> dict:
-    """The locked test split as parallel lists, plus the teacher's *own* label per row (not corrections)."""
-    rows = dataset_rows(project, teacher, ("test",))
-    if not rows:
-        raise DistillError(f"{project.root}: the test split is empty",
-                           hint="import more inputs (splits.test in distill.yaml sets the share that goes to test)")
-    labels = {r["example_id"]: r for r in project.store.q(
-        "SELECT example_id, status, answer, probs, confidence, reason FROM labels WHERE teacher=? AND example_id IN "
-        "(SELECT id FROM examples WHERE split='test')", (teacher,))}
-    t_pred, t_conf, failed, unlabelled, reasons = [], [], 0, 0, {}
-    for r in rows:
-        lab = labels.get(r.id)
-        if lab is None or lab["status"] != "ok":
-            t_pred.append(None)
-            t_conf.append(None)
-            if lab is None:
-                unlabelled += 1
-            else:
-                failed += 1
-                reasons[lab["reason"] or "unknown"] = reasons.get(lab["reason"] or "unknown", 0) + 1
-            continue
-        ans = json.loads(lab["answer"])
-        pr = json.loads(lab["probs"]) if lab["probs"] else None
-        t_pred.append(ans)
-        # The teacher's probability of its own answer: from its distribution when stored, else its confidence.
-        t_conf.append(float(pr[ans]) if pr and ans in pr else lab["confidence"])
-    if unlabelled:
-        notes.append(f"{unlabelled} test rows have no label from teacher '{teacher}' (run `distill label`); "
-                     "they count as wrong for the teacher")
-    gold = [r.gold for r in rows]
-    h = hashlib.sha256(json.dumps([[r.id, r.gold] for r in rows], sort_keys=True).encode()).hexdigest()[:16]
-    return {
-        "ids": [r.id for r in rows], "texts": [r.text for r in rows], "segments": [r.segment for r in rows],
-        "gold": gold, "teacher_pred": t_pred, "teacher_conf": t_conf,
-        "n": len(rows), "n_gold": sum(g is not None for g in gold),
-        "teacher_failed": failed, "teacher_unlabelled": unlabelled, "teacher_failed_reasons": reasons,
-        "gold_counts": M.counts([g for g in gold if g is not None]),
-        "segment_counts": M.counts(["(none)" if s is None else s for s in (r.segment for r in rows)]),
-        "hash": h,
-    }
-
-
-def _train_baseline(project: Project, teacher: str):
+def train_baseline(project: Project, teacher: str):
     """TF-IDF + logistic regression on the kept train rows' effective answers (the student's training data)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -327,14 +258,6 @@ class _Codes:
         return M.encode(pred, self.classes)
 
 
-def _stat(value: float, ci: tuple[float, float], n: int) -> dict:
-    return {"value": value, "ci": [ci[0], ci[1]], "n": n}
-
-
-def _metric(stat: Callable[[np.ndarray], float], n: int) -> dict:
-    return _stat(stat(np.arange(n)), M.bootstrap_ci(stat, n, resamples=RESAMPLES, seed=SEED), n)
-
-
 def _gold_stats(c: _Codes, p: np.ndarray) -> dict[str, Callable[[np.ndarray], float]]:
     g, pg = c.gold[c.gi], p[c.gi]
     right = (pg == g).astype(float)
@@ -358,21 +281,21 @@ def _score_system(name: str, pred: list, conf: list, c: _Codes, min_seg: int, se
     segs: dict[str, dict] = {}
     if c.n_gold:
         gs = _gold_stats(c, p)
-        out["vs_gold"] = {m: _metric(f, c.n_gold) for m, f in gs.items()}
+        out["vs_gold"] = {m: C.metric(f, c.n_gold) for m, f in gs.items()}
         for m, f in gs.items():
-            for b in M.per_segment(seg_gold, f, min_size=min_seg, resamples=RESAMPLES, seed=SEED):
+            for b in M.per_segment(seg_gold, f, min_size=min_seg, resamples=C.RESAMPLES, seed=C.SEED):
                 segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_gold"] = b
     else:
         out["vs_gold"] = None
     if name != "teacher" and len(c.ti):
         ts = _teacher_stats(c, p)
-        out["vs_teacher"] = {m: _metric(f, len(c.ti)) for m, f in ts.items()}
+        out["vs_teacher"] = {m: C.metric(f, len(c.ti)) for m, f in ts.items()}
         # Per segment vs the teacher: agreement only, unless the gate scores macro-F1 against the teacher
         # (each per-segment CI is another 1000 resamples per segment).
         for m, f in ts.items():
             if m == "macro_f1" and not seg_teacher_f1:
                 continue
-            for b in M.per_segment(seg_teacher, f, min_size=min_seg, resamples=RESAMPLES, seed=SEED):
+            for b in M.per_segment(seg_teacher, f, min_size=min_seg, resamples=C.RESAMPLES, seed=C.SEED):
                 segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_teacher"] = b
     else:
         out["vs_teacher"] = None
@@ -402,7 +325,7 @@ def _retention(c: _Codes, p: np.ndarray, t: np.ndarray) -> dict:
     out = {}
     for m in ("accuracy", "macro_f1"):
         f = (lambda i, m=m: M.retention(sg[m](i), tg[m](i)))
-        out[m] = _metric(f, c.n_gold)
+        out[m] = C.metric(f, c.n_gold)
     return out
 
 
@@ -414,7 +337,7 @@ def _confusions(c: _Codes, s_pred: list, test: dict) -> dict:
     pairs = M.confused_pairs(ref, pred, top=TOP_CONFUSIONS)
     for pr in pairs:
         rows = [idx[r] for r in pr.pop("rows")]
-        pr["examples"] = [{"id": test["ids"][i], "text": _cut(test["texts"][i]), "segment": test["segments"][i],
+        pr["examples"] = [{"id": test["ids"][i], "text": C.cut(test["texts"][i]), "segment": test["segments"][i],
                            "teacher": test["teacher_pred"][i]} for i in rows[:EXAMPLES_PER_CONFUSION]]
     return {"system": "student", "against": against, "n": len(idx), "n_errors": sum(r != p for r, p in zip(ref, pred)),
             "pairs": pairs}
@@ -453,46 +376,6 @@ def _time_base(base, texts: list[str], samples: int) -> dict:
                            "texts_per_s": len(texts) / s if s > 0 else None}}
 
 
-def _teacher_ledger(project: Project, teacher: str) -> dict:
-    """The teacher's real latency and cost, from every call in the ledger (all splits, retries included)."""
-    calls = project.store.q("SELECT latency_s, cost FROM teacher_calls WHERE teacher=?", (teacher,))
-    lat = [float(r["latency_s"]) for r in calls]
-    costs = [float(r["cost"]) for r in calls]
-    return {"source": "ledger", "calls": len(calls), "total_cost_usd": float(sum(costs)),
-            "mean_cost_usd": float(np.mean(costs)) if costs else None, "batch1": M.latency_percentiles(lat)}
-
-
-def _cost(latency: dict, teacher_per_hour: float, cpu_hour_usd: float) -> dict:
-    """USD per 1M requests. Student/base: measured mean seconds per single request × CPU-hour price.
-    Teacher: mean ledger cost per call × 1e6. For a local teacher priced by the hour the labeller already
-    charges wall time into the ledger, so the per-hour estimate is shown separately and only used when the
-    ledger holds no cost at all (never added, which would count the same hours twice)."""
-    out: dict[str, Any] = {"cpu_hour_usd": cpu_hour_usd}
-    for name in ("student", "base"):
-        if name in latency:
-            mean_s = latency[name]["batch1"]["mean_s"]
-            tput = latency[name]["throughput"]["texts_per_s"]
-            out[name] = {
-                "per_1m_usd": None if mean_s is None else mean_s * cpu_hour_usd / 3600 * 1e6,
-                "per_1m_usd_batched": None if not tput else (1 / tput) * cpu_hour_usd / 3600 * 1e6,
-                "basis": "mean seconds per request at batch 1 × cpu_hour_usd",
-            }
-    t = latency["teacher"]
-    ledger = None if t["mean_cost_usd"] is None else t["mean_cost_usd"] * 1e6
-    hourly = (t["batch1"]["mean_s"] * teacher_per_hour / 3600 * 1e6
-              if teacher_per_hour and t["batch1"]["mean_s"] is not None else None)
-    use = ledger if ledger else hourly if hourly is not None else ledger
-    out["teacher"] = {"per_1m_usd": use, "ledger_per_1m_usd": ledger, "per_hour_usd": teacher_per_hour or None,
-                      "per_hour_per_1m_usd": hourly,
-                      "basis": "ledger mean cost per call" if ledger else
-                      ("spec price.per_hour × mean ledger latency" if hourly is not None else "no calls in the ledger")}
-    s = out["student"]["per_1m_usd"]
-    out["teacher_over_student"] = use / s if use and s else None
-    tl, sl = t["batch1"]["p50_s"], latency["student"]["batch1"]["p50_s"]
-    latency["teacher_over_student_p50"] = tl / sl if tl and sl else None
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # 5. gate and summary
 
@@ -513,64 +396,7 @@ def _gate(q, student: dict, c: _Codes) -> dict:
     key = {"gold": {"accuracy": "accuracy", "exact_match": "accuracy", "macro_f1": "macro_f1"},
            "teacher": {"accuracy": "agreement", "exact_match": "agreement", "agreement": "agreement",
                        "macro_f1": "macro_f1"}}[against][metric]
-    return apply_gate(q, student, key, against, failures, warnings, noun="labels")
-
-
-def apply_gate(q, student: dict, key: str, against: str, failures: list[str], warnings: list[str],
-               noun: str = "labels") -> dict:
-    """The gate once the metric ``key`` is known; shared by classify (here) and extract/generate
-    (``distill.evaluate_lm``), so both kinds fail and warn the same way."""
-    scores = student.get(f"vs_{against}")
-    label = f"student {key} vs {against}"
-    if not scores:
-        failures.append(f"cannot compute {label}: the test split has no "
-                        + (f"gold {noun} (import a gold column, or set quality.against: teacher)" if against == "gold"
-                           else f"teacher {noun} (run `distill label`)"))
-        return {"passed": False, "metric": key, "against": against, "failures": failures, "warnings": warnings}
-    s = scores[key]
-    _check(f"{label} = {_f(s['value'])} [95% CI {_f(s['ci'][0])}, {_f(s['ci'][1])}] on n={s['n']}",
-           s, q.overall, "quality.overall", failures, warnings)
-    segs = [x[f"{key}_vs_{against}"] for x in student["segments"] if f"{key}_vs_{against}" in x]
-    worst = M.worst_segment(segs)
-    small = [x["segment"] for x in segs if not x["gated"]]
-    if worst is None:
-        warnings.append(f"no segment has >= {q.min_segment_size} rows (quality.min_segment_size); "
-                        "worst-segment check skipped")
-    else:
-        _check(f"worst segment '{worst['segment']}' (n={worst['n']}): {label} = {_f(worst['value'])} "
-               f"[95% CI {_f(worst['ci'][0])}, {_f(worst['ci'][1])}]", worst, q.worst_segment,
-               "quality.worst_segment", failures, warnings)
-    if small:
-        warnings.append(f"segments smaller than {q.min_segment_size} rows are reported but not gated: {small}")
-    return {"passed": not failures, "metric": key, "against": against, "overall_threshold": q.overall,
-            "worst_segment_threshold": q.worst_segment, "min_segment_size": q.min_segment_size,
-            "value": s["value"], "ci": s["ci"], "worst_segment": worst, "failures": failures, "warnings": warnings}
-
-
-def _check(what: str, s: dict, threshold: float, name: str, failures: list, warnings: list) -> None:
-    v = s["value"]
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v < threshold:
-        failures.append(f"{what} is below the threshold {name} = {threshold:g}")
-    elif s["ci"][0] is not None and s["ci"][0] < threshold:
-        warnings.append(f"{what} passes {name} = {threshold:g}, but the CI's lower end is below it: "
-                        "more test rows are needed to be sure")
-
-
-def _headline(systems: dict) -> dict:
-    out = {}
-    for name, s in systems.items():
-        if not s.get("available"):
-            continue
-        row = {}
-        for m, v in (s.get("vs_gold") or {}).items():
-            row[f"{m} (gold)"] = {"value": v["value"], "ci": v["ci"]}
-        for m, v in (s.get("vs_teacher") or {}).items():
-            row[f"{m} (teacher)" if m != "agreement" else "agreement"] = {"value": v["value"], "ci": v["ci"]}
-        if s.get("retention"):
-            r = s["retention"]["accuracy"]
-            row["retention"] = {"value": r["value"], "ci": r["ci"]}
-        out[name] = {k: v for k, v in row.items() if not _bad(v["value"])}
-    return _jsonable(out)
+    return C.apply_gate(q, student, key, against, failures, warnings, noun="labels")
 
 
 def _teacher_sentence(name: str, t: dict, test: dict) -> str:
@@ -580,8 +406,8 @@ def _teacher_sentence(name: str, t: dict, test: dict) -> str:
                 "only measured against the teacher")
     a, f1 = g["accuracy"], g["macro_f1"]
     miss = test["teacher_failed"] + test["teacher_unlabelled"]
-    return (f"teacher {name}: accuracy {_f(a['value'])} [{_f(a['ci'][0])}, {_f(a['ci'][1])}], macro-F1 "
-            f"{_f(f1['value'])} [{_f(f1['ci'][0])}, {_f(f1['ci'][1])}] vs gold on n={a['n']}"
+    return (f"teacher {name}: accuracy {C.fmt(a['value'])} [{C.fmt(a['ci'][0])}, {C.fmt(a['ci'][1])}], macro-F1 "
+            f"{C.fmt(f1['value'])} [{C.fmt(f1['ci'][0])}, {C.fmt(f1['ci'][1])}] vs gold on n={a['n']}"
             + (f" ({miss} {'row' if miss == 1 else 'rows'} without a teacher answer counted as wrong)" if miss else ""))
 
 
@@ -595,67 +421,7 @@ def _standing_notes(test: dict) -> list[str]:
     ]
 
 
-def _latest_filter_run(project: Project, teacher: str) -> dict | None:
-    rows = project.store.q("SELECT * FROM filter_runs WHERE teacher=? ORDER BY id DESC LIMIT 1", (teacher,))
-    if not rows:
-        return None
-    r = rows[0]
-    return {"id": r["id"], "config": json.loads(r["config"]), "kept": r["kept"], "dropped": r["dropped"]}
-
-
 # ------------------------------------------------------------------------------------------------
 # helpers
 
 
-def _say(msg: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(msg, highlight=False, markup=False)
-
-
-def _f(x) -> str:
-    return "n/a" if _bad(x) else f"{x:.3f}"
-
-
-def _bad(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 1] + "…"
-
-
-def _safe(s: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
-
-
-def _jsonable(x):
-    """NaN/inf -> None (JSON has no NaN), numpy scalars -> Python, tuples -> lists."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file or the
-    new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DistillError(f"cannot write {path}: {e.strerror}", hint="check free space and permissions of reports/") from None

@@ -43,7 +43,6 @@ Metric names (kept identical to the classify evaluation, so the report's tables 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import string
@@ -54,16 +53,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from distill import evaluate as E
+from distill.evaluate import common as C
 from distill import metrics as M
-from distill.dataset import rows as dataset_rows
 from distill.errors import DistillError
 from distill.project import Project
 from distill.runinfo import git_sha
 from distill.task import ParseError, answer_key, parse_answer, render_messages
 
-RESAMPLES = E.RESAMPLES   # same resamples and seed as the classify evaluation: paired, comparable CIs
-SEED = E.SEED
 DEFAULT_MAX_NEW_TOKENS = {"extract": 128, "generate": 256}
 TOP_ERRORS = 10
 EXAMPLES_PER_ERROR = 3
@@ -204,7 +200,7 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     ``reports/eval-<run>.json``). ``limit`` scores a fixed pseudo-random subset of that many test rows (the
     same rows every time) — generation is slow on a CPU; ``base=False`` skips the untuned base model."""
     spec = project.spec
-    say = E._say if progress else (lambda *a: None)
+    say = C.say if progress else (lambda *a: None)
     if spec.kind not in ("extract", "generate"):
         raise DistillError(f"evaluate_lm evaluates extract/generate projects; this one is '{spec.kind}'",
                            hint="classify projects are evaluated by distill.evaluate.evaluate")
@@ -218,30 +214,25 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
 
     # 1. model run, teacher, test split -------------------------------------------------------------
     run_id, path, record = _resolve_run(project, model_path)
-    tname = teacher or _record_teacher(record) or spec.get_teacher(None).name
+    tname = teacher or C.record_teacher(record) or spec.get_teacher(None).name
     tspec = spec.get_teacher(tname)
     notes: list[str] = []
-    test = _test_table(project, tname, limit, notes)
+    test = C.test_table(project, tname, notes, limit=limit)
     n = test["n"]
     say(f"eval: {n} test rows ({test['n_gold']} with gold), teacher '{tname}', model {run_id}")
 
     import torch
 
-    from distill.models import pick_device
-    from distill.students.causal_lm import load_student
+    from distill.students.predictor import GenerativePredictor
 
-    dev = pick_device(device)
-    if dev == "cpu" and cpu_threads:
-        torch.set_num_threads(cpu_threads)
-    model, tok, info = load_student(path, device=dev)
-    from peft import PeftModel
-
-    is_adapter = isinstance(model, PeftModel)
+    pred = GenerativePredictor(path, device=device, cpu_threads=cpu_threads)
+    info, is_adapter = pred.info, pred.is_adapter
+    dev = str(pred.model.device)
     messages = [render_messages(spec, t, s, m) for t, s, m in zip(test["texts"], test["segments"], test["metas"])]
 
     # 2. three systems answer ------------------------------------------------------------------------
     say(f"eval: student generates ({n} rows, at most {max_new_tokens} new tokens each)")
-    s_out = _generate_all(model, tok, info, messages, max_new_tokens, say, "student")
+    s_out = _generate_all(pred, messages, max_new_tokens, say, "student")
     outputs = {"student": s_out}
     base_reason = None
     if base:
@@ -249,18 +240,18 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
         # the untuned model gets the teacher's full prompt (its best chance), no task prefix
         base_info = {**info, "input_prefix": "", "prompt": "teacher"}
         if is_adapter:
-            with model.disable_adapter():
-                outputs["base"] = _generate_all(model, tok, base_info, messages, max_new_tokens, say, "base")
+            with pred.model.disable_adapter():
+                outputs["base"] = _generate_all(pred, messages, max_new_tokens, say, "base", info=base_info)
         else:
             try:
                 from distill.students.causal_lm import load_base
 
-                b_model, b_tok = load_base(info["base_model"], device=dev)
+                b_model, b_tok = load_base(info["base_model"], device=device)
             except (DistillError, OSError, KeyError) as e:
                 base_reason = f"the base model {info.get('base_model')!r} could not be loaded: {e}"
             else:
-                outputs["base"] = _generate_all(b_model.eval(), b_tok, base_info, messages, max_new_tokens, say,
-                                                "base")
+                outputs["base"] = _generate_all(pred, messages, max_new_tokens, say, "base", info=base_info,
+                                                model=b_model.eval(), tokenizer=b_tok)
                 del b_model
     else:
         base_reason = "skipped (base=False)"
@@ -289,18 +280,18 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
             systems[name]["retention"] = _retention(spec, parsed[name]["answers"], test)
 
     errors = _errors(spec, parsed["student"]["answers"], parsed["student"]["reasons"], test)
-    samples = [{"id": test["ids"][i], "text": E._cut(test["texts"][i]), "gold": test["gold"][i],
+    samples = [{"id": test["ids"][i], "text": C.cut(test["texts"][i]), "gold": test["gold"][i],
                 "teacher": test["teacher_pred"][i],
-                **{name: E._cut(outputs[name]["texts"][i]) for name in outputs}} for i in range(min(n, 5))]
+                **{name: C.cut(outputs[name]["texts"][i]) for name in outputs}} for i in range(min(n, 5))]
 
     if spec.kind == "generate" and spec.quality.judge:
         _judge_systems(project, spec, tspec, systems, outputs, test, say, notes)
 
     # 4. latency and cost -----------------------------------------------------------------------------
     latency: dict[str, Any] = {name: _latency(o) for name, o in outputs.items()}
-    latency["student"]["size_bytes"] = _param_bytes(model)
-    latency["teacher"] = E._teacher_ledger(project, tname)
-    cost = E._cost(latency, tspec.price.per_hour, cpu_hour_usd)
+    latency["student"]["size_bytes"] = pred.size_bytes()
+    latency["teacher"] = C.teacher_ledger(project, tname)
+    cost = C.cost_per_1m(latency, tspec.price.per_hour, cpu_hour_usd)
 
     # 5. gate, headline, lineage ----------------------------------------------------------------------
     gate = _gate(spec.quality, spec.kind, systems["student"])
@@ -318,20 +309,16 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
         "lineage": {
             "model_run_id": run_id, "model_path": str(path), "training_record": record, "student": info,
             "teacher": {"name": tname, **tspec.identity(), "terms": tspec.terms.model_dump()},
-            "filters": spec.filters.model_dump(), "filter_run": E._latest_filter_run(project, tname),
+            "filters": spec.filters.model_dump(), "filter_run": C.latest_filter_run(project, tname),
             "test_hash": test["hash"], "code_git_sha": git_sha(),
         },
         "gate": gate,
         "notes": notes + _standing_notes(spec.kind, test),
         "json_path": None, "version": 1,
     }
-    out = project.reports_dir / f"eval-{E._safe(run_id)}.json"
-    result["json_path"] = str(out)
-    result = E._jsonable(result)
-    E._write_json_atomic(out, result)
-    project.store.put_run(f"eval-{run_id}", "eval", "done", str(out), {
-        "model_run_id": run_id, "teacher": tname, "gate": {"passed": gate["passed"]}, "headline": headline,
-    })
+    result = C.jsonable(result)
+    C.write_result(project, run_id, result, tname)
+    out = result["json_path"]
     say(f"eval: {tq}")
     say(f"eval: wrote {out}")
     return result
@@ -342,128 +329,40 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
 
 
 def _resolve_run(project: Project, model_path: str | None) -> tuple[str, Path, dict]:
-    """(run id, student folder, training record): the run whose path is ``model_path`` (as typed or
-    resolved), else the latest finished ``train_lm`` run. A folder that no run knows is still evaluated."""
-    if model_path is not None:
-        p = Path(model_path)
-        if not p.exists():
-            raise DistillError(f"--model {model_path}: no such folder",
-                               hint="pass an 'adapter' (or merged model) folder written by `distill train`/`export`")
-        paths = (str(p), str(p.resolve()))
-        rows = project.store.q("SELECT * FROM runs WHERE kind='train_lm' AND path IN (?, ?) ORDER BY created_at DESC "
-                               "LIMIT 1", paths)
-        if rows:
-            return rows[0]["id"], p, json.loads(rows[0]["record"])
-        # a merged export of a run: evaluated under '<run>-merged', with the run's training record as lineage
-        rows = project.store.q("SELECT * FROM runs WHERE kind='export_lm' AND path IN (?, ?) ORDER BY created_at "
-                               "DESC LIMIT 1", paths)
-        if rows:
-            rid = json.loads(rows[0]["record"]).get("model_run_id")
-            src = project.store.q("SELECT record FROM runs WHERE id=? AND kind='train_lm'", (rid,))
-            return f"{rid}-merged", p, json.loads(src[0]["record"]) if src else {}
-        return p.name, p, {}
-    run = project.store.latest_run("train_lm")
-    if run is None or not run["path"]:
+    """(run id, student folder, training record): the pinned folder (a training run's, a merged export's
+    — evaluated as '<run>-merged' with the run's record as lineage — or any student folder), else the
+    latest finished ``train_lm`` run."""
+    from distill import runs
+
+    if model_path is None and project.latest_model() is None:
         raise DistillError(f"{project.root}: no trained generative student to evaluate",
                            hint="run `distill train` first, or pass --model FOLDER")
-    p = Path(run["path"])
-    if not p.exists():
-        raise DistillError(f"the latest trained student's folder {p} is missing",
-                           hint="retrain with `distill train` or pass --model FOLDER")
-    return run["id"], p, json.loads(run["record"])
-
-
-def _record_teacher(record: dict) -> str | None:
-    t = record.get("teacher")
-    if isinstance(t, dict):
-        return (t.get("identity") or {}).get("name") or t.get("name")
-    return t if isinstance(t, str) else None
-
-
-def _test_table(project: Project, teacher: str, limit: int | None, notes: list[str]) -> dict:
-    """The locked test split as parallel lists, plus the teacher's *own* answer per row (not corrections)
-    and whether that answer was valid JSON / valid against the schema."""
-    rows = dataset_rows(project, teacher, ("test",))
-    if not rows:
-        raise DistillError(f"{project.root}: the test split is empty",
-                           hint="import more inputs (splits.test in distill.yaml sets the share that goes to test)")
-    n_total = len(rows)
-    if limit is not None and limit < len(rows):
-        # a fixed pseudo-random subset (by hashed id): the same rows on every run, not the first N by id
-        rows = sorted(rows, key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())[:limit]
-        rows.sort(key=lambda r: r.id)
-        notes.append(f"--limit {limit}: scored a fixed hashed subset of {len(rows)} of the {n_total} test rows")
-    labels = {r["example_id"]: r for r in project.store.q(
-        "SELECT example_id, status, answer, reason FROM labels WHERE teacher=? AND example_id IN "
-        "(SELECT id FROM examples WHERE split='test')", (teacher,))}
-    pred, json_ok, schema_ok, failed, unlabelled, reasons = [], [], [], 0, 0, {}
-    for r in rows:
-        lab = labels.get(r.id)
-        if lab is not None and lab["status"] == "ok":
-            pred.append(json.loads(lab["answer"]))
-            json_ok.append(1.0)
-            schema_ok.append(1.0)
-            continue
-        pred.append(None)
-        schema_ok.append(0.0)
-        # the labeller stores the parser's reason: a schema violation was valid JSON, anything else was not
-        json_ok.append(1.0 if lab is not None and lab["reason"] == "schema_violation" else 0.0)
-        if lab is None:
-            unlabelled += 1
-        else:
-            failed += 1
-            reasons[lab["reason"] or "unknown"] = reasons.get(lab["reason"] or "unknown", 0) + 1
-    if unlabelled:
-        notes.append(f"{unlabelled} test rows have no answer from teacher '{teacher}' (run `distill label`); "
-                     "they count as wrong for the teacher")
-    gold = [r.gold for r in rows]
-    h = hashlib.sha256(json.dumps([[r.id, r.gold] for r in rows], sort_keys=True).encode()).hexdigest()[:16]
-    return {
-        "ids": [r.id for r in rows], "texts": [r.text for r in rows], "segments": [r.segment for r in rows],
-        "metas": [r.meta for r in rows], "gold": gold, "teacher_pred": pred,
-        "teacher_validity": {"json_valid": np.array(json_ok), "schema_valid": np.array(schema_ok)},
-        "n": len(rows), "n_total": n_total, "n_gold": sum(g is not None for g in gold),
-        "teacher_failed": failed, "teacher_unlabelled": unlabelled, "teacher_failed_reasons": reasons,
-        "segment_counts": M.counts(["(none)" if r.segment is None else r.segment for r in rows]), "hash": h,
-    }
+    ref = project.model(pinned=model_path)
+    if ref.kind == "pinned":
+        export = runs.run_for_path(project.store, project.root, ref.path, kinds=("export_lm",))
+        if export is not None:
+            rid = export.record.get("model_run_id")
+            src = runs.get_run(project.store, rid) if rid else None
+            return f"{rid}-merged", ref.path, json.loads(src["record"]) if src else {}
+    return ref.run_id, ref.path, ref.record
 
 
 # ------------------------------------------------------------------------------------------------
 # 2. generation
 
 
-def _generate_all(model, tok, info: dict, messages: list[list[dict]], max_new_tokens: int, say,
-                  name: str) -> dict[str, list]:
+def _generate_all(pred, messages: list[list[dict]], max_new_tokens: int, say, name: str, **kw) -> dict[str, list]:
     """Greedy answers, one request at a time (what one API call to a served model costs), timed per request.
-    One untimed warm-up request first: the first call pays for lazy initialisation."""
-    import torch
-
-    from distill.students.causal_lm import has_chat_template, student_prompt
-
-    from distill.models import stop_token_ids
-
-    # turn-end markers too, not only eos: an untuned base must not ramble to max_new_tokens
-    stop = stop_token_ids(tok) or None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop or [0])[0]
-
-    @torch.no_grad()
-    def one(msgs: list[dict], limit: int = max_new_tokens) -> tuple[str, int, int]:
-        prompt = student_prompt(tok, info, msgs)
-        enc = tok(prompt, add_special_tokens=not has_chat_template(tok), return_tensors="pt")
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        out = model.generate(**enc, max_new_tokens=limit, do_sample=False, pad_token_id=pad, eos_token_id=stop)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
-        return tok.decode(new, skip_special_tokens=True), enc["input_ids"].shape[1], len(new)
-
-    one([{"role": "user", "content": "hi"}], limit=2)   # short on purpose: a full request costs seconds on CPU
+    One untimed warm-up request first: the first call pays for lazy initialisation. ``kw`` goes to
+    ``GenerativePredictor.answer`` (another prompt mode, or the separately loaded base model)."""
+    pred.answer([{"role": "user", "content": "hi"}], 2, **kw)   # short: a full request costs seconds on CPU
     texts, secs, t_in, t_out = [], [], [], []
     for i, msgs in enumerate(messages, start=1):
-        t0 = time.perf_counter()
-        text, n_in, n_out = one(msgs)
-        secs.append(time.perf_counter() - t0)
-        texts.append(text)
-        t_in.append(n_in)
-        t_out.append(n_out)
+        g = pred.answer(msgs, max_new_tokens, **kw)
+        secs.append(g.seconds)
+        texts.append(g.text)
+        t_in.append(g.prompt_tokens)
+        t_out.append(g.completion_tokens)
         if i % 10 == 0 or i == len(messages):
             say(f"eval: {name} {i}/{len(messages)}  {sum(t_out) / sum(secs):.1f} new tokens/s")
     return {"texts": texts, "seconds": secs, "tokens_in": t_in, "tokens_out": t_out}
@@ -493,10 +392,6 @@ def _parse_outputs(spec, texts: list[str]) -> dict:
 # 3. scores
 
 
-def _metric(stat: Callable[[np.ndarray], float], n: int) -> dict:
-    return {"value": stat(np.arange(n)), "ci": list(M.bootstrap_ci(stat, n, resamples=RESAMPLES, seed=SEED)), "n": n}
-
-
 def _segment_metrics(kind: str, against: str, gate_key: str | None) -> list[str]:
     """Per-segment CIs cost 1000 resamples each, so only the headline metrics get them."""
     ms = ["accuracy" if against == "gold" else "agreement", "field_f1" if kind == "extract" else "normalised_match"]
@@ -511,7 +406,7 @@ def _score_system(spec, name: str, answers: list, validity: dict | None, test: d
     kind, n = spec.kind, test["n"]
     out: dict[str, Any] = {"available": True, "n": n, "no_answer": sum(a is None for a in answers)}
     if validity is not None:
-        out["validity"] = {k: _metric(lambda i, v=v: float(v[i].mean()) if len(i) else float("nan"), n)
+        out["validity"] = {k: C.metric(lambda i, v=v: float(v[i].mean()) if len(i) else float("nan"), n)
                            for k, v in validity.items()}
     segs: dict[str, dict] = {}
     for against, refs in (("gold", test["gold"]), ("teacher", test["teacher_pred"])):
@@ -521,12 +416,12 @@ def _score_system(spec, name: str, answers: list, validity: dict | None, test: d
             continue
         sc = row_scores(kind, spec, [answers[i] for i in idx], [refs[i] for i in idx])
         st = statistics(kind, sc, against)
-        out[f"vs_{against}"] = {m: _metric(f, len(idx)) for m, f in st.items()}
+        out[f"vs_{against}"] = {m: C.metric(f, len(idx)) for m, f in st.items()}
         seg_of = [test["segments"][i] for i in idx]
         for m in _segment_metrics(kind, against, gate_key):
             if m not in st:
                 continue
-            for b in M.per_segment(seg_of, st[m], min_size=min_seg, resamples=RESAMPLES, seed=SEED):
+            for b in M.per_segment(seg_of, st[m], min_size=min_seg, resamples=C.RESAMPLES, seed=C.SEED):
                 segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_{against}"] = b
         if kind == "extract" and "per_field" not in out:   # vs gold when there is gold, else vs the teacher
             out["per_field"] = {"against": against,
@@ -553,7 +448,7 @@ def _judge_systems(project, spec, tspec, systems: dict, outputs: dict, test: dic
         g = np.array([np.nan if x is None else float(x) for x in r["grades"]])
         ok = ~np.isnan(g)
         systems[name]["judge"] = {
-            "mean_grade": _metric(lambda i: float(np.nanmean(g[i])) if ok[i].any() else float("nan"), len(g)),
+            "mean_grade": C.metric(lambda i: float(np.nanmean(g[i])) if ok[i].any() else float("nan"), len(g)),
             "graded": int(ok.sum()), "ungraded": int((~ok).sum()), "histogram": {k: int((g == k).sum()) for k in range(1, 6)},
             "new_calls": r["new_calls"], "cached_calls": r["cached"], "errors": r["errors"], "spend": r["spend"],
             "judge": tspec.name}
@@ -569,7 +464,7 @@ def _retention(spec, answers: list, test: dict) -> dict:
     s = statistics(spec.kind, row_scores(spec.kind, spec, [answers[i] for i in idx], refs), "gold")
     t = statistics(spec.kind, row_scores(spec.kind, spec, [test["teacher_pred"][i] for i in idx], refs), "gold")
     names = ["accuracy", "field_f1"] if spec.kind == "extract" else ["accuracy", "normalised_match"]
-    return {m: _metric(lambda i, m=m: M.retention(s[m](i), t[m](i)), len(idx)) for m in names}
+    return {m: C.metric(lambda i, m=m: M.retention(s[m](i), t[m](i)), len(idx)) for m in names}
 
 
 def _errors(spec, answers: list, reasons: list, test: dict) -> dict:
@@ -591,7 +486,7 @@ def _errors(spec, answers: list, reasons: list, test: dict) -> dict:
             groups.setdefault(("(whole answer)", reasons[i] or "no answer"), []).append(i)
             continue
         if spec.kind != "extract":
-            groups.setdefault((E._cut(str(r)), E._cut(str(a))), []).append(i)
+            groups.setdefault((C.cut(str(r)), C.cut(str(a))), []).append(i)
             continue
         pa, ra = _flat(a), _flat(r)
         for f in sorted(set(pa) | set(ra)):
@@ -603,7 +498,7 @@ def _errors(spec, answers: list, reasons: list, test: dict) -> dict:
                 groups.setdefault((f, "wrong value"), []).append(i)
     order = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:TOP_ERRORS]
     pairs = [{"true": t, "pred": p, "count": len(ix),
-              "examples": [{"id": test["ids"][i], "text": E._cut(test["texts"][i]), "segment": test["segments"][i],
+              "examples": [{"id": test["ids"][i], "text": C.cut(test["texts"][i]), "segment": test["segments"][i],
                             "teacher": _short(test["teacher_pred"][i]), "reference": _short(refs[i]),
                             "student": _short(answers[i])} for i in ix[:EXAMPLES_PER_ERROR]]}
              for (t, p), ix in order]
@@ -622,7 +517,7 @@ def _flat(answer: Any) -> dict[str, list[str]]:
 def _short(answer: Any) -> str | None:
     if answer is None:
         return None
-    return E._cut(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False))
+    return C.cut(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,11 +534,6 @@ def _latency(o: dict) -> dict:
                            "tokens_per_s": n_out / total if total > 0 else None},
             "tokens": {"prompt_mean": float(np.mean(o["tokens_in"])), "new_mean": float(np.mean(o["tokens_out"])),
                        "new_total": int(n_out)}}
-
-
-def _param_bytes(model) -> int:
-    """Bytes of the weights the served model holds in memory (base + adapter for a LoRA student)."""
-    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,19 +561,19 @@ def _gate(q, kind: str, student: dict) -> dict:
         failures.append(f"quality.metric '{q.metric}' does not apply to kind '{kind}'; use exact_match"
                         + (" or field_f1" if kind == "extract" else "") + " in distill.yaml")
         return {"passed": False, "metric": q.metric, "against": against, "failures": failures, "warnings": warnings}
-    return E.apply_gate(q, student, key, against, failures, warnings, noun="answers")
+    return C.apply_gate(q, student, key, against, failures, warnings, noun="answers")
 
 
 def _headline(systems: dict) -> dict:
     """The classify headline (vs gold, vs teacher, retention) plus the extract validity rates."""
-    out = E._headline(systems)
+    out = C.headline(systems)
     for name, s in systems.items():
         if s.get("available") and s.get("validity"):
             for k, v in s["validity"].items():
-                if not E._bad(v["value"]):
+                if not C.is_missing(v["value"]):
                     out.setdefault(name, {})[k] = {"value": v["value"], "ci": v["ci"]}
         j = (s.get("judge") or {}).get("mean_grade")
-        if j and not E._bad(j["value"]):
+        if j and not C.is_missing(j["value"]):
             out.setdefault(name, {})["judge grade (1-5)"] = {"value": j["value"], "ci": j["ci"]}
     return out
 
@@ -697,8 +587,8 @@ def _teacher_sentence(kind: str, name: str, t: dict, test: dict) -> str:
     second = ("field_f1", "field F1") if kind == "extract" else ("normalised_match", "normalised match")
     b = g[second[0]]
     miss = test["teacher_failed"] + test["teacher_unlabelled"]
-    return (f"teacher {name}: exact match {E._f(a['value'])} [{E._f(a['ci'][0])}, {E._f(a['ci'][1])}], {second[1]} "
-            f"{E._f(b['value'])} [{E._f(b['ci'][0])}, {E._f(b['ci'][1])}] vs gold on n={a['n']}"
+    return (f"teacher {name}: exact match {C.fmt(a['value'])} [{C.fmt(a['ci'][0])}, {C.fmt(a['ci'][1])}], {second[1]} "
+            f"{C.fmt(b['value'])} [{C.fmt(b['ci'][0])}, {C.fmt(b['ci'][1])}] vs gold on n={a['n']}"
             + (f" ({miss} {'row' if miss == 1 else 'rows'} without a teacher answer counted as wrong)" if miss else ""))
 
 
