@@ -266,7 +266,7 @@ def error_text(cls: type[_StudentConfig], err: dict[str, Any]) -> str:
     if isinstance(value, str):
         try:
             float(value)
-            text += " (YAML reads a number like 1e-4 as text; write 1.0e-4)"
+            text += " (a quoted number is text in YAML: drop the quotes)"
         except ValueError:
             pass
     return text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
@@ -157,15 +158,16 @@ class TeacherSpec(_Strict):
 
 
 class PromptSpec(_Strict):
-    """Jinja2 templates. Variables: ``text``, ``segment``, ``meta`` (extra columns), ``labels`` (list of
-    Label), ``schema`` (JSON string), ``rationale`` (bool)."""
+    """Jinja2 templates, rendered in a sandbox (see ``_check_template``: no calls, no `set`, a fixed set of
+    filters). Variables: ``text``, ``segment``, ``meta`` (extra columns), ``labels`` (list of {name,
+    description}), ``schema`` (JSON string), ``rationale`` (bool), ``description``."""
 
     system: str | None = None
     user: str = "{{ text }}"
 
     @field_validator("system", "user")
     @classmethod
-    def _check_template(cls, v: str | None) -> str | None:
+    def _compile(cls, v: str | None) -> str | None:
         # at load, so a hostile or broken template is refused before anything is paid or served
         if v is not None:
             try:
@@ -254,7 +256,7 @@ class ProjectSpec(_Strict):
             elif any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
                 problem = f"{name!r} contains a line break or control character"
             elif not _norm_label(name):
-                problem = f"{name!r} has no letters or digits a teacher could answer"
+                problem = f"{name!r} is only characters the answer parser strips (quotes, dots, *, _, -, spaces)"
             elif _norm_label(name) in seen:
                 j = seen[_norm_label(name)]
                 problem = (f"{name!r} is the same label as labels[{j}] {v[j].name!r} once case, Unicode forms, "
@@ -359,7 +361,10 @@ class _AliasRefused(yaml.MarkedYAMLError):
 
 
 class _SpecLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses aliases (``*name``) where the composer meets them, with their line."""
+    """yaml.SafeLoader that refuses aliases (``*name``) where the composer meets them, with their line, and
+    reads ``1e-4`` as the number people mean: PyYAML follows YAML 1.1, where a float needs a dot
+    (``1.0e-4``), so ``learning_rate: 2e-5`` was the string "2e-5" and the strict student config refused it.
+    YAML 1.2's float rule (what every other YAML reader uses) fixes that."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -367,6 +372,16 @@ class _SpecLoader(yaml.SafeLoader):
             raise _AliasRefused(None, None, f"YAML alias *{event.anchor} refused (distill.yaml allows no aliases)",
                                 event.start_mark)
         return super().compose_node(parent, index)
+
+
+# YAML 1.2 core-schema floats (1e-4, 2.5E+3, .5, -1.0) replace YAML 1.1's resolver, which needs a dot.
+_SpecLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+                                       for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 def _line_of(raw_text: str, loc: tuple[Any, ...]) -> int | None:
@@ -466,7 +481,8 @@ def dump_spec(spec: ProjectSpec) -> str:
 #   each turns a short template into gigabytes);
 # - what is left is bounded at render time: all `{% for %}` loops of one render together run at most
 #   ``MAX_LOOP_ITERATIONS`` times, and no value built by `~`, `+`, `*` or `join`, nor the rendered prompt,
-#   may exceed ``MAX_PROMPT_CHARS`` (a prompt that long fits no model's context anyway).
+#   may exceed ``MAX_PROMPT_CHARS`` (a prompt that long fits no model's context anyway); a template is at
+#   most ``MAX_TEMPLATE_CHARS`` long. The variables are plain data (str, dict, list), never our objects.
 MAX_LOOP_ITERATIONS = 10_000
 MAX_PROMPT_CHARS = 2_000_000
 MAX_TEMPLATE_CHARS = 50_000
@@ -535,6 +551,13 @@ class _PromptEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_PROMPT_CHARS:
                 raise SecurityError(f"repeating {len(seq):,} characters/items {n:,} times")
         return _sized(super().call_binop(context, operator, left, right))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # `l.name`, `meta.channel`: the prompt's data are plain dicts, whose items are safe to read; the
+        # general path (try the attribute, catch AttributeError, then the item) made rendering 4x slower
+        if type(obj) is dict and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
 
 
 _ENV = _PromptEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
@@ -615,12 +638,14 @@ def _render(field: str, source: str, ctx: dict[str, Any]) -> str:
     """One template rendered in the sandbox; anything the template itself raises is a DistillError naming
     ``field`` (a hostile or broken template must not end in a traceback, nor in a prompt of gigabytes)."""
     try:
-        out, size = [], 0
-        for chunk in _template(source).generate(**ctx):
-            size += len(chunk)
+        # streamed, the length checked every 64 pieces: a loop that prints a long value 10,000 times is
+        # stopped near the limit instead of after it built gigabytes (64 at a time keeps the check cheap)
+        chunks, out, size = _template(source).generate(**ctx), [], 0
+        while batch := list(itertools.islice(chunks, 64)):
+            size += sum(map(len, batch))
             if size > MAX_PROMPT_CHARS:
                 raise SecurityError(f"the rendered prompt is longer than {MAX_PROMPT_CHARS:,} characters")
-            out.append(chunk)
+            out += batch
         return "".join(out)
     except jinja2.UndefinedError as e:
         raise DistillError(
@@ -629,7 +654,8 @@ def _render(field: str, source: str, ctx: dict[str, Any]) -> str:
         ) from None
     except SecurityError as e:
         raise DistillError(f"prompt template `{field}` was refused: {e}",
-                           hint="a prompt may only show the variables; fix `" + field + "` in distill.yaml") from None
+                           hint=f"a prompt shows, loops over and filters its variables, within limits; fix `{field}` "
+                                "in distill.yaml") from None
     except (jinja2.TemplateError, ValueError) as e:     # syntax/unsafe constructs: the spec's validation says so
         raise DistillError(f"prompt template `{field}`: {e}", hint=f"fix `{field}` in distill.yaml") from None
     except (TypeError, ArithmeticError, LookupError, RecursionError) as e:

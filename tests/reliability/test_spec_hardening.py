@@ -225,7 +225,7 @@ BAD_LABELS = [
     ("[card_arrival, Card Arrival]", 1, "same label as labels[0]"),   # the parser maps both answers to one
     ("[ｓｐａｍ, spam]", 1, "same label as labels[0]"),                    # fullwidth: equal after NFKC
     ('[x, y, "a\\nb"]', 2, "line break"),
-    ('[x, "..."]', 1, "no letters or digits"),
+    ('[x, "..."]', 1, "only characters the answer parser strips"),
 ]
 
 

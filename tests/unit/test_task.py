@@ -234,3 +234,17 @@ def test_train_help_lists_the_student_settings_of_both_kinds():
                  "keep_checkpoints"):
         assert f" {name}: " in r.output, name
     assert "all-minilm-l6-v2" in r.output and "smollm2-135m-instruct" in r.output
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """`learning_rate: 2e-5` is what people write; YAML 1.1 (PyYAML's default) reads it as a string, which the
+    strict student config would refuse. distill.yaml is read with YAML 1.2's float rule."""
+    from distill.task import load_spec, scaffold
+
+    f = tmp_path / "distill.yaml"
+    f.write_text(scaffold("t", "classify") + "\nstudent: {learning_rate: 2e-5, epochs: 3}\n", encoding="utf-8")
+    cfg = load_spec(f).student_config()
+    assert cfg.learning_rate == pytest.approx(2e-5) and cfg.epochs == 3
+    f.write_text(scaffold("t", "classify") + "\nstudent: {learning_rate: '2e-5'}\n", encoding="utf-8")
+    with pytest.raises(DistillError, match="learning_rate"):      # quoted text is still text
+        load_spec(f)

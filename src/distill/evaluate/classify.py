@@ -39,6 +39,7 @@ from distill.errors import DistillError
 from distill.evaluate import common as C
 from distill.project import Project
 from distill.runinfo import git_sha
+from distill.runs import to_store_path
 
 N_BINS = 10        # reliability-diagram bins (Guo et al. use 15; 10 reads better at test-set sizes)
 TOP_CONFUSIONS = 10
@@ -90,6 +91,8 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
 
     # 1. model, teacher, test split ------------------------------------------------------------------
     student, run_id, path, record = _resolve_student(project, model_path, student)
+    # project-relative in the result (a copied project's report names its own folder)
+    shown_path = to_store_path(project.root, path) if path else None
     tname = teacher or C.record_teacher(record) or spec.get_teacher(None).name
     tspec = spec.get_teacher(tname)
     notes: list[str] = []
@@ -174,7 +177,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     tq = _teacher_sentence(tname, systems["teacher"], test)
     lineage = {
         "model_run_id": run_id,
-        "model_path": path,
+        "model_path": shown_path,
         "training_record": record,
         "teacher": {"name": tname, **tspec.identity(), "terms": tspec.terms.model_dump()},
         "filters": spec.filters.model_dump(),
@@ -183,7 +186,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
         "code_git_sha": git_sha(),
     }
     res = EvalResult(
-        model_run_id=run_id, model_path=path, teacher=tname, task=spec.name, created_at=time.time(),
+        model_run_id=run_id, model_path=shown_path, teacher=tname, task=spec.name, created_at=time.time(),
         test={k: test[k] for k in ("n", "n_gold", "teacher_failed", "teacher_unlabelled", "teacher_failed_reasons",
                                    "gold_counts", "segment_counts", "hash")},
         systems=systems, headline=headline, teacher_quality=tq, confusions=confusions, latency=latency,

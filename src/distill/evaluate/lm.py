@@ -58,6 +58,7 @@ from distill import metrics as M
 from distill.errors import DistillError
 from distill.project import Project
 from distill.runinfo import git_sha
+from distill.runs import to_store_path
 from distill.task import ParseError, answer_key, parse_answer, render_messages
 
 DEFAULT_MAX_NEW_TOKENS = {"extract": 128, "generate": 256}
@@ -298,7 +299,7 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     headline = _headline(systems)
     tq = _teacher_sentence(spec.kind, tname, systems["teacher"], test)
     result = {
-        "model_run_id": run_id, "model_path": str(path), "teacher": tname, "task": spec.name, "kind": spec.kind,
+        "model_run_id": run_id, "model_path": to_store_path(project.root, path), "teacher": tname, "task": spec.name, "kind": spec.kind,
         "created_at": time.time(),
         "test": {k: test[k] for k in ("n", "n_total", "n_gold", "teacher_failed", "teacher_unlabelled",
                                       "teacher_failed_reasons", "segment_counts", "hash")},
@@ -307,7 +308,7 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
         "generation": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": 1, "device": dev,
                        "torch_threads": torch.get_num_threads()},
         "lineage": {
-            "model_run_id": run_id, "model_path": str(path), "training_record": record, "student": info,
+            "model_run_id": run_id, "model_path": to_store_path(project.root, path), "training_record": record, "student": info,
             "teacher": {"name": tname, **tspec.identity(), "terms": tspec.terms.model_dump()},
             "filters": spec.filters.model_dump(), "filter_run": C.latest_filter_run(project, tname),
             "test_hash": test["hash"], "code_git_sha": git_sha(),

@@ -77,6 +77,7 @@ class ExportReport:
     export_seconds: float
     parity_fp32: dict[str, Any] = field(default_factory=dict)
     parity_int8: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
     moved_aside: str | None = None     # where a non-export folder at out_dir went (force=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,6 +242,11 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, quantize: bool = 
             report.moved_aside = str(move_aside(out_dir))
             os.replace(tmp, out_dir)
         elif out_dir.exists():
+            if (out_dir / "router.json").exists():
+                # thresholds belong to the weights they were fitted on: a new export needs a new calibration
+                report.notes.append(f"the previous export's router calibration ({out_dir / 'router.json'}) was "
+                                    "replaced with the export: re-run `distill route calibrate PROJECT`; until "
+                                    "then the student answers every request")
             # a previous export (or an empty folder): move it to a name of our own first, so there is never a
             # moment with no model, then delete it; nothing but a previous export is ever deleted here
             old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")

@@ -62,6 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.errors import DistillError
 from distill.project import Project
+from distill.redact import redact
 from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
 from distill.serve.batcher import MicroBatcher
@@ -256,7 +257,7 @@ class TeacherGate:
         except Exception as e:  # noqa: BLE001 - any teacher failure degrades, it never fails the request
             self.metrics.teacher_calls["error"] += 1
             # the class name and our own message only: teacher messages never carry the API key
-            log.warning("teacher '%s' failed: %s: %s", self.tspec.name, type(e).__name__, str(e).splitlines()[0][:200])
+            log.warning("teacher '%s' failed: %s: %s", self.tspec.name, type(e).__name__, redact(str(e)).splitlines()[0][:200] if str(e) else "")
             return None, "error"
         try:
             answer, status, error = parse_answer(self.spec, reply.texts[0] if reply.texts else None), "ok", None

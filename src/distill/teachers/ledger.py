@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any
 
+from distill.redact import redact
 from distill.task import TeacherSpec
 from distill.teachers.base import TeacherReply
 
@@ -33,6 +34,8 @@ def record_call(c, tspec: TeacherSpec, key: str, attempt: int, messages: list[di
     """Write one teacher call to ``teacher_calls`` (the cache and the ledger) inside the caller's transaction
     ``c``; return its cost. Labelling, serving (``source="serve"``) and judging (``source="judge"``) all record
     calls here. ``or_ignore``: another process may have recorded the same key meanwhile (keep the first)."""
+    # nothing a provider echoed back (an API key in an error body) reaches the store
+    error = redact(error) if error else error
     cost = cost_of(tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
     params = {k: v for k, v in tspec.identity().items() if k != "name"}    # no secrets: see identity()
     request = {"messages": messages, "params": params, **({"source": source} if source else {})}
