@@ -174,6 +174,30 @@ def test_openai_client_chat_completions_and_models(world, routed):
         bad.models.list()
 
 
+def test_openai_client_streams_the_label_as_one_chunk_with_usage(world, routed):
+    """stream: true with the official client: the label arrives as one content chunk, then the finish reason
+    and (stream_options.include_usage) a usage chunk whose prompt tokens are the student tokenizer's count."""
+    from openai import OpenAI
+
+    from distill.students.classifier import ClassifierStudent
+
+    client = OpenAI(base_url=routed.url + "/v1", api_key=world["key"], max_retries=0)
+    text = "I feel positive about the streaming answer"
+    chunks = list(client.chat.completions.create(model="t", messages=[{"role": "user", "content": text}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content == ["positive"]                                    # the routed teacher's label, one chunk
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    n = len(ClassifierStudent.load(world["model_dir"], device="cpu").tokenizer(text)["input_ids"])
+    assert usage.prompt_tokens == n and usage.completion_tokens == 1 and usage.total_tokens == n + 1
+    # not streamed: the same usage in the response
+    out = client.chat.completions.create(model="t", messages=[{"role": "user", "content": text}])
+    assert out.usage.prompt_tokens == n and out.usage.total_tokens == n + 1
+    # the routed input was queued before the stream began, like a plain request
+    assert any(e.text == text for e in queue(world, "routed"))
+
+
 def test_auth_and_limits(world, routed):
     u = routed.url + "/v1/classify"
     assert httpx.post(u, json={"texts": ["x"]}).status_code == 401

@@ -10,7 +10,9 @@ response schemas, is for key holders too):
 - ``POST /v1/classify`` ``{"texts": [...]}`` -> one result per text: label, probs, confidence, ood_score,
   routed_to (student | teacher), reason, degraded, latency_ms.
 - ``POST /v1/chat/completions`` (OpenAI-compatible): the last user message is the input, the label is the
-  assistant's reply, ``model`` is the project name. The ``openai`` client works against it unchanged.
+  assistant's reply, ``model`` is the project name. The ``openai`` client works against it unchanged;
+  ``stream: true`` sends the label as one chunk (server-sent events); ``usage`` counts the input's tokens
+  as the student's tokenizer reads them, and one completion token (the label).
 - ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
 - ``POST /v1/feedback`` ``{"id" | "text", "label", "note"}`` -> the failure queue.
 
@@ -41,6 +43,7 @@ micro-batcher.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -56,7 +59,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -505,23 +508,33 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         check_texts(body.texts)
         return {"model": spec.name, "results": await classify(body.texts)}
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionOut}, **_errors(*_BODY_ERRORS)})
+    @app.post("/v1/chat/completions", responses={
+        200: {"model": ChatCompletionOut,
+              "content": {"text/event-stream": {"schema": {"type": "string", "description": "stream: true — the "
+                                                           "label as one chunk, then [DONE] (server-sent events)"}}}},
+        **_errors(*_BODY_ERRORS)})
     async def chat(body: ChatCompletionIn):
-        if body.stream:
-            raise _Reject(422, "streaming is not supported: the answer is one label", "send stream: false",
-                          param="stream")
         i, text = _last_user_text(body.messages)
         if text is None:
             raise _Reject(422, "no user message with text content", "the last user message is the input",
                           param="messages")
         check_texts([text], field=f"messages[{i}].content")
+        # the answer (and its queue entry, committed) exists before any byte of the response is sent,
+        # streamed or not
         r = (await classify([text]))[0]
+        cid, created = "chatcmpl-" + r["id"].removeprefix("res-"), int(time.time())
+        # usage: the input's tokens as the student's tokenizer counts them (what the student read), and one
+        # completion token: a classifier's answer is one label, whatever its spelling
+        n_in = pred.count_tokens(text)
+        usage = {"prompt_tokens": n_in, "completion_tokens": 1, "total_tokens": n_in + 1}
+        if body.stream:
+            return StreamingResponse(_label_stream(cid, created, spec.name, r, usage, _include_usage(body)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return {
-            "id": "chatcmpl-" + r["id"].removeprefix("res-"), "object": "chat.completion", "created": int(time.time()),
-            "model": spec.name,
+            "id": cid, "object": "chat.completion", "created": created, "model": spec.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": r["label"]},
                          "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "usage": usage,
             "distill": r,   # routing details; OpenAI clients ignore unknown fields
         }
 
@@ -608,6 +621,27 @@ class ChatCompletionIn(BaseModel):
     model: str | None = None
     messages: list[ChatMessage]
     stream: bool | None = None
+
+
+def _include_usage(body: "ChatCompletionIn") -> bool:
+    opts = (body.model_extra or {}).get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+async def _label_stream(cid: str, created: int, model: str, r: dict, usage: dict, include_usage: bool):
+    """OpenAI's chat.completion.chunk events for an answer that is one label: the role and the whole label in
+    one chunk, the finish reason, the usage chunk when asked for (``stream_options.include_usage``), [DONE]."""
+    def event(choices: list, **extra) -> str:
+        chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": choices, **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": r["label"]}, "finish_reason": None,
+                  "logprobs": None}], distill=r)
+    yield event([{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
+    if include_usage:
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"
 
 
 class ClassifyResult(BaseModel):
@@ -734,8 +768,8 @@ def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars
     chat = schemas["ChatCompletionIn"]["properties"]
     chat["messages"].update(minItems=1, contains={"type": "object", "required": ["role"],
                                                   "properties": {"role": {"const": "user"}}})
-    chat["stream"] = {"anyOf": [{"const": False}, {"type": "null"}], "title": "Stream",
-                      "description": "streaming is not supported: the answer is one label"}
+    chat["stream"] = {"anyOf": [{"type": "boolean"}, {"type": "null"}], "title": "Stream",
+                      "description": "true: server-sent events; the answer is one label, sent as one chunk"}
     message = schemas["ChatMessage"]["properties"]
     message["role"]["enum"] = _ROLES
     for t in texts_in(message["content"]):

@@ -46,6 +46,10 @@ class EncoderPredictor(Protocol):
         """[N, L] probabilities."""
         ...
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens the model reads for ``text`` (special tokens included, cut at its max length): `usage`."""
+        ...
+
     def size_bytes(self) -> int:
         """Bytes of the weights this predictor loaded (what you ship)."""
         ...
@@ -94,6 +98,10 @@ class EncoderTorchPredictor:
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return self.student.predict_proba(list(texts), batch_size=batch_size)
+
+    def count_tokens(self, text: str) -> int:
+        s = self.student
+        return len(s.tokenizer(text, truncation=True, max_length=s.max_length)["input_ids"])
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return self.logits_and_embeddings(texts, batch_size)[1]
@@ -174,6 +182,9 @@ class OnnxPredictor:
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         logits, _ = self.logits_and_embeddings(texts, batch_size)
         return softmax(logits)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return self.logits_and_embeddings(texts, batch_size)[1]
