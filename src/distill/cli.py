@@ -37,6 +37,7 @@ class Kind(str, Enum):
 
 class InputFormat(str, Enum):
     csv = "csv"
+    tsv = "tsv"
     jsonl = "jsonl"
     parquet = "parquet"
 

@@ -148,8 +148,8 @@ def delimiter_mixup(fmt: str, header: list[str]) -> str | None:
 
 def _mixup_hint(fmt: str) -> str:
     other = "tsv" if fmt == "csv" else "csv"
-    return (f"rename the file to .{other} (distill picks the delimiter from the extension), or save it again "
-            f"from your spreadsheet as {fmt.upper()}")
+    return (f"pass --format {other} (or rename the file to .{other}: distill picks the delimiter from the "
+            f"extension), or save it again from your spreadsheet as {fmt.upper()}")
 
 
 def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[_Record]]:
