@@ -510,8 +510,12 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
 
     @app.post("/v1/chat/completions", responses={
         200: {"model": ChatCompletionOut,
-              "content": {"text/event-stream": {"schema": {"type": "string", "description": "stream: true — the "
-                                                           "label as one chunk, then [DONE] (server-sent events)"}}}},
+              # one server-sent event (stream: true): a chat.completion.chunk as JSON text in `data`, or [DONE]
+              "content": {"text/event-stream": {"schema": {
+                  "type": "object", "required": ["data"],
+                  "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                  "description": "stream: true — the label as one chunk, then the finish reason, usage if "
+                                 "asked for, and [DONE]"}}}},
         **_errors(*_BODY_ERRORS)})
     async def chat(body: ChatCompletionIn):
         i, text = _last_user_text(body.messages)
