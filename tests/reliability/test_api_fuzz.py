@@ -83,3 +83,15 @@ def test_api_conforms_to_its_schema_and_never_5xx(fuzz, method, path, mode):
 
     run()
     assert sum(n for (op_, m, _), n in SEEN.items() if op_ == f"{method} {path}" and m == mode) > 0
+
+
+def test_streamed_chat_conforms_to_its_schema(fuzz):
+    """A generated case reaches `stream: true` only by chance; this one always does: the server-sent events
+    of a streamed answer must match the schema's event shape too."""
+    schema, h = fuzz
+    op = schema["/v1/chat/completions"]["POST"]
+    case = op.Case(body={"model": "t", "messages": [{"role": "user", "content": "a streamed question"}],
+                         "stream": True}, media_type="application/json")
+    response = case.call_and_validate(headers=h, checks=CHECKS)
+    assert response.status_code == 200 and "text/event-stream" in response.headers["content-type"][0]
+    assert response.text.rstrip().endswith("data: [DONE]")
