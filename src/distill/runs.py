@@ -158,16 +158,15 @@ def latest_model(store: Store, root: Path, task_kind: str | None = None) -> Mode
 
 def run_for_path(store: Store, root: Path, path: str | Path, kinds: tuple[str, ...] = MODEL_KINDS) -> ModelRef | None:
     """The run (a training run by default) whose folder is ``path`` (as typed, resolved, or project-relative)."""
-    want = {to_store_path(root, path)}
     p = Path(path)
-    want.add(str(p))
-    if not p.is_absolute():
-        want.add(to_store_path(root, Path(root) / p))
+    if not p.is_absolute() and not p.exists():
+        p = Path(root) / p
+    target = p.resolve()
     marks = ",".join("?" * len(kinds))
     for row in store.q(f"SELECT * FROM runs WHERE kind IN ({marks}) AND status='done' ORDER BY created_at DESC",
                        kinds):
-        stored = row["path"]
-        if stored in want or str(from_store_path(root, stored)) in {str(from_store_path(root, w)) for w in want}:
+        stored = from_store_path(root, row["path"])
+        if stored is not None and stored.resolve() == target:
             return _row_to_ref(root, row)
     return None
 

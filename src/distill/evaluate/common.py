@@ -266,7 +266,8 @@ def promote_if_passed(project: Project, result: dict) -> str:
     if not result["gate"]["passed"]:
         return (f"gate failed: {rid} is not the serving model"
                 + (f" (still {current})" if current else " (nothing is served until a model passes)"))
-    if runs.get_run(project.store, rid) is None or runs.get_run(project.store, rid)["kind"] not in runs.MODEL_KINDS:
+    row = runs.get_run(project.store, rid)
+    if row is None or row["kind"] not in runs.MODEL_KINDS:
         return f"{rid} passed, but it is not a training run of this project, so it cannot be promoted"
     if current == rid:
         return f"{rid} passed and stays the serving model"
