@@ -1,5 +1,6 @@
 """`distill iterate`: one round of the production loop — what the service struggled with becomes training data,
-and a new model replaces the serving one only if it is better where it counts.
+and a new model replaces the serving one only if it is better where it counts. Every project kind: classify
+(encoder student) and extract / generate (causal-LM student).
 
     distill iterate PROJECT [--traffic FILE] [--budget USD] [--margin 0.02]
 
@@ -11,30 +12,42 @@ The round, top to bottom (``iterate``):
    ``traffic`` file with the importer (``data/importer.py``), so dedupe, hashed splits, the locked test
    split and decontamination all apply: an input that hashes to test *is* test and is never trained on;
    then mark those queue entries consumed with round N. (Import first, mark after: a crash in between
-   re-imports the same texts, which dedupe, instead of losing them.) A client's feedback label is not
-   trusted as gold: the teacher labels every new input;
+   re-imports the same texts, which dedupe, instead of losing them.) Only the text is taken: a client's
+   feedback label, the student's answer and the teacher's answer the service stored (for extract, JSON
+   text) are not trusted as gold; the teacher labels every new input. A queue text has no segment (the
+   service does not know it), so when the spec has ``segment_field`` those rows have segment None and are
+   evaluated under '(none)';
 3. label with the teacher (``labeling.label``: cache and budget respected; a budget stop ends the round
    early, resumable with a larger budget), filter (``filters.run_filters``);
-4. train (``recipes/train_classifier.train``): the run id hashes the data, so new data is a new run; a
-   crashed training resumes from its last epoch checkpoint;
-5. evaluate the new model *and* the serving one on today's locked test split (new traffic may have added
-   test rows, so both are scored on the same rows);
+4. train (``recipes.train.train``: the classifier or the causal-LM recipe by kind): the run id hashes the
+   data, so new data is a new run; a crashed training resumes from its last checkpoint;
+5. evaluate the new model *and* the serving one on today's locked test split with the kind's evaluator
+   (``evaluate.evaluate_project``; new traffic may have added test rows, so both are scored on the same
+   rows). extract / generate: generation is slow on a CPU, so the untuned base model is not scored (it does
+   not enter the decision; ``distill eval`` scores it), and an evaluation is reused when nothing it depends
+   on changed (``_evaluate``: same model, same test rows with the same gold and teacher answers, same
+   prompt/schema/segment settings, same generation settings and code) — typically the serving model's
+   evaluation from the previous round when no new input hashed to test;
 6. decide: promote only if the new model passes the gate (``spec.quality``) and neither the overall score
    nor any gated segment (>= ``quality.min_segment_size`` rows) drops by more than ``regression_margin``
-   (absolute, on the gate's metric). Otherwise the serving model stays and the report says which segment
-   fell by how much;
+   (absolute, on the gate's metric: accuracy / macro F1 for classify, field F1 or exact match for extract,
+   exact match for generate). Otherwise the serving model stays and the report says which segment fell by
+   how much;
 7. record: the new train run's record gets ``lineage`` (round, parent model, data hash, teacher,
    promoted), an ``iterate-N`` run holds the whole decision, ``meta.serving_model`` names the promoted run.
 
 The serving marker. ``meta.serving_model`` (``distill.runs``) names the model serve, export and route
 calibrate use; a refused model is never served. The serving model's run row is also rewritten last (its
 ``created_at`` becomes the newest), so "the latest trained model" — what `distill eval` scores by
-default — is the serving one after a refusal too. If the serving model had a calibrated router, the promoted model is calibrated
-with the same settings (``route calibrate``); an ONNX export has to be redone (``distill export``).
+default — is the serving one after a refusal too. classify: if the serving model had a calibrated router,
+the promoted model is calibrated with the same settings (``route calibrate``); an ONNX export has to be
+redone (``distill export``). extract / generate: the old model's export and router belong to the old model;
+the report's ``next_steps`` say to re-export and recalibrate (iterate does not run them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -83,6 +96,8 @@ class IterateReport:
     reasons: list[str] = field(default_factory=list)   # why (not) promoted, one sentence each
     stopped: str | None = None         # 'budget' | 'no_data' when the round ended before a decision
     router: str | None = None
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)   # run id -> {json_path, reused}
+    next_steps: list[str] = field(default_factory=list)   # commands to run after a promotion (LM: export, router)
     elapsed_s: float = 0.0
 
     def message(self) -> str:
@@ -90,7 +105,8 @@ class IterateReport:
         if self.stopped:
             return head + "; ".join(self.reasons)
         verdict = f"promoted {self.run_id}" if self.promoted else f"kept {self.serving_model} (new model {self.run_id} refused)"
-        return head + verdict + ": " + "; ".join(self.reasons)
+        nxt = (". Next: " + "; ".join(self.next_steps)) if self.next_steps else ""
+        return head + verdict + ": " + "; ".join(self.reasons) + nxt
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,19 +231,20 @@ def compare(old: dict, new: dict, margin: float) -> tuple[str, list[SegmentDelta
 
 def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path | None = None,
             budget: float | None = None, regression_margin: float = 0.02, progress: bool = True,
-            latency_samples: int = 200) -> IterateReport:
-    """One round of the production loop. See the module docstring for the steps and guarantees."""
-    from distill.evaluate import evaluate
+            latency_samples: int = 200, max_new_tokens: int | None = None) -> IterateReport:
+    """One round of the production loop. See the module docstring for the steps and guarantees.
+    ``latency_samples`` is for classify evaluations, ``max_new_tokens`` for extract/generate ones (default:
+    the evaluator's)."""
     from distill.filters import run_filters
     from distill.labeling import label
     from distill.recipes.train import train
 
     t0 = time.monotonic()
     spec = project.spec
-    if spec.kind != "classify":
-        raise DistillError(f"{project.root}: `distill iterate` supports classify projects today (this one is {spec.kind})")
     if not 0.0 <= regression_margin <= 1.0:
         raise DistillError(f"--margin must be in [0, 1] (absolute, on the gate metric), got {regression_margin}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise DistillError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if new_traffic is not None and not Path(new_traffic).is_file():
         raise DistillError(f"{new_traffic}: no such file", hint="pass a CSV/JSONL/Parquet file of new inputs (column 'text')")
     tname = spec.get_teacher(teacher).name
@@ -277,7 +294,7 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
     # 4. train -----------------------------------------------------------------------------------------
     rep = train(project, teacher=tname, progress=progress)
     report.run_id = rep.run_id
-    report.data_sha256 = rep.record.get("data_sha256")
+    report.data_sha256 = rep.record.get("data_sha256") or rep.record.get("data_hash")   # classify | LM record
     new_row = get_run(project.store, rep.run_id)
     if serving is not None and rep.run_id == serving["id"]:
         report.reasons.append("the training data did not change, so training gave the serving model again")
@@ -287,15 +304,14 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         return _finish(report, t0)
 
     # 5. evaluate new and serving model on today's locked test split -------------------------------------
-    new_eval = evaluate(project, model_path=str(rep.path), teacher=tname, progress=progress,
-                        latency_samples=latency_samples).to_dict()
+    settings = {"latency_samples": latency_samples, "max_new_tokens": max_new_tokens}
+    new_eval = _evaluate(project, report, rep.run_id, rep.path, tname, settings, progress)
     report.metric = f"{new_eval['gate']['metric']} vs {new_eval['gate']['against']}"
     report.gate_passed = bool(new_eval["gate"]["passed"])
     report.gate_failures = list(new_eval["gate"]["failures"])
     regressions: list[str] = []
     if serving is not None:
-        old_eval = evaluate(project, model_path=str(project.serving_model().path), teacher=tname, progress=progress,
-                            latency_samples=latency_samples).to_dict()
+        old_eval = _evaluate(project, report, serving["id"], project.serving_model().path, tname, settings, progress)
         report.metric, report.comparison, regressions = compare(old_eval, new_eval, regression_margin)
 
     # 6. decide ------------------------------------------------------------------------------------------
@@ -318,7 +334,13 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         _touch_run(project, new_row, lineage=lineage, serving=True)
         project.promote(rep.run_id, f"promoted by iterate round {round_no}: passed the gate, no segment regressed")
         report.serving_model = rep.run_id
-        report.router = _recalibrate(project, serving, rep.path)
+        if spec.kind == "classify":
+            report.router = _recalibrate(project, serving, rep.path)
+        else:
+            # the LM service's export (GGUF) and router were made for the old model; both are separate
+            # stages, run by hand (a GGUF conversion takes minutes, calibration generates with the student)
+            report.next_steps = [f"distill export {project.root} --format gguf",
+                                 f"distill route calibrate {project.root}"]
     else:
         _touch_run(project, new_row, lineage=lineage, serving=False)
         if serving is not None:
@@ -326,6 +348,68 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         report.serving_model = serving["id"] if serving is not None else None
     _close_round(project, report)
     return _finish(report, t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# step 5: evaluate (reused for extract/generate when nothing it depends on changed)
+
+EVAL_CACHE = Path("rounds") / "evals"
+
+
+def _evaluate(project: Project, report: IterateReport, run_id: str, path: Path, teacher: str,
+              settings: dict[str, Any], progress: bool) -> dict:
+    """The result dict of ``distill.evaluate.evaluate_project`` for one model on today's test split.
+
+    classify: always evaluated (seconds). extract / generate: generation takes minutes on a CPU, so the
+    result is kept under ``rounds/evals/<run>-<fingerprint>.json`` and reused when the fingerprint
+    (``_eval_fingerprint``) is the same — the same answers would be generated and scored the same way.
+    Either way ``report.evaluations[run_id]`` says which JSON the decision read and whether it was reused."""
+    # evaluate_project is looked up at call time, so a test can replace it
+    from distill import evaluate as ev
+    from distill.evaluate.lm import DEFAULT_MAX_NEW_TOKENS
+    from distill.fsutil import write_json_atomic
+
+    if project.spec.kind == "classify":
+        result = ev.evaluate_project(project, model_path=str(path), teacher=teacher, progress=progress,
+                                     latency_samples=settings["latency_samples"])
+        report.evaluations[run_id] = {"json_path": result.get("json_path"), "reused": False}
+        return result
+    max_new = settings["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS[project.spec.kind]
+    fp = _eval_fingerprint(project, run_id, teacher, {"max_new_tokens": max_new, "base": False})
+    cached = project.root / EVAL_CACHE / f"{run_id}-{fp[:16]}.json"
+    if cached.is_file():
+        result = json.loads(cached.read_text(encoding="utf-8"))
+        report.evaluations[run_id] = {"json_path": str(cached), "reused": True}
+        return result
+    result = ev.evaluate_project(project, model_path=str(path), teacher=teacher, max_new_tokens=max_new,
+                                 base=False, progress=progress)
+    write_json_atomic(cached, {**result, "iterate_fingerprint": fp})
+    report.evaluations[run_id] = {"json_path": result.get("json_path"), "reused": False}
+    return result
+
+
+def _eval_fingerprint(project: Project, run_id: str, teacher: str, settings: dict[str, Any]) -> str:
+    """sha256 over everything an LM evaluation's comparison numbers depend on: the model (run id: it hashes
+    settings, data and teacher), the test rows (id, text, segment, meta, gold) with the teacher's label of
+    each (status, answer, reason), the teacher's identity, the parts of the spec that shape the prompt, the
+    parsing and the segments (not ``student:``, not the gate thresholds: iterate reads the values, not the
+    old verdict), the generation settings and the code version (git commit; uncommitted edits of the
+    evaluator are not seen)."""
+    from distill import __version__
+    from distill.runinfo import git_sha
+
+    spec = project.spec
+    test = project.store.q(
+        """SELECT e.id, e.text, e.segment, e.meta, e.gold, l.status, l.answer, l.reason FROM examples e
+           LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ? WHERE e.split = 'test' ORDER BY e.id""",
+        (teacher,))
+    blob = {
+        "model": run_id, "settings": settings, "teacher": spec.get_teacher(teacher).identity(),
+        "spec": spec.model_dump(mode="json", exclude={"student", "teachers", "teacher", "filters", "quality"}),
+        "quality": spec.quality.model_dump(mode="json", include={"metric", "against", "min_segment_size"}),
+        "test": [list(r) for r in test], "code": [__version__, git_sha()],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _recalibrate(project: Project, old_serving, new_path: Path) -> str | None:

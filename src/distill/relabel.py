@@ -12,7 +12,8 @@ relabelling *is* a labelling run (``distill.labeling.label``) and this module ad
    call key); after the run, the rows whose label really was replaced get ``superseded_at``. The old
    ``teacher_calls`` rows are never touched (they are the ledger: the money was spent), so the old
    answer and the exact request that produced it stay readable;
-3. how many answers actually changed, per split.
+3. how many answers actually changed, per split. Every kind alike: answers are compared as the stored JSON
+   values, so an extract answer whose keys merely come back in another order is not a change.
 
 Re-runnable: an interrupted relabel (budget, Ctrl-C, kill -9) leaves the rest stale; running it again
 continues, and ``label_history`` has one row per (example, teacher, old call key).
