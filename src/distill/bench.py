@@ -54,6 +54,9 @@ SUITES: tuple[Suite, ...] = (
           "BANKING77 and CLINC150: student vs teacher vs gold-trained vs TF-IDF, worst segment, CIs"),
     Suite("router", "bench/router_clinc150.py", "router_clinc150.json",
           "CLINC150 router: coverage -> quality curve, OOS recall, routed quality and cost vs teacher"),
+    Suite("lm-serve", "bench/lm_serve.py", "lm_serve.json",
+          "SNIPS-slots LM student: GGUF vs merged parity, schema-valid served answers, routed field F1 and cost "
+          "vs the teacher, HTTP vs in-process throughput"),
     Suite("cost", "bench/cost.py", "cost.json",
           "cost per 1M requests: teacher only vs routed vs student only, from this run's measurements"),
 )

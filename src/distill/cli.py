@@ -47,6 +47,7 @@ class ExportFormat(str, Enum):
     parquet = "parquet"
     onnx = "onnx"
     merged = "merged"
+    gguf = "gguf"
 
 
 class Backend(str, Enum):
@@ -280,25 +281,41 @@ def status(
 def export(
     project: Path = typer.Argument(..., help="Project folder."),
     format: ExportFormat = typer.Option(ExportFormat.jsonl, "--format",
-                                        help="jsonl | parquet (training data), onnx (encoder student) or merged "
-                                             "(LoRA LM student merged into its base)."),
+                                        help="jsonl | parquet (training data), onnx (encoder student), merged "
+                                             "(LoRA LM student merged into its base, bf16) or gguf (merged, then "
+                                             "quantized for llama.cpp/ollama, parity-checked on the test split)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Output file/folder (default: inside PROJECT)."),
     teacher: Optional[str] = typer.Option(None, help="Whose labels (default: `teacher:`)."),
     splits: str = typer.Option("train,validation", help="Comma-separated splits to export."),
     model: Optional[Path] = typer.Option(None, help="onnx: pin a student folder (default: the serving model)."),
     quantize: bool = typer.Option(True, help="onnx: also write the dynamic int8 model."),
-    run: Optional[str] = typer.Option(None, help="merged: the LoRA run id (default: the serving model)."),
+    run: Optional[str] = typer.Option(None, help="merged/gguf: the LoRA run id (default: the serving model)."),
+    quant: str = typer.Option("Q8_0", "--quant", help="gguf: Q8_0 (default: closest to the merged model), Q4_K_M, "
+                              "Q4_0 (smaller) or F16 (no quantization)."),
+    parity_limit: Optional[int] = typer.Option(None, "--parity-limit", help="gguf: measure parity on a fixed subset "
+                                               "of N test rows (default: all)."),
+    no_parity: bool = typer.Option(False, "--no-parity", help="gguf: skip the parity report."),
     force: bool = typer.Option(False, "--force", help="Move an existing --out that is not a previous export "
                                "aside (NAME.replaced-TIME) instead of refusing. Never the project or its files."),
 ):
     """Export labelled training data (JSONL/Parquet + provenance) or the serving student (ONNX fp32 + int8,
-    parity-checked; or a merged LM folder). Replaces only a previous export of its own; never writes over the
-    project folder, its store or spec, or what its store points at."""
+    parity-checked; a merged LM folder; or a quantized GGUF of it for llama.cpp/ollama, parity-checked on the test
+    split). Replaces only a previous export of its own; never writes over the project folder, its store or spec, or
+    what its store points at."""
 
     def say(msg: str) -> None:
         console.print(msg, style="yellow", highlight=False, markup=False)
 
     def go():
+        if format is ExportFormat.gguf:
+            from distill.export.gguf import export_gguf_project, parity_headline
+
+            r = export_gguf_project(_open(project), run_id=run, out=out_path, quant=quant, parity_limit=parity_limit,
+                                    parity=not no_parity, force=force, say=say)
+            out.print(f"wrote {r.gguf_file} ({r.report['gguf_bytes'] / 1e6:.0f} MB, {r.quantization}) with a "
+                      f"Modelfile and README.md; report: {r.out_dir / 'export.json'}", highlight=False)
+            out.print(parity_headline(r.report["parity"]), highlight=False)
+            return
         if format is ExportFormat.merged:
             from distill.export.lm import export_lm_project
 
@@ -418,8 +435,9 @@ def serve(
     project: Path = typer.Argument(..., help="Project folder."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(8000, help="Port."),
-    model: Optional[Path] = typer.Option(None, help="Pin a student folder or ONNX export, gate or not "
-                                         "(default: the serving model, promoted after its gate passed)."),
+    model: Optional[Path] = typer.Option(None, help="Pin a student folder, its ONNX export or (extract/generate) its "
+                                         "GGUF export, gate or not (default: the serving model, promoted after its "
+                                         "gate passed)."),
     backend: Backend = typer.Option(Backend.auto, help="auto = the int8 ONNX export when there is one."),
     device: str = typer.Option("auto", help="torch backend: auto | cpu | cuda:N"),
     shadow: float = typer.Option(0.0, help="Share of student-answered requests the teacher re-checks."),
@@ -430,9 +448,16 @@ def serve(
     max_body_bytes: int = typer.Option(1_000_000, help="Larger request bodies get 413."),
     batch_size: int = typer.Option(32, help="Micro-batch size."),
     batch_wait_ms: float = typer.Option(5.0, help="Longest wait for a micro-batch to fill."),
+    max_tokens: Optional[int] = typer.Option(None, help="extract/generate: most tokens per answer (default: the "
+                                             "teacher's max_tokens)."),
+    n_ctx: int = typer.Option(2048, help="extract/generate: context per sequence, prompt + answer (longer prompts: 400)."),
+    max_batch: int = typer.Option(8, help="extract/generate: sequences decoded together; more requests wait in line."),
+    threads: Optional[int] = typer.Option(None, help="extract/generate: engine CPU threads (default: all cores; on a "
+                                          "machine shared with other jobs 1 can be several times faster)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve without API keys (loopback only)."),
 ):
-    """Serve the student behind the router: /v1/classify, OpenAI-compatible /v1/chat/completions, /metrics."""
+    """Serve the student behind the router: /v1/classify (classify), OpenAI-compatible /v1/chat/completions
+    (extract/generate: the GGUF export from `distill export --format gguf`), /metrics."""
 
     def go():
         from distill.serve.app import ServeConfig, serve as run
@@ -440,7 +465,8 @@ def serve(
         cfg = ServeConfig(model_path=str(model) if model else None, backend=backend.value, device=device,  # type: ignore[arg-type]
                           shadow_rate=shadow, seed=seed, require_key=not no_auth, teacher=teacher,
                           teacher_timeout_s=teacher_timeout, max_texts=max_texts, max_body_bytes=max_body_bytes,
-                          batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+                          batch_size=batch_size, batch_wait_ms=batch_wait_ms, max_tokens=max_tokens,
+                          n_ctx_per_seq=n_ctx, max_batch=max_batch, n_threads=threads)
         cfg.check()
         run(project, host=host, port=port, config=cfg)
 
@@ -498,29 +524,109 @@ app.add_typer(route_app, name="route")
 def route_calibrate(
     project: Path = typer.Argument(...),
     coverage: float = typer.Option(0.9, help="Share of requests the student should answer."),
-    confidence: Confidence = typer.Option(Confidence.max_prob, help="Which confidence score to threshold."),
-    ood: Ood = typer.Option(Ood.energy, help="Which out-of-distribution score to threshold."),
+    confidence: Optional[str] = typer.Option(
+        None, help="Which confidence score to threshold. classify: max_prob (default) | margin | entropy; "
+                   "extract/generate: mean_logprob (default) | min_logprob of the answer's tokens."),
+    ood: Optional[Ood] = typer.Option(None, help="Which out-of-distribution score to threshold. classify: energy "
+                                                 "(default) | mahalanobis | none; extract/generate: the kNN distance "
+                                                 "to the train prompts (default) | none."),
     ood_keep: float = typer.Option(0.99, help="Share of validation inputs the OOD cut keeps."),
-    model: Optional[Path] = typer.Option(None, help="Pin a student folder (default: the serving model)."),
-    backend: Backend = typer.Option(Backend.auto, help="Thresholds are backend-specific: calibrate what you serve."),
+    model: Optional[Path] = typer.Option(None, help="Pin a student folder (default: the serving model; "
+                                                    "extract/generate: its GGUF export)."),
+    backend: Backend = typer.Option(Backend.auto, help="Thresholds are backend-specific: calibrate what you serve "
+                                                       "(classify; LM students are calibrated on their GGUF export)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher whose validation labels define 'right'."),
+    k: int = typer.Option(10, help="extract/generate: k of the k-th-nearest-neighbour OOD distance."),
+    max_tokens: Optional[int] = typer.Option(None, help="extract/generate: answer tokens per validation input "
+                                                        "(default: the teacher's max_tokens, as `distill serve`)."),
+    n_ctx: int = typer.Option(2048, help="extract/generate: engine context per sequence; longer inputs are left out."),
+    delta: float = typer.Option(0.05, help="extract/generate: the coverage promise holds with probability 1-delta."),
+    guarantee: bool = typer.Option(True, help="extract/generate: serve the finite-sample (conformal) threshold "
+                                              "when the validation split is large enough; else the plain one."),
+    route_invalid: Optional[bool] = typer.Option(
+        None, "--route-invalid/--keep-invalid", help="extract/generate: send answers that were invalid before the "
+                                                     "grammar constrained them to the teacher (default: yes, unless "
+                                                     "that makes the coverage target unreachable)."),
+    max_reference: int = typer.Option(2000, help="extract/generate: train prompts embedded as the OOD reference."),
+    threads: Optional[int] = typer.Option(None, help="extract/generate: llama.cpp threads (default: every core this "
+                                                     "process may use; 1 is faster on a machine busy with other work)."),
 ):
     """Pick router thresholds on the validation split for a target coverage; print the coverage→quality curve."""
 
     def go():
-        from distill.serve.router import calibrate_project
+        p = _open(project)
+        kind = p.spec.kind
+        p.close()
+        if kind == "classify":
+            from distill.serve.router import calibrate_project
 
-        cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=confidence.value,
-                                ood=ood.value, ood_keep=ood_keep, teacher=teacher, backend=backend.value)
-        t = Table(title=f"coverage → quality (validation, n={cfg.n_validation})")
-        cols = list(cfg.curve[0].keys()) if cfg.curve else []
-        for c in cols:
-            t.add_column(c)
+            conf_kind = confidence or Confidence.max_prob.value
+            if conf_kind not in {c.value for c in Confidence}:
+                raise DistillError(f"--confidence {conf_kind}: a classify router thresholds one of "
+                                   f"{', '.join(c.value for c in Confidence)}")
+            cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=conf_kind,
+                                    ood=(ood or Ood.energy).value, ood_keep=ood_keep, teacher=teacher,
+                                    backend=backend.value)
+            t = Table(title=f"coverage → quality (validation, n={cfg.n_validation})")
+            cols = list(cfg.curve[0].keys()) if cfg.curve else []
+            for c in cols:
+                t.add_column(c)
+            for pt in cfg.curve:
+                t.add_row(*[_fmt(pt[c]) for c in cols])
+            out.print(t)
+            out.print(f"achieved coverage {cfg.achieved_coverage:.3f} (target {cfg.coverage}); "
+                      f"confidence >= {cfg.conf_threshold:.4f}, ood <= {cfg.ood_threshold:.4f}")
+            return
+
+        # extract / generate: the GGUF student's log-prob, validity and kNN signals (distill.serve.lm_router)
+        from distill.serve.lm_router import LM_ROUTER_FILE, calibrate_lm_project
+
+        conf_kind = confidence or "mean_logprob"
+        if conf_kind not in ("mean_logprob", "min_logprob"):
+            raise DistillError(f"--confidence {conf_kind}: an {kind} router thresholds mean_logprob or min_logprob")
+        if ood not in (None, Ood.none):
+            raise DistillError(f"--ood {ood.value} is for classify students; an {kind} student's OOD score is the "
+                               "kNN distance to the train prompts", hint="leave --ood out, or pass --ood none")
+        if backend != Backend.auto:
+            raise DistillError(f"--backend is for classify students; an {kind} student is calibrated on its GGUF "
+                               "export (the engine that serves it)")
+        cfg = calibrate_lm_project(project, model_path=model, coverage=coverage, confidence=conf_kind,
+                                   ood_keep=1.0 if ood == Ood.none else ood_keep, route_invalid=route_invalid,
+                                   delta=delta, guarantee=guarantee, teacher=teacher, k=k, max_tokens=max_tokens,
+                                   max_reference=max_reference, n_ctx=n_ctx, n_threads=threads)
+        m = cfg.metric
+        t = Table(title=f"coverage → {m} (validation, n={cfg.n_validation}): student = the inputs it answers, "
+                        "system = student + teacher on the rows the teacher answered")
+        cols = {"target": "target", "coverage": "coverage", "answered": "answered", "threshold": "cut",
+                f"student_{m}": f"student {m}", f"system_{m}": f"system {m}", "teacher_share": "teacher share"}
+        cols = {k2: v for k2, v in cols.items() if any(k2 in pt for pt in cfg.curve)}
+        for v in cols.values():
+            t.add_column(v)
         for pt in cfg.curve:
-            t.add_row(*[_fmt(pt[c]) for c in cols])
+            t.add_row(*[_fmt(pt.get(c)) for c in cols])
         out.print(t)
-        out.print(f"achieved coverage {cfg.achieved_coverage:.3f} (target {cfg.coverage}); "
-                  f"confidence >= {cfg.conf_threshold:.4f}, ood <= {cfg.ood_threshold:.4f}")
+        out.print(f"right = {cfg.right}")
+
+        def thr(x):
+            return "none" if x is None or x in (float("inf"), float("-inf")) else f"{x:.4f}"
+        cuts = (["invalid before constraints"] if cfg.route_invalid else []) + \
+            ([f"ood > {thr(cfg.ood_threshold)} (k={cfg.k}, {cfg.n_reference} train prompts)"]
+             if cfg.ood_threshold != float("inf") else []) + [f"{cfg.confidence} < {thr(cfg.conf_threshold)}"]
+        out.print(f"served ({cfg.threshold_rule} threshold): to the teacher when " + " or ".join(cuts))
+        out.print(f"achieved coverage {cfg.achieved_coverage:.3f} on validation (target {cfg.coverage})")
+        out.print(f"plain threshold {thr(cfg.plain_conf_threshold)}: coverage {cfg.plain_coverage:.3f} on validation, "
+                  "no promise for new inputs")
+        if cfg.guaranteed_conf_threshold is not None:
+            out.print(f"guaranteed threshold {thr(cfg.guaranteed_conf_threshold)}: coverage on new inputs >= "
+                      f"{cfg.guaranteed_coverage or cfg.coverage:.3f} with probability >= {1 - cfg.delta:.2f}")
+        else:
+            out.print(f"guaranteed threshold: none (n={cfg.n_validation}"
+                      + (f"; needs n >= {cfg.n_for_guarantee}" if cfg.n_for_guarantee else "") + ")")
+        from rich.markup import escape
+
+        for note in cfg.notes:
+            console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+        out.print(f"wrote {Path(cfg.model['folder']) / LM_ROUTER_FILE}")
 
     _run(go)
 

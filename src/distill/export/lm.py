@@ -5,6 +5,12 @@ no peft, no distill, no ``gguf_file`` — so any server (transformers, vLLM, TGI
 use it. Merging computes W + (alpha / r) B A once (Hu et al. 2021, arXiv 2106.09685), so inference costs
 exactly what the base model costs.
 
+The weights are saved in bfloat16 (config ``dtype: bfloat16``): half the bytes of fp32, the dtype servers
+run on GPUs, and bf16 keeps fp32's exponent range, so nothing overflows as it could in fp16. The merge itself
+is computed in fp32 and rounded once. ``distill_student.json`` says where it came from without absolute paths
+(``merged_from``: the training run id when known; ``merged_from_path``: the adapter folder relative to the
+project, or to the merged folder), so a copied folder describes itself.
+
 Packaged bases are GGUF files dequantised to fp32 on load. transformers marks such models as quantised,
 and a folder saved with those markers (``quantization_config``, kept from the GGUF loader) insists on
 ``gguf_file`` when reloaded, so they are dropped before saving. The folder is written to a temporary name
@@ -37,10 +43,15 @@ def drop_gguf_markers(model) -> None:
     model.is_quantized = False
 
 
-def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> Path:
-    """Load the adapter's base (named in distill_student.json), merge the adapter, save to ``out_dir``.
+def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, device: str = "cpu",
+                   run_id: str | None = None, source_path: str | None = None) -> Path:
+    """Load the adapter's base (named in distill_student.json), merge the adapter, save to ``out_dir`` in
+    bf16. ``run_id``: the training run the adapter belongs to; ``source_path``: the adapter folder as the
+    project stores it (relative to the project). Both are recorded; without them, the adapter folder
+    relative to ``out_dir``.
 
     Refuses to overwrite an existing ``out_dir``. Returns ``out_dir``."""
+    import torch
     from peft import PeftModel
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -54,7 +65,7 @@ def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, device: str = "
     base, tok = load_base(info["base_model"], device=device)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     drop_gguf_markers(model)
-    model.eval()
+    model = model.to(torch.bfloat16).eval()   # save_pretrained records the dtype in config.json
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
@@ -63,7 +74,9 @@ def merge_and_save(adapter_dir: str | Path, out_dir: str | Path, device: str = "
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
-        write_student_info(tmp, {**info, "merged_from": str(adapter_dir)})
+        rel = source_path or os.path.relpath(adapter_dir.resolve(), out_dir.resolve())
+        write_student_info(tmp, {**info, "merged_from": run_id or rel, "merged_from_path": rel,
+                                 "dtype": "bfloat16"})
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -96,10 +109,10 @@ def export_lm_project(project, run_id: str | None = None, out: str | Path | None
         moved = move_aside(dest)
         if say:
             say(f"moved the existing {dest} aside to {moved}")
-    merged = merge_and_save(ref.path, dest, device=device)
+    adapter = to_store_path(project.root, ref.path)
+    merged = merge_and_save(ref.path, dest, device=device, run_id=ref.run_id, source_path=adapter)
     project.record_run(f"export-{ref.run_id}", "export_lm", "done", merged,
-                       {"model_run_id": ref.run_id, "adapter": to_store_path(project.root, ref.path),
-                        "format": "hf-merged"})
+                       {"model_run_id": ref.run_id, "adapter": adapter, "format": "hf-merged", "dtype": "bfloat16"})
     return merged
 
 

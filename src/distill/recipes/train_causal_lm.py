@@ -526,6 +526,13 @@ def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Pat
     try:
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final_dir.name}.", suffix=".tmp"))
         model.save_pretrained(tmp)
+        adapter_cfg = tmp / "adapter_config.json"
+        if adapter_cfg.exists():
+            # peft records the base it was given: here the converted-GGUF cache folder, an absolute path on this
+            # machine. The name the user wrote (a packaged name, or their own folder) is what loads elsewhere.
+            acfg = json.loads(adapter_cfg.read_text(encoding="utf-8"))
+            acfg["base_model_name_or_path"] = cfg.base_model
+            adapter_cfg.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tok.save_pretrained(tmp)
         write_student_info(tmp, info)
     except (OSError, RuntimeError, SafetensorError) as e:     # disk full, ulimit -f: never a half-written model

@@ -16,6 +16,9 @@ response schemas, is for key holders too):
 - ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
 - ``POST /v1/feedback`` ``{"id" | "text", "label", "note"}`` -> the failure queue.
 
+Extract and generate projects are served by ``distill.serve.lm_app`` (the GGUF export of the model behind the
+same guard, keys, teacher gate, queue and metrics; ``create_app`` hands them over).
+
 Promises:
 - Never a 500 because of the teacher: when it is down, slow (``teacher_timeout_s``), refuses our key or
   answers something unparseable, the student's answer goes out with ``degraded: true`` and the input is
@@ -49,70 +52,39 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Tag
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 
 from distill.errors import DistillError
 from distill.project import Project
-from distill.redact import redact
 from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
 from distill.serve.batcher import MicroBatcher
-from distill.serve.guard import RequestGuard, deadline_protocol, error_body
+from distill.serve.common import (  # ServeConfig, StoreWriter, TeacherGate: still importable from here
+    ROLES,
+    ChatMessage,
+    ErrorOut,
+    FeedbackOut,
+    ModelList,
+    Reject,
+    ServeConfig,
+    StoreWriter,
+    TeacherGate,
+    app_skeleton,
+    bearer_openapi,
+    last_user_text,
+)
+from distill.serve.guard import deadline_protocol
 from distill.serve.metrics import Metrics
 from distill.serve.router import ROUTER_FILE, Router, RouterConfig, RouterDecision
-from distill.store import Store
 from distill.students.predictor import load_predictor
-from distill.task import ParseError, cache_key, parse_answer, render_messages
-from distill.teachers.base import TeacherRequest
-from distill.teachers.ledger import record_call, reply_from_row
 
 log = logging.getLogger("distill.serve")
-
-
-@dataclass
-class ServeConfig:
-    """Settings of one `distill serve` process. Every field has a default; ``check`` rejects nonsense."""
-
-    model_path: str | None = None          # pin a student folder or an ONNX export; default: the project's serving model
-    backend: Literal["auto", "onnx", "torch"] = "auto"   # auto = the int8 ONNX export when there is one
-    device: str = "auto"                   # torch backend: auto -> cuda when available
-    shadow_rate: float = 0.0               # share of student-answered texts the teacher re-checks in the background
-    seed: int = 0                          # seeds the shadow sampling, so a replayed traffic log picks the same texts
-    require_key: bool = True               # False only for loopback experiments
-    teacher: str | None = None             # teacher name in distill.yaml; default: the project's default teacher
-    teacher_timeout_s: float = 10.0        # a routed text waits at most this long for the teacher, then degrades
-    max_texts: int = 64                    # texts per /v1/classify request
-    max_text_chars: int | None = None      # default: the spec's max_text_chars
-    max_body_bytes: int = 1_000_000        # bigger request bodies get 413 before they are read
-    header_timeout_s: float = 10.0         # a request's headers must arrive within this (else 408 + close)
-    body_timeout_s: float = 30.0           # ... and its body within this after them (else 408 + close)
-    batch_size: int = 32                   # micro-batch: most texts per model call ...
-    batch_wait_ms: float = 5.0             # ... and longest wait for more requests to join
-    recent_ids: int = 10_000               # results remembered so /v1/feedback can refer to them by id
-
-    def check(self) -> None:
-        if not 0.0 <= self.shadow_rate <= 1.0:
-            raise DistillError(f"shadow rate must be in [0, 1], got {self.shadow_rate}", hint="e.g. --shadow 0.05")
-        if self.teacher_timeout_s <= 0:
-            raise DistillError(f"teacher timeout must be > 0 s, got {self.teacher_timeout_s}")
-        if self.max_texts < 1 or self.max_body_bytes < 1 or self.batch_size < 1 or self.batch_wait_ms < 0:
-            raise DistillError("max_texts, max_body_bytes and batch_size must be >= 1 and batch_wait_ms >= 0")
-        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise DistillError("header and body timeouts must be > 0 s")
-        if self.backend not in ("auto", "onnx", "torch"):
-            raise DistillError(f"backend {self.backend!r} is not one of auto, onnx, torch")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,148 +100,6 @@ def load_router(pred) -> tuple[Router, bool]:
                                f"{list(pred.labels)}", hint="re-run `distill route calibrate PROJECT`")
         return r, True
     return Router(RouterConfig(labels=list(pred.labels), ood="none")), False
-
-
-# ------------------------------------------------------------------------------------------------
-# the store's writer
-
-
-class StoreWriter:
-    """Every write the service makes, on one thread with its own connection to the store, one at a time
-    in arrival order.
-
-    Why: a write first takes SQLite's write lock (``Store.tx``: BEGIN IMMEDIATE, waiting up to 30 s) and another
-    process may hold it for seconds (``distill import`` of 60k rows, ``label``, ``iterate``). Run on the event
-    loop, that wait froze every request, health checks included, and past 30 s every write was a 503. Here
-    the request that writes awaits its commit (so a 2xx still means committed) while the loop answers the
-    others. Reads stay on the loop's connection: in WAL mode they never wait for a writer."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-store-writer")
-        self._store: Store | None = None
-
-    async def start(self) -> None:
-        def open_() -> None:
-            # opened in the thread that uses it (sqlite3 connections belong to their thread)
-            self._store = Store(self.path, check=False)
-
-        await asyncio.wrap_future(self._pool.submit(open_))
-
-    async def run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
-        """``fn(store, *args, **kwargs)`` on the writer thread; returns once it returned (committed) or raises
-        what it raised (a ``DistillError`` becomes a 503). A cancelled caller's queued write is dropped; a
-        running one finishes."""
-        return await asyncio.wrap_future(self._pool.submit(lambda: fn(self._store, *args, **kwargs)))
-
-    async def close(self) -> None:
-        if self._store is not None:
-            await asyncio.wrap_future(self._pool.submit(self._store.close))
-            self._store = None
-        self._pool.shutdown(wait=False)
-
-
-def _record_served_call(store: Store, tspec, key: str, msgs: list[dict], reply, status: str, error: str | None) -> float:
-    with store.tx() as c:
-        # OR IGNORE: a labeller in another process may have recorded the same key meanwhile
-        return record_call(c, tspec, key, 0, msgs, reply, status, error, source="serve", or_ignore=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# the teacher side: cache first, one transaction per paid call, degrade on any failure
-
-
-class TeacherGate:
-    """Asks the project's teacher about one text the way the labeller would, with a deadline."""
-
-    def __init__(self, project: Project, cfg: ServeConfig, metrics: Metrics, writer: StoreWriter, teacher=None):
-        self.project = project      # read on the loop (the cache); paid calls are written through ``writer``
-        self.writer = writer
-        self.spec = project.spec
-        self.metrics = metrics
-        self.timeout = cfg.teacher_timeout_s
-        self.tspec = None
-        self.teacher = teacher
-        self.problem: str | None = None          # why there is no teacher (shown by /healthz)
-        self.inflight: dict[str, asyncio.Future] = {}
-        try:
-            self.tspec = project.spec.get_teacher(cfg.teacher)
-            if self.tspec.kind == "ensemble":
-                raise DistillError(f"teacher '{self.tspec.name}' is an ensemble; serving needs one teacher",
-                                   hint="pass --teacher NAME of one member")
-            if self.teacher is None:
-                from distill.teachers import make_teacher
-
-                self.teacher = make_teacher(self.tspec, project)
-        except DistillError as e:
-            # serve anyway: routed texts degrade to the student, /healthz says why
-            self.problem = e.message
-            log.warning("teacher unavailable, routed texts will be answered by the student: %s", e.message)
-
-    async def aclose(self) -> None:
-        if self.teacher is not None and hasattr(self.teacher, "aclose"):
-            await self.teacher.aclose()
-
-    async def answer(self, text: str) -> tuple[Any, str]:
-        """(answer or None, outcome) with outcome in ok | cache_hit | parse_error | timeout | error | no_teacher."""
-        if self.teacher is None or self.tspec is None:
-            return None, "no_teacher"
-        msgs = render_messages(self.spec, text)
-        identity = self.tspec.identity()
-        # the labeller re-asks with attempt 1, 2, ... when an answer did not parse: any of them may be cached
-        for attempt in range(self.tspec.parse_retries + 1):
-            row = self.project.store.get_call(cache_key(identity, msgs, attempt))
-            if row is None:
-                break
-            try:
-                reply = reply_from_row(row)
-                answer = parse_answer(self.spec, reply.texts[0] if reply.texts else None)
-            except ParseError:
-                continue
-            self.metrics.teacher_calls["cache_hit"] += 1
-            return answer, "cache_hit"
-        key = cache_key(identity, msgs, 0)
-        if self.project.store.get_call(key) is not None:
-            # cached, but no attempt parsed: asking again under the same key would only replay it
-            self.metrics.teacher_calls["parse_error"] += 1
-            return None, "parse_error"
-        if key in self.inflight:     # the same text is being asked right now: share that call
-            try:
-                return await asyncio.shield(self.inflight[key])
-            except Exception:
-                return None, "error"
-        fut = asyncio.get_running_loop().create_future()
-        self.inflight[key] = fut
-        try:
-            req = TeacherRequest(key=key, messages=msgs, kind=self.spec.kind, labels=self.spec.label_names or None)
-            result = await self._call(key, msgs, req)
-            fut.set_result(result)
-            return result
-        finally:
-            self.inflight.pop(key, None)
-            if not fut.done():
-                fut.set_result((None, "error"))
-
-    async def _call(self, key: str, msgs: list[dict], req: TeacherRequest) -> tuple[Any, str]:
-        try:
-            reply = await asyncio.wait_for(self.teacher.ask(req), self.timeout)
-        except TimeoutError:
-            self.metrics.teacher_calls["timeout"] += 1
-            log.warning("teacher '%s' did not answer within %.1fs", self.tspec.name, self.timeout)
-            return None, "timeout"
-        except Exception as e:  # noqa: BLE001 - any teacher failure degrades, it never fails the request
-            self.metrics.teacher_calls["error"] += 1
-            # the class name and our own message only: teacher messages never carry the API key
-            log.warning("teacher '%s' failed: %s: %s", self.tspec.name, type(e).__name__, redact(str(e)).splitlines()[0][:200] if str(e) else "")
-            return None, "error"
-        try:
-            answer, status, error = parse_answer(self.spec, reply.texts[0] if reply.texts else None), "ok", None
-        except ParseError as e:
-            answer, status, error = None, "parse_error", e.reason
-        cost = await self.writer.run(_record_served_call, self.tspec, key, msgs, reply, status, error)
-        self.metrics.teacher_spend += cost
-        self.metrics.teacher_calls[status] += 1
-        return answer, status
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,9 +121,11 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
     project = Project.open(project_dir)
     spec = project.spec
     if spec.kind != "classify":
+        # extract / generate: the GGUF student behind /v1/chat/completions (distill.serve.lm_app)
         project.close()
-        raise DistillError(f"{project.root}: serving supports classify projects; this one is '{spec.kind}'",
-                           hint="use the exported LM with your own server (vLLM, llama.cpp) for extract/generate")
+        from distill.serve.lm_app import create_lm_app
+
+        return create_lm_app(project_dir, cfg, teacher=teacher, router=router)
     try:
         # the promoted model, never a model whose quality gate failed (unless pinned with --model)
         chosen = project.serving_model(cfg.model_path)
@@ -339,81 +171,27 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
             await writer.close()
             proj.close()
 
-    app = FastAPI(title=f"distill: {spec.name}", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.model = chosen          # which model answers, and why (serve prints it at start)
-    app.state.config = cfg
-
     def key_ok(raw: str | None) -> bool:
         # One indexed SELECT on the loop's connection (WAL: never waits for a writer), no cache, so a revoked
         # key stops working at once. Nothing here writes, so nothing here takes the write lock.
         return keys_mod.verify_key(state["project"].store, raw) is not None
 
-    # the guard runs before routing: 401 / 413 / 408 / 415 / 400 without any endpoint or validator involved
-    app.add_middleware(RequestGuard, key_ok=key_ok if cfg.require_key else None, open_paths=("/healthz",),
-                       max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s)
-
-    def error(status: int, message: str, hint: str | None = None, type_: str = "invalid_request_error",
-              param: str | None = None) -> JSONResponse:
-        return JSONResponse(error_body(status, message, hint, type_, param), status_code=status)
-
-    class _Reject(Exception):
-        def __init__(self, status: int, message: str, hint: str | None = None, type_: str = "invalid_request_error",
-                     param: str | None = None):
-            self.args_ = (status, message, hint, type_, param)
-
-    @app.exception_handler(_Reject)
-    async def _on_reject(request: Request, exc: _Reject):
-        return error(*exc.args_)
-
-    @app.exception_handler(DistillError)
-    async def _on_distill_error(request: Request, exc: DistillError):
-        # e.g. the store is locked or the disk is full: nothing was promised, so say so and let the client
-        # retry, rather than answer 2xx without the queue entry committed
-        log.error("request failed: %s", exc.message)
-        return error(503, exc.message, exc.hint, "service_unavailable")
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request: Request, exc: RequestValidationError):
-        parts, first = [], None
-        for e in exc.errors()[:5]:
-            loc = _loc(e.get("loc", ()))
-            first = first or loc
-            parts.append(f"`{loc}`: {e.get('msg')}")
-        return error(422, "invalid request: " + "; ".join(parts), "see the request schema at /openapi.json", param=first)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, exc: StarletteHTTPException):
-        # 404, 405: the same error shape as everything else
-        return error(exc.status_code, str(exc.detail), None, "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _on_bug(request: Request, exc: Exception):
-        # a bug of ours: logged with its traceback by the server; the client gets the error shape, no traceback
-        return error(500, "internal error", "retry; if it persists, report it with the server's log", "server_error")
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        ep = request.url.path if request.url.path in _KNOWN_PATHS else "other"
-        metrics.requests[(ep, response.status_code)] += 1
-        if ep not in ("/metrics", "/healthz"):
-            metrics.latency[ep].observe(time.perf_counter() - t0)
-        return response
+    app = app_skeleton(f"distill: {spec.name}", lifespan, cfg, metrics, key_ok)
+    app.state.model = chosen          # which model answers, and why (serve prints it at start)
 
     def check_texts(texts: list[str], field: str = "texts") -> None:
         if not texts:
-            raise _Reject(422, f"`{field}` is empty", "send at least one text", param=field)
+            raise Reject(422, f"`{field}` is empty", "send at least one text", param=field)
         if len(texts) > cfg.max_texts:
-            raise _Reject(422, f"`{field}` has {len(texts)} items; the limit is {cfg.max_texts} per request",
+            raise Reject(422, f"`{field}` has {len(texts)} items; the limit is {cfg.max_texts} per request",
                           "split the batch into several requests", param=field)
         for i, t in enumerate(texts):
             where = f"{field}[{i}]" if field == "texts" else field
             if len(t) > max_chars:
-                raise _Reject(422, f"`{where}` has {len(t)} characters; the limit is {max_chars}",
+                raise Reject(422, f"`{where}` has {len(t)} characters; the limit is {max_chars}",
                               "shorten the text (the limit is `max_text_chars` in distill.yaml)", param=where)
             if not t.strip():
-                raise _Reject(422, f"`{where}` is empty", "send non-empty texts", param=where)
+                raise Reject(422, f"`{where}` is empty", "send non-empty texts", param=where)
 
     async def classify(texts: list[str]) -> list[dict[str, Any]]:
         """The whole pipeline for a batch of texts; queue entries are committed before it returns."""
@@ -518,9 +296,9 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
                                  "asked for, and [DONE]"}}}},
         **_errors(*_BODY_ERRORS)})
     async def chat(body: ChatCompletionIn):
-        i, text = _last_user_text(body.messages)
+        i, text = last_user_text(body.messages)
         if text is None:
-            raise _Reject(422, "no user message with text content", "the last user message is the input",
+            raise Reject(422, "no user message with text content", "the last user message is the input",
                           param="messages")
         check_texts([text], field=f"messages[{i}].content")
         # the answer (and its queue entry, committed) exists before any byte of the response is sent,
@@ -545,20 +323,20 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
     @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **_errors(*_BODY_ERRORS)})
     async def feedback(body: FeedbackIn):
         if body.label not in spec.label_names:
-            raise _Reject(422, f"`label` {body.label!r} is not one of {spec.label_names}",
+            raise Reject(422, f"`label` {body.label!r} is not one of {spec.label_names}",
                           "send one of the project's labels", param="label")
         student, conf, text = None, None, body.text
         if body.id is not None:
             seen = recent.get(body.id)
             if seen is None:
-                raise _Reject(422, f"result id {body.id!r} is unknown (this server remembers the last "
+                raise Reject(422, f"result id {body.id!r} is unknown (this server remembers the last "
                               f"{cfg.recent_ids} results since it started)", "send the `text` instead of the id",
                               param="id")
             text, student, conf = seen["text"], seen["label"], seen["conf"]
         if not text:
-            raise _Reject(422, "send `id` (from a /v1/classify result) or `text`", param="text")
+            raise Reject(422, "send `id` (from a /v1/classify result) or `text`", param="text")
         if len(text) > max_chars:
-            raise _Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}", param="text")
+            raise Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}", param="text")
         # for feedback entries teacher_answer holds the label the client says is right (not yet verified);
         # fq.enqueue is looked up per call (tests replace it), and the commit is awaited before the 2xx
         qid = await state["writer"].run(fq.enqueue, text, "feedback", student_answer=student, student_conf=conf,
@@ -566,19 +344,8 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         metrics.feedback += 1
         return {"queued": qid}
 
-    def openapi() -> dict:
-        # the generated schema plus the bearer key every path but /healthz needs
-        if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                              description="distill serve: see `distill serve --help`")
-            doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            doc["security"] = [{"bearer": []}]
-            doc["paths"]["/healthz"]["get"]["security"] = [{}, {"bearer": []}]
-            _document_limits(doc["components"]["schemas"], list(spec.label_names), cfg.max_texts, max_chars)
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi
+    app.openapi = bearer_openapi(app, lambda schemas: _document_limits(schemas, list(spec.label_names),
+                                                                        cfg.max_texts, max_chars))
     return app
 
 
@@ -599,25 +366,6 @@ class FeedbackIn(BaseModel):
     note: str | None = None
 
 
-class ChatContentPart(BaseModel):
-    """One part of a message's content; ``type: "text"`` parts are read, others (images, ...) ignored."""
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-def _content_kind(v: Any) -> str:
-    return "parts" if isinstance(v, list) else "text"
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")      # name, tool_calls, ...
-    role: str
-    # a string or a list of parts; the discriminator picks one, so an error names only that one
-    content: Annotated[Annotated[str, Tag("text")] | Annotated[list[ChatContentPart], Tag("parts")],
-                       Discriminator(_content_kind)] | None = None
-
-
 class ChatCompletionIn(BaseModel):
     """An OpenAI chat.completions request: the last user message is the input. The other fields OpenAI
     clients send (temperature, max_tokens, ...) are accepted and ignored."""
@@ -627,7 +375,7 @@ class ChatCompletionIn(BaseModel):
     stream: bool | None = None
 
 
-def _include_usage(body: "ChatCompletionIn") -> bool:
+def _include_usage(body: ChatCompletionIn) -> bool:
     opts = (body.model_extra or {}).get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
 
@@ -695,22 +443,6 @@ class ChatCompletionOut(BaseModel):
     distill: ClassifyResult
 
 
-class _ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[_ModelCard]
-
-
-class FeedbackOut(BaseModel):
-    queued: int                    # the failure-queue entry's id
-
-
 class HealthOut(BaseModel):
     status: Literal["ok"]
     # with a key only:
@@ -726,18 +458,6 @@ class HealthOut(BaseModel):
     shadow_rate: float | None = None
 
 
-class _ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None       # the field the error is about, when there is one
-    code: int                      # the HTTP status
-    hint: str | None = None        # what to do
-
-
-class ErrorOut(BaseModel):
-    error: _ErrorDetail
-
-
 _ERROR_WHY = {400: "the body is not JSON within the limits (depth, number size, valid text)",
               401: "missing or invalid API key", 408: "the request did not arrive in time",
               413: "the body is too large", 415: "the body is not JSON (Content-Type)",
@@ -747,9 +467,6 @@ _BODY_ERRORS = (400, 401, 408, 413, 415, 422, 503)
 
 def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorOut, "description": _ERROR_WHY[c]} for c in codes}
-
-
-_ROLES = ["system", "developer", "user", "assistant", "tool", "function"]
 
 
 def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars: int) -> None:
@@ -775,37 +492,9 @@ def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars
     chat["stream"] = {"anyOf": [{"type": "boolean"}, {"type": "null"}], "title": "Stream",
                       "description": "true: server-sent events; the answer is one label, sent as one chunk"}
     message = schemas["ChatMessage"]["properties"]
-    message["role"]["enum"] = _ROLES
+    message["role"]["enum"] = ROLES
     for t in texts_in(message["content"]):
         t.update(text)
-
-
-def _loc(loc: tuple) -> str:
-    """pydantic's error location as a path: ('body', 'messages', 0, 'content') -> messages[0].content"""
-    out = ""
-    for p in loc:
-        if p == "body" and not out:
-            continue
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(body)"
-
-
-_KNOWN_PATHS = {"/v1/classify", "/v1/chat/completions", "/v1/models", "/v1/feedback", "/metrics", "/healthz"}
-
-
-def _last_user_text(messages: list[ChatMessage]) -> tuple[int, str | None]:
-    """(index, text) of the last user message: its string content, or its text parts joined by newlines."""
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        if m.role == "user":
-            c = m.content
-            if isinstance(c, str):
-                return i, c
-            if isinstance(c, list):     # content parts: keep the text parts
-                parts = [p.text or "" for p in c if p.type == "text"]
-                return i, "\n".join(parts) if parts else None
-            return i, None
-    return -1, None
 
 
 def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info"):

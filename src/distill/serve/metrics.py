@@ -47,12 +47,14 @@ class Metrics:
         self.shadow_disagreements = 0
         self.feedback = 0
         self.latency = defaultdict(Histogram)     # endpoint -> request latency
+        self.tokens = defaultdict(int)            # LM: prompt | completion -> tokens the student read / wrote
 
     def routed_share(self) -> float:
         n = sum(self.inputs.values())
         return self.inputs.get("teacher", 0) / n if n else 0.0
 
-    def render(self, queue_counts: dict[str, int] | None = None) -> str:
+    def render(self, queue_counts: dict[str, int] | None = None, engine_stats: dict | None = None) -> str:
+        """``engine_stats``: the LM engine's ``stats()`` (numbers only are shown, as gauges ``distill_engine_*``)."""
         L: list[str] = []
 
         def block(name: str, kind: str, help_: str, rows: list[str]) -> None:
@@ -81,6 +83,14 @@ class Metrics:
         for ep, h in sorted(self.latency.items()):
             rows += h.lines("distill_request_latency_seconds", f'endpoint="{ep}"')
         block("distill_request_latency_seconds", "histogram", "Request latency by endpoint.", rows)
+        if self.tokens or engine_stats is not None:
+            block("distill_tokens_total", "counter", "LM tokens: prompt (read by the student) and completion (written).",
+                  [f'distill_tokens_total{{kind="{k}"}} {self.tokens.get(k, 0)}' for k in ("prompt", "completion")])
+        for k, v in sorted((engine_stats or {}).items()):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                name = "distill_engine_" + "".join(ch if ch.isalnum() else "_" for ch in str(k)).lower()
+                block(name, "gauge", f"LM engine: {k} (since start, or now for queue and slot counts).",
+                      [f"{name} {v}"])
         if queue_counts is not None:
             block("distill_failure_queue_new", "gauge", "Failure-queue entries waiting for the next round.",
                   [f'distill_failure_queue_new{{reason="{k}"}} {queue_counts.get(k, 0)}'

@@ -164,7 +164,10 @@ def load_student(folder: str | Path, device: str = "auto"):
         base, _ = load_base(info["base_model"], device=device)
         model = PeftModel.from_pretrained(base, str(folder))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder)).to(pick_device(device))
+        dev = pick_device(device)
+        # merged exports are stored in bf16 (half the size, what vLLM loads); on a CPU compute in fp32 as
+        # training and the adapter path do, so a merged folder answers like its adapter
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32 if dev == "cpu" else "auto").to(dev)
     return model.eval(), tok, info
 
 

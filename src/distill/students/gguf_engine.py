@@ -45,8 +45,9 @@ How it works.
   with OpenMP, whose threads spin at every barrier: when another process occupies a core, 2 threads ran
   SmolLM2 at 3.8 tok/s against 34 tok/s with 1 thread, and 41.6 tok/s with 2 threads once
   ``OMP_WAIT_POLICY=passive`` was set before the process started (measured here under a load average of 6).
-  On a shared machine set that variable or pass ``n_threads=1``; the engine leaves the process
-  environment alone.
+  This module therefore sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment already sets it) before
+  it loads llama.cpp; it cannot take effect if llama.cpp's OpenMP runtime was loaded earlier in the
+  process, so import this module before anything else that loads llama_cpp.
 * Prefill is not interleaved: admitting a request runs its whole prompt before the next decode step, so a
   long prompt delays the other streams' next token by its prefill time.
 * Failures. An exception in the loop fails the futures it concerns (a failing ``on_token`` callback fails
@@ -76,6 +77,11 @@ from typing import Any
 import numpy as np
 
 from distill.errors import DistillError
+
+# llama.cpp's OpenMP threads spin-wait at every barrier by default; when another process holds a core that
+# turned 41.6 tok/s into 3.8 (2 threads, load average 6, measured here). Passive waiting is set before
+# llama.cpp's OpenMP runtime loads (it reads the variable once, at load); a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     import llama_cpp as _ll

@@ -265,6 +265,44 @@ class GenerativePredictor:
                           completion_tokens=len(new), seconds=time.perf_counter() - t0)
 
 
+class GGUFPredictor:
+    """A GGUF export of an LM student (``distill export --format gguf``) answering like
+    ``GenerativePredictor.answer``, through the engine ``distill serve`` uses (llama.cpp,
+    ``distill.students.gguf_engine``) and with the same constraint: ``schema`` (an extract task's JSON
+    schema) is enforced by the grammar. So `distill eval --model EXPORT` scores exactly what is served."""
+
+    is_adapter = False
+
+    def __init__(self, path: str | Path, schema: dict | None = None, n_threads: int | None = None,
+                 n_ctx_per_seq: int = 4096):
+        from distill.students.gguf_engine import GGUFStudent
+
+        self.student = GGUFStudent(path, max_batch=1, n_threads=n_threads, n_ctx_per_seq=n_ctx_per_seq)
+        self.path, self.info, self.tokenizer = self.student.path, self.student.info, self.student.tokenizer
+        self.schema = schema
+        self.device = f"cpu (llama.cpp, {self.student.engine.n_threads} threads)"
+
+    def size_bytes(self) -> int:
+        return self.student.size_bytes()
+
+    def answer(self, messages: list[dict], max_new_tokens: int, info: dict[str, Any] | None = None,
+               model=None, tokenizer=None) -> Generation:
+        if info is not None or model is not None or tokenizer is not None:
+            raise DistillError("a GGUF export answers with its own prompt format and weights only")
+        r = self.student.engine.generate(self.student.request(messages, max_new_tokens, schema=self.schema))
+        return Generation(text=r.text, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                          seconds=r.seconds)
+
+    def close(self) -> None:
+        self.student.close()
+
+
+def is_gguf_export(path: str | Path) -> bool:
+    """A folder holding a .gguf file and a distill_student.json: an LM student exported for llama.cpp."""
+    p = Path(path)
+    return p.is_dir() and (p / "distill_student.json").exists() and any(p.glob("*.gguf"))
+
+
 # ------------------------------------------------------------------------------------------------
 # loading
 
@@ -275,6 +313,8 @@ def load_predictor(model_path: str | Path, backend: Backend = "auto", device: st
     model_path = Path(model_path)
     if backend not in ("auto", "onnx", "torch"):
         raise DistillError(f"backend {backend!r} is not one of auto, onnx, torch")
+    if is_gguf_export(model_path):
+        return GGUFPredictor(model_path)
     if (model_path / "distill_student.json").exists():
         if backend == "onnx":
             raise DistillError(f"{model_path}: an LM student has no ONNX export", hint="use --backend torch")
