@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -93,34 +93,86 @@ def _tiny_base(folder: Path) -> None:
 
 
 class Server:
-    """``distill serve``'s app under uvicorn on a free loopback port, in a thread of this process."""
+    """``distill serve``'s app under uvicorn on a free loopback port, in its own process (as in production: an
+    in-process server would share the GIL with this script's client and the engine's Python loop)."""
 
-    def __init__(self, app):
+    def __init__(self, work: Path, gguf_dir: Path, threads: int | None, pass_through: bool):
         import socket
-
-        import uvicorn
-
-        from distill.serve.app import uvicorn_config
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(app, port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.cmd = [sys.executable, __file__, "--serve", str(self.port), "--project", str(work), "--gguf", str(gguf_dir),
+                    *(["--threads", str(threads)] if threads else []), *(["--pass-through"] if pass_through else [])]
 
     def __enter__(self) -> "Server":
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return self
+        import subprocess
+
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise SystemExit("the server did not start within 300 s")
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def serve_only(port: int, work: Path, gguf_dir: Path, threads: int | None, pass_through: bool) -> None:
+    import uvicorn
+
+    from distill.serve.app import ServeConfig, create_app, uvicorn_config
+    from distill.serve.lm_router import LMRouter
+
+    app = create_app(work, config=ServeConfig(model_path=str(gguf_dir), require_key=False, n_threads=threads),
+                     router=LMRouter.pass_through() if pass_through else None)
+    uvicorn.Server(uvicorn_config(app, port=port, log_level="warning")).run()
+
+
+def test_curve(student, router, spec, texts, gold, teacher_pred, thresholds, max_tokens, teacher_usd, student_usd,
+               field_f1) -> list[dict]:
+    """The validation curve's thresholds applied to the test split: coverage, routed system field F1 vs gold
+    (teacher's recorded answer where routed) and cost relative to teacher-only, per threshold."""
+    import json as _json
+
+    from distill.task import render_messages
+
+    futs = [student.engine.submit(student.request(render_messages(spec, t), max_tokens, schema=spec.json_schema,
+                                                  want_embedding=router.needs_embedding)) for t in texts]
+    res = [f.result() for f in futs]
+    sig = [router.signals(r) for r in res]
+    ans = []
+    for r in res:
+        try:
+            ans.append(_json.loads(r.text))
+        except ValueError:
+            ans.append(None)
+    cfg = router.config
+    out = []
+    for target, t in thresholds:
+        routed = [(s["ood"] is not None and s["ood"] > cfg.ood_threshold) or (s[cfg.confidence] is None)
+                  or s[cfg.confidence] < t for s in sig]
+        system = [teacher_pred[i] if routed[i] else ans[i] for i in range(len(texts))]
+        share = sum(routed) / len(routed)
+        out.append({"validation_target": target, "threshold": t, "test_coverage": 1 - share,
+                    "system_field_f1": field_f1(system, gold),
+                    "cost_over_teacher_only": (share * teacher_usd + student_usd) / teacher_usd if teacher_usd else None})
+    return out
 
 
 async def _http_pass(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
@@ -182,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="engine threads (default: every core)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)        # internal: run only the server, on this port
+    ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--pass-through", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.serve:
+        serve_only(a.serve, a.project, a.gguf, a.threads, a.pass_through)
+        return 0
     out = a.out or (Path(tempfile.gettempdir()) / "lm_serve_smoke.json" if a.smoke else HERE / "results" / "lm_serve.json")
     if a.smoke:
         a.parity_limit, a.throughput_inputs = 3, 4
@@ -195,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     from distill.export.gguf import export_gguf_project, gguf_export_for
     from distill.project import Project
     from distill.runinfo import bench_result, environment, target, write_json_atomic
-    from distill.serve.app import ServeConfig, create_app
     from distill.serve.lm_router import LMRouter, calibrate_lm_project
     from distill.students.gguf_engine import GGUFStudent
 
@@ -215,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     gdir = gguf_export_for(project, ref.run_id)
     if gdir is None or not (gdir / "export.json").exists():
         gdir = export_gguf_project(project, run_id=ref.run_id, quant=a.quant, parity_limit=a.parity_limit,
-                                   say=print)
+                                   threads=a.threads, say=print).out_dir
     export_s = time.perf_counter() - t0
     export = json.loads((gdir / "export.json").read_text())
     parity = export.get("parity") or {}
 
     # 3. router on validation ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    rcfg = calibrate_lm_project(work, model_path=str(gdir), coverage=a.coverage)
+    max_tokens = spec.get_teacher(tname).max_tokens or 128    # the same budget for calibration and serving
+    rcfg = calibrate_lm_project(work, model_path=str(gdir), coverage=a.coverage, max_tokens=max_tokens,
+                                n_threads=a.threads, progress=not a.smoke)
     calibrate_s = time.perf_counter() - t0
 
     # 4. the routed service on the test split -----------------------------------------------------------
@@ -230,12 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     test = C.test_table(project, tname, notes)
     texts, gold, teacher_pred = test["texts"], test["gold"], test["teacher_pred"]
     project.close()
-    max_tokens = spec.get_teacher(tname).max_tokens or 128
-    cfg = ServeConfig(model_path=str(gdir), require_key=False, n_threads=a.threads)
-    app = create_app(work, config=cfg)
-    with Server(app) as srv:
+    with Server(work, gdir, a.threads, pass_through=False) as srv:
         routed_pass = asyncio.run(_http_pass(srv.url, spec.name, texts, 8, max_tokens))
-    answers, valid, routed, degraded = [], [], [], []
+    answers, valid, routed, degraded, reasons = [], [], [], [], {}
     import jsonschema
 
     for r in routed_pass["responses"]:
@@ -250,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         valid.append(ok)
         routed.append(r["distill"]["routed_to"] == "teacher" and not r["distill"]["degraded"])
         degraded.append(bool(r["distill"]["degraded"]))
+        reasons[r["distill"]["reason"]] = reasons.get(r["distill"]["reason"], 0) + 1
 
     def field_f1(preds: list, refs: list) -> float:
         c = np.array([pair_counts(p, g) for p, g in zip(preds, refs)], float).reshape(-1, 3)
@@ -266,35 +323,39 @@ def main(argv: list[str] | None = None) -> int:
     # 5. throughput: HTTP (router off) vs in-process, interleaved ----------------------------------------
     tp_texts = (texts * (1 + a.throughput_inputs // max(1, len(texts))))[: a.throughput_inputs]
     student = GGUFStudent(gdir, n_threads=a.threads)
-    app_off = create_app(work, config=ServeConfig(model_path=str(gdir), require_key=False, n_threads=a.threads),
-                         router=LMRouter.pass_through())
     tput: dict[str, dict] = {}
-    with Server(app_off) as srv:
+    with Server(work, gdir, a.threads, pass_through=True) as srv:
         for conc in (1, 8):
             tput[f"engine_c{conc}"] = asyncio.run(_engine_pass(student, spec, tp_texts, conc, max_tokens))
             h = asyncio.run(_http_pass(srv.url, spec.name, tp_texts, conc, max_tokens))
             tput[f"http_c{conc}"] = {k: v for k, v in h.items() if k != "responses"}
-    student.close()
 
     # cost ------------------------------------------------------------------------------------------------
     project = Project.open(work)
     t_cost = teacher_cost_per_request(project, tname)
     project.close()
-    teacher_usd = float(t_cost.get("usd_per_request") or 0.0)
+    teacher_usd = float(t_cost.get("usd") or 0.0)      # mean ledger cost per teacher call
     student_usd = tput["engine_c1"]["latency_mean_s"] * CPU_HOUR_USD / 3600
     routed_usd = routed_share * teacher_usd + student_usd
+    # the trade-off on test: each validation threshold of the curve, applied to the test split
+    g_texts = [texts[i] for i in has_gold]
+    curve = test_curve(student, LMRouter.load(gdir), spec, g_texts, [gold[i] for i in has_gold],
+                       [teacher_pred[i] for i in has_gold], [(c["target"], c["threshold"]) for c in rcfg.curve],
+                       max_tokens, teacher_usd, student_usd, field_f1)
+    student.close()
 
     results = {
         "model_run_id": ref.run_id, "gguf_export": str(gdir.relative_to(work) if gdir.is_relative_to(work) else gdir),
         "export_seconds": round(export_s, 1), "calibrate_seconds": round(calibrate_s, 1),
         "parity": parity,
-        "router": {k: v for k, v in (rcfg.__dict__ if hasattr(rcfg, "__dict__") else dict(rcfg)).items()},
+        "router": dataclasses.asdict(rcfg),
         "served_test": {"n": len(texts), "n_gold": len(has_gold), "schema_valid_served": sum(valid) / len(valid),
-                        "routed_share": routed_share, "degraded": sum(degraded),
+                        "routed_share": routed_share, "degraded": sum(degraded), "reasons": reasons,
                         "field_f1_routed_system_vs_gold": sys_f1, "field_f1_teacher_vs_gold": teacher_f1,
                         "field_f1_student_on_covered_vs_gold": covered_f1,
                         "http_c8": {k: v for k, v in routed_pass.items() if k != "responses"}},
         "throughput": tput,
+        "test_curve": curve,
         "cost_per_1m_usd": {"teacher_only": teacher_usd * 1e6, "routed": routed_usd * 1e6, "student_only": student_usd * 1e6,
                             "teacher_ledger": t_cost, "cpu_hour_usd": CPU_HOUR_USD},
         "notes": notes,
@@ -304,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         return None if x is None or not y else x / y
 
     ratios = {
-        "quantized_over_merged_field_f1": parity.get("field_f1_ratio"),
-        "quantized_over_merged_tokens_per_s_batch1": parity.get("tokens_per_s_ratio"),
-        "quantized_over_merged_size": parity.get("size_ratio"),
+        "quantized_over_merged_field_f1": (parity.get("vs_gold") or {}).get("ratio"),
+        "quantized_vs_merged_field_f1": (parity.get("quantized_vs_merged") or {}).get("field_f1"),
+        "quantized_over_merged_tokens_per_s_batch1": (parity.get("speed") or {}).get("ratio"),
+        "quantized_over_merged_size": (parity.get("bytes") or {}).get("ratio"),
         "routed_system_over_teacher_field_f1": ratio(sys_f1, teacher_f1),
         "routed_over_teacher_only_cost": ratio(routed_usd, teacher_usd),
         "http_over_engine_requests_per_s_c1": ratio(tput["http_c1"]["requests_per_s"], tput["engine_c1"]["requests_per_s"]),

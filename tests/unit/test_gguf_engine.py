@@ -28,6 +28,7 @@ from distill.students.gguf_engine import (
     GGUFEngine,
     GGUFStudent,
     TokenEvent,
+    enforceable,
     find_gguf,
     schema_grammar,
 )
@@ -133,6 +134,35 @@ def test_schema_constrained(student, engine):
     assert any(r.interventions > 0 for r in results)
 
 
+def test_property_names_enum_becomes_optional_properties():
+    # llama.cpp's converter ignores propertyNames; the rewrite says the same thing in keywords it enforces
+    slots = {"type": "object", "propertyNames": {"enum": ["city", "artist"]}, "additionalProperties": {"type": "string"}}
+    s = {"type": "object", "properties": {"intent": {"enum": ["a"]}, "slots": slots}, "required": ["intent", "slots"]}
+    out = enforceable(s)
+    assert out["properties"]["slots"] == {"type": "object", "additionalProperties": False,
+                                          "properties": {"city": {"type": "string"}, "artist": {"type": "string"}}}
+    assert out["properties"]["intent"] == {"enum": ["a"]} and out["required"] == ["intent", "slots"]
+    assert s["properties"]["slots"]["propertyNames"]          # the caller's schema is not modified
+    # equivalent on examples: each document is valid under both or under neither
+    for doc in ({"intent": "a", "slots": {}}, {"intent": "a", "slots": {"city": "x"}},
+                {"intent": "a", "slots": {"town": "x"}}, {"intent": "a", "slots": {"city": 5}}):
+        ok = [jsonschema.Draft202012Validator(x).is_valid(doc) for x in (s, out)]
+        assert ok[0] == ok[1], doc
+    assert enforceable({"propertyNames": {"pattern": "^a"}}) == {"propertyNames": {"pattern": "^a"}}   # left alone
+
+
+def test_property_names_are_enforced_by_the_grammar(student, engine):
+    schema = {"type": "object", "properties": {"slots": {
+        "type": "object", "propertyNames": {"enum": ["colour", "size"]},
+        "additionalProperties": {"type": "string", "maxLength": 12}}}, "required": ["slots"],
+        "additionalProperties": False}
+    prompts = ["List every attribute of a red car as JSON.", "Describe a big house in JSON with many fields."]
+    for f in [engine.submit(student.request([{"role": "user", "content": p}], 120, schema=schema)) for p in prompts]:
+        r = f.result(timeout=120)
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), schema)
+
+
 def test_json_object_and_grammar_cache():
     g = schema_grammar(None, json_object=True)
     assert "root" in g and schema_grammar(None, json_object=True) is g
@@ -227,9 +257,8 @@ def test_close_fails_pending(gguf):
     p = e.tokenize("<|im_start|>user\nTell me a long story.<|im_end|>\n<|im_start|>assistant\n")
     futs = [e.submit(GenRequest(p, 200)) for _ in range(5)]
     time.sleep(0.2)
-    t0 = time.perf_counter()
     e.close()
-    assert time.perf_counter() - t0 < 10
+    # none of the 200-token generations was waited for: every future failed with "closed"
     for f in futs:
         assert f.done()
         with pytest.raises(DistillError, match="closed"):

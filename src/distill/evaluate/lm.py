@@ -211,7 +211,7 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
                                                 model=b_model.eval(), tokenizer=b_tok)
                 del b_model
     else:
-        base_reason = "skipped (base=False)"
+        base_reason = base_reason or "skipped (base=False)"
 
     # 3. scores ---------------------------------------------------------------------------------------
     say("eval: scoring with bootstrap CIs")

@@ -42,12 +42,13 @@ How it works.
   ``TokenEvent.text`` always equals ``GenResult.text``. The end-of-generation or stop token ends the
   answer and is not part of ``text``, ``tokens`` or ``completion_tokens``.
 * Threads. ``n_threads`` defaults to every core this process may use. This llama.cpp build parallelises
-  with OpenMP, whose threads spin at every barrier: when another process occupies a core, 2 threads ran
-  SmolLM2 at 3.8 tok/s against 34 tok/s with 1 thread, and 41.6 tok/s with 2 threads once
-  ``OMP_WAIT_POLICY=passive`` was set before the process started (measured here under a load average of 6).
-  This module therefore sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment already sets it) before
-  it loads llama.cpp; it cannot take effect if llama.cpp's OpenMP runtime was loaded earlier in the
-  process, so import this module before anything else that loads llama_cpp.
+  with OpenMP (the same ``libgomp.so.1`` torch loads, so the first of them to load reads the settings),
+  whose threads spin briefly at every barrier, then sleep. That is right on a machine the service has to
+  itself, and wrong on a shared one. Measured here (SmolLM2-135M Q8_0/Q4_1, 2 cores): idle machine,
+  default policy 0.33 s per SNIPS-slots request, ``OMP_WAIT_POLICY=passive`` 0.75 s (2.3x slower); another
+  process on the second core, 2 threads 3.8 tok/s, 1 thread 34 tok/s, 2 threads with passive waiting
+  41.6 tok/s. So: a dedicated server keeps the default; on a shared machine pass ``n_threads=1``
+  (``distill serve --threads 1``) or start the process with ``OMP_WAIT_POLICY=passive``.
 * Prefill is not interleaved: admitting a request runs its whole prompt before the next decode step, so a
   long prompt delays the other streams' next token by its prefill time.
 * Failures. An exception in the loop fails the futures it concerns (a failing ``on_token`` callback fails
@@ -77,11 +78,6 @@ from typing import Any
 import numpy as np
 
 from distill.errors import DistillError
-
-# llama.cpp's OpenMP threads spin-wait at every barrier by default; when another process holds a core that
-# turned 41.6 tok/s into 3.8 (2 threads, load average 6, measured here). Passive waiting is set before
-# llama.cpp's OpenMP runtime loads (it reads the variable once, at load); a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     import llama_cpp as _ll
@@ -167,6 +163,39 @@ def schema_grammar(schema: dict | None, *, json_object: bool = False) -> str:
     return _compile_schema(json.dumps(schema, sort_keys=True))
 
 
+def enforceable(schema: Any) -> Any:
+    """``schema`` rewritten into an equivalent one that llama.cpp's converter enforces fully.
+
+    The converter silently ignores keywords it does not know. The one our tasks rely on is ``propertyNames``
+    with an ``enum`` (SNIPS slots: "slots" maps slot names from a fixed list to strings): ignored, the
+    grammar let the student invent slot names, and 5% of served answers failed the schema. An object whose
+    keys must come from a list is the same as an object with each of those keys optional and nothing else,
+    so ``{propertyNames: {enum: K}, additionalProperties: S}`` becomes ``{properties: {k: S for k in K},
+    additionalProperties: false}``. The price: llama.cpp emits optional properties in the listed order, so
+    the keys of such an object come out in that order (JSON objects are unordered, the answer is the same).
+    Keywords still not enforced (patternProperties, if/then/else, not, uniqueItems, ...) are checked when
+    the answer is validated after generation (``distill serve`` routes or marks an answer that fails)."""
+    if isinstance(schema, list):
+        return [enforceable(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: enforceable(v) for k, v in schema.items()}
+    names = schema.get("propertyNames")
+    if isinstance(names, dict) and isinstance(names.get("enum"), list) and set(names) <= {"enum", "type"} \
+            and all(isinstance(k, str) for k in names["enum"]):
+        extra = out.get("additionalProperties", True)
+        value = {} if extra is True else extra
+        props = dict(out.get("properties") or {})
+        if value is not False:
+            for k in names["enum"]:
+                props.setdefault(k, value)
+        # keys listed in `properties` but not allowed by propertyNames are impossible: drop them
+        out["properties"] = {k: v for k, v in props.items() if k in names["enum"]}
+        out["additionalProperties"] = False
+        del out["propertyNames"]
+    return out
+
+
 @functools.lru_cache(maxsize=GRAMMAR_CACHE)
 def _compile_schema(schema_json: str) -> str:
     import jsonschema
@@ -179,7 +208,7 @@ def _compile_schema(schema_json: str) -> str:
         raise DistillError(f"invalid JSON schema: {e.message} (at {'/'.join(map(str, e.path)) or 'the top'})",
                            hint="fix the schema; https://json-schema.org/understanding-json-schema") from None
     try:
-        gbnf = json_schema_to_gbnf(schema_json)
+        gbnf = json_schema_to_gbnf(json.dumps(enforceable(schema)))
     except Exception as e:  # noqa: BLE001 - the converter reports unsupported constructs with assert/KeyError/...
         raise DistillError(f"llama.cpp cannot turn this JSON schema into a grammar: {type(e).__name__}: {e}",
                            hint="use the supported subset: type, properties, required, enum, const, items, anyOf/"
