@@ -65,7 +65,7 @@ from distill.project import Project
 from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
 from distill.serve.batcher import MicroBatcher
-from distill.serve.common import (  # ServeConfig, StoreWriter, TeacherGate: still importable from here
+from distill.serve.common import (
     ROLES,
     ChatMessage,
     ErrorOut,
@@ -73,11 +73,11 @@ from distill.serve.common import (  # ServeConfig, StoreWriter, TeacherGate: sti
     ModelList,
     Reject,
     ServeConfig,
-    StoreWriter,
     TeacherGate,
     app_skeleton,
     bearer_openapi,
     last_user_text,
+    serving,
 )
 from distill.serve.guard import deadline_protocol
 from distill.serve.metrics import Metrics
@@ -148,28 +148,14 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
 
     @asynccontextmanager
     async def lifespan(app):
-        proj = Project.open(project_dir)
-        state["project"] = proj
-        writer = StoreWriter(proj.store.path)
-        await writer.start()
-        state["writer"] = writer
-        state["batcher"] = MicroBatcher(pred.logits_and_embeddings, cfg.batch_size, cfg.batch_wait_ms)
-        state["gate"] = TeacherGate(proj, cfg, metrics, writer, teacher)
-        if cfg.require_key and not keys_mod.list_keys(proj.store):
-            log.warning("no API keys yet: every request will get 401. Create one with `distill keys create %s`",
-                        project_dir)
-        log.info("serving %s: model %s (%s, from %s); router %s; shadow %.3f", spec.name, chosen.describe(),
-                 type(pred).__name__, pred.path, "calibrated" if calibrated else "pass-through", cfg.shadow_rate)
-        try:
-            yield
-        finally:
-            for t in list(background):
-                t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await state["batcher"].close()
-            await state["gate"].aclose()
-            await writer.close()
-            proj.close()
+        async with serving(project_dir, cfg, metrics, state, background, teacher):
+            state["batcher"] = MicroBatcher(pred.logits_and_embeddings, cfg.batch_size, cfg.batch_wait_ms)
+            log.info("serving %s: model %s (%s, from %s); router %s; shadow %.3f", spec.name, chosen.describe(),
+                     type(pred).__name__, pred.path, "calibrated" if calibrated else "pass-through", cfg.shadow_rate)
+            try:
+                yield
+            finally:
+                await state["batcher"].close()
 
     def key_ok(raw: str | None) -> bool:
         # One indexed SELECT on the loop's connection (WAL: never waits for a writer), no cache, so a revoked

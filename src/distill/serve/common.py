@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from distill.errors import DistillError
 from distill.project import Project
 from distill.redact import redact
+from distill.serve import keys as keys_mod
 from distill.serve.guard import RequestGuard, error_body
 from distill.serve.metrics import Metrics
 from distill.store import Store
@@ -228,6 +230,33 @@ class TeacherGate:
 
 # ------------------------------------------------------------------------------------------------
 # what every app shares (classify here, extract/generate in distill.serve.lm_app)
+
+
+@asynccontextmanager
+async def serving(project_dir: str | Path, cfg: "ServeConfig", metrics: Metrics, state: dict[str, Any],
+                  background: set[asyncio.Task], teacher=None) -> AsyncIterator[None]:
+    """What both apps hold while they serve, opened in the event loop's thread (sqlite connections belong to
+    their thread): the project (reads on the loop), the store writer, the teacher gate -- put into ``state``
+    as "project", "writer", "gate". On the way out: background tasks (shadow checks) cancelled and awaited,
+    then the gate, the writer and the project closed, in that order."""
+    proj = Project.open(project_dir)
+    state["project"] = proj
+    writer = StoreWriter(proj.store.path)
+    await writer.start()
+    state["writer"] = writer
+    state["gate"] = TeacherGate(proj, cfg, metrics, writer, teacher)
+    if cfg.require_key and not keys_mod.list_keys(proj.store):
+        log.warning("no API keys yet: every request will get 401. Create one with `distill keys create %s`",
+                    project_dir)
+    try:
+        yield
+    finally:
+        for t in list(background):
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await state["gate"].aclose()
+        await writer.close()
+        proj.close()
 
 
 class Reject(Exception):

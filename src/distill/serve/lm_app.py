@@ -98,11 +98,10 @@ from distill.serve.common import (
     ModelList,
     Reject,
     ServeConfig,
-    StoreWriter,
-    TeacherGate,
     app_skeleton,
     bearer_openapi,
     last_user_text,
+    serving,
 )
 from distill.serve.lm_router import LM_ROUTER_FILE, LMRouter
 from distill.serve.metrics import Metrics
@@ -217,27 +216,14 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
 
     @asynccontextmanager
     async def lifespan(app):
-        proj = Project.open(project_dir)
-        state["project"] = proj
-        writer = StoreWriter(proj.store.path)
-        await writer.start()
-        state["writer"] = writer
-        state["gate"] = TeacherGate(proj, cfg, metrics, writer, teacher)
-        if cfg.require_key and not keys_mod.list_keys(proj.store):
-            log.warning("no API keys yet: every request will get 401. Create one with `distill keys create %s`",
-                        project_dir)
-        log.info("serving %s (%s): model %s from %s; router %s; max %d tokens, %d slots of %d tokens; shadow %.3f",
-                 spec.name, spec.kind, chosen.describe(), folder, "calibrated" if calibrated else "pass-through",
-                 cap, engine.max_batch, engine.n_ctx_per_seq, cfg.shadow_rate)
         try:
-            yield
+            async with serving(project_dir, cfg, metrics, state, background, teacher):
+                log.info("serving %s (%s): model %s from %s; router %s; max %d tokens, %d slots of %d tokens; "
+                         "shadow %.3f", spec.name, spec.kind, chosen.describe(), folder,
+                         "calibrated" if calibrated else "pass-through", cap, engine.max_batch, engine.n_ctx_per_seq,
+                         cfg.shadow_rate)
+                yield
         finally:
-            for t in list(background):
-                t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await state["gate"].aclose()
-            await writer.close()
-            proj.close()
             student.close()
 
     def key_ok(raw: str | None) -> bool:

@@ -10,7 +10,7 @@ Four ways in (``reason``):
 
 Every ``enqueue`` (or ``enqueue_many``: one request's entries) is its own committed transaction, done
 *before* the service answers 2xx, so a ``kill -9`` right after a response never loses an accepted entry.
-(The service runs them on its writer thread and awaits the commit; see ``distill.serve.app.StoreWriter``.) ``consume`` marks the entries a new
+(The service runs them on its writer thread and awaits the commit; see ``distill.serve.common.StoreWriter``.) ``consume`` marks the entries a new
 round takes (``status='consumed'``, ``round=N``) in one transaction, so two rounds never take the same
 entry and a crash mid-consume leaves them all 'new'.
 """
