@@ -42,8 +42,17 @@ the same student id (an API listing one string twice, or two strings for one stu
 summed probability (logsumexp of the log-probs), not just the first one's. Teacher positions are
 matched to student positions by character offset in the answer text; a teacher position that does not
 start where a student token starts is skipped and counted (``unaligned``). Student completion positions
-with no teacher distribution (the end-of-turn token, skipped positions) get the hard label as a 1-token
-target with log-prob 0, i.e. plain cross-entropy, so the student still learns to stop.
+with no teacher distribution (the end-of-turn token of an API teacher, skipped positions) get the hard label
+as a 1-token target with log-prob 0, i.e. plain cross-entropy, so the student still learns to stop.
+
+A local teacher (``distill.teachers.local``) records the same shape plus token ``id``s, and one more entry
+at the end, marked ``"special": true, "stop": true``: its end-of-turn token with its distribution. It is
+not text (nor are other ``"special"`` entries, which cannot be placed and count as unaligned); it is
+placed at the student's first token after the text (the student's end-of-turn), and the teacher's
+end-of-turn string maps to that student token whatever the student's tokenizer calls it, so the student
+learns *how sure* the teacher was to stop, not just that it stopped. Its other alternatives map by string
+as everywhere else. The ids are provenance (and exact for a same-tokenizer student); the mapping uses
+the strings, which work for any student tokenizer.
 """
 
 from __future__ import annotations
@@ -133,14 +142,16 @@ class SparseStats:
 
 
 def teacher_text(logprobs: list[dict]) -> str:
-    """The teacher's answer text, exactly as its tokens spell it."""
-    return "".join(str(t.get("token", "")) for t in logprobs)
+    """The teacher's answer text, exactly as its tokens spell it. Entries marked ``"special": true`` (a local
+    teacher's end-of-turn token) are not text."""
+    return "".join(str(t.get("token", "")) for t in logprobs if not t.get("special"))
 
 
 def _single_token_id(tokenizer, s: str, memo: dict[str, int | None]) -> int | None:
     if s not in memo:
         ids = tokenizer.encode(s, add_special_tokens=False)
-        memo[s] = ids[0] if len(ids) == 1 and tokenizer.decode(ids) == s else None
+        # "\ufffd": part of a multi-byte character shown as the replacement character, not that character
+        memo[s] = ids[0] if len(ids) == 1 and tokenizer.decode(ids) == s and "\ufffd" not in s else None
     return memo[s]
 
 
@@ -172,11 +183,17 @@ def sparse_targets_for_completion(
     # API order); summed at the end, so duplicates keep their total mass
     merged: list[dict[int, list[float]]] = [{} for _ in completion_ids]
     offset = 0
-    for entry in logprobs:
+    for n, entry in enumerate(logprobs):
         tok = str(entry.get("token", ""))
         stats.positions += 1
-        j = start_to_pos.get(offset)
-        offset += len(tok)
+        special = bool(entry.get("special"))
+        # A special entry is not text: the local teacher's end-of-turn ("stop", the last entry) sits where
+        # the student's own end-of-turn token starts; any other special token cannot be placed. An empty
+        # token (the first bytes of a multi-byte character) starts where the next token starts: not placeable.
+        stop = special and bool(entry.get("stop")) and n == len(logprobs) - 1
+        j = start_to_pos.get(offset) if (tok and not special) or stop else None
+        if not special:
+            offset += len(tok)
         if j is None:
             stats.unaligned += 1
             continue
@@ -188,7 +205,9 @@ def sparse_targets_for_completion(
             if a.get("logprob") is None:
                 continue
             stats.entries += 1
-            sid = _single_token_id(tokenizer, str(a["token"]), memo)
+            # the teacher's end-of-turn is the student's end-of-turn, whatever each tokenizer calls it
+            sid = (completion_ids[j] if stop and str(a["token"]) == tok
+                   else _single_token_id(tokenizer, str(a["token"]), memo))
             if sid is None:
                 stats.unmapped += 1
                 if len(stats.unmapped_examples) < 10:

@@ -16,7 +16,7 @@ kd_reverse      same                                            distill.losses.k
 jsd             same (``beta``: 0 forward ... 1 reverse KL)     distill.losses.kl.generalized_jsd (GKD)
   + on_policy   same; a share of steps trains on answers the     ``student_samples`` below (GKD, on-policy)
                 student samples itself
-sparse_topk     stored API ``top_logprobs`` (k <= 20)           distill.losses.sparse_topk
+sparse_topk     stored ``top_logprobs`` (k <= 20; API or local) distill.losses.sparse_topk
 step_by_step    a rationale with each answer                    distill.losses.rationale (Hsieh 2023)
 ==============  ==============================================  ==========================================
 

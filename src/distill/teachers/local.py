@@ -19,7 +19,31 @@ Speed, without changing the numbers (tested against a naive per-label forward):
   the current prompt.
 
 extract / generate: greedy ``generate`` with ``max_new_tokens = spec.max_tokens``, starting from the same
-cached shared prefix.
+cached shared prefix. With ``logprobs: true`` (and ``top_logprobs: k``, 1..20, as for an API teacher; both
+off by default, and both part of the teacher identity, so switching them on relabels) the reply carries,
+per generated token, ``{token, id, logprob, top_logprobs: [{token, id, logprob}] * k}``: log-softmax of
+the model's *raw* logits at that step over its whole output vocabulary (``output_logits``, not the
+processed ``scores``), equal to a plain forward pass over prompt + answer (tested). The last entry is the
+end-of-turn token that stopped the answer, marked ``"special": true, "stop": true`` (not text; see
+``distill.losses.sparse_topk`` for how it becomes the target at the student's end-of-turn). Like the
+answer, they are stored in the teacher-call cache and the labels, so a re-run pays nothing and a replay
+recording (``distill.teachers.replay``) carries them. classify ignores both (it scores every label exactly).
+
+Which KD for a student with the *same tokenizer* as this teacher (both are ``loss:`` values of the student):
+
+- ``sparse_topk`` from recorded top-k logprobs: the teacher runs once, at ``distill label``; training
+  reads k (<= 20) log-probs per answer token from the store and never loads the teacher. Cost: the
+  recording (~20 entries per token in SQLite) and the tail beyond the top-k, which is one "other" bucket.
+  Works for any student tokenizer whose tokens can be aligned to the teacher's text (a different family
+  too). Pick it on a CPU or small GPU, or when you will train several students or several runs from one
+  labelling.
+- ``kd_forward`` / ``kd_reverse`` / ``jsd``: full-logit online KD. The teacher is held in memory during
+  training (Qwen2.5-1.5B in fp32: ~6-9 GB here, next to the student and its optimizer) and runs one
+  forward pass per training micro-batch, every epoch again (~2 x 1.5 GFLOP per token: as much as a 0.5B
+  student's forward + backward, ~6 x 0.5, and several times a 135M student's). It sees the whole
+  distribution at every position and, with ``on_policy``, scores answers the student writes itself,
+  which a recording cannot. Needs exactly the same vocabulary. Pick it when memory allows and the last
+  bit of quality matters, or for on-policy distillation.
 
 The model is loaded lazily on the first ``ask`` and runs in a worker thread (``asyncio.to_thread``) so the
 labeller's event loop keeps going; a lock makes calls run one at a time, because two concurrent forwards
@@ -255,6 +279,7 @@ class LocalTeacher:
         ids = self.prompt_ids(messages)
         inp = torch.tensor([ids], device=self.model.device)
         pad = self.tokenizer.pad_token_id
+        want_logprobs = self.spec.logprobs
         with torch.inference_mode():
             # The shared system prompt's KV cache is reused (a private copy): generate() only runs the
             # tokens after it. Same greedy tokens as without it (tested); prefill drops from the whole
@@ -264,9 +289,72 @@ class LocalTeacher:
                 input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=self.spec.max_tokens,
                 do_sample=False, eos_token_id=self._stop_ids() or None,
                 pad_token_id=pad if pad is not None else (self._stop_ids() or [0])[0],
+                # ``logits`` are the model's raw next-token logits; ``scores`` would be after the logits
+                # processors (e.g. a repetition_penalty from the model's generation_config), i.e. not the
+                # model's distribution
+                return_dict_in_generate=True, output_logits=want_logprobs,
                 **({"cache": cache} if cache is not None else {}),
             )
-        new = out[0, len(ids):].tolist()
+        new = out.sequences[0, len(ids):].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return TeacherReply(texts=[text.strip()], tokens_in=len(ids), tokens_out=len(new),
+        logprobs = self.token_logprobs(ids, new, [step[0] for step in out.logits]) if want_logprobs else None
+        return TeacherReply(texts=[text.strip()], logprobs=logprobs, tokens_in=len(ids), tokens_out=len(new),
                             raw={"text": text, "method": "greedy generate"})
+
+    def token_logprobs(self, prompt_ids: list[int], new_ids: list[int], logits: list[Any]) -> list[dict[str, Any]]:
+        """Per generated token: ``{token, id, logprob, top_logprobs: [{token, id, logprob}] * k}`` from the raw
+        logits of each step (log-softmax over the model's whole output vocabulary), the shape an
+        OpenAI-compatible API returns plus token ids. ``k = spec.top_logprobs`` (0: an empty list).
+
+        ``token`` strings concatenate to the answer text exactly (cumulative decoding; a token that ends
+        inside a multi-byte character gets "" and the token completing it the character), which is what
+        ``distill.losses.sparse_topk`` aligns the student's tokens against. The end-of-turn token that stops
+        the answer is recorded too, marked ``"special": true, "stop": true`` (any other special token, which
+        the answer text leaves out too, gets only ``"special": true``): it is not part of the text, but its
+        distribution (how sure the teacher was to stop there) is the target at the student's own
+        end-of-turn position."""
+        import torch
+
+        tok, k = self.tokenizer, self.spec.top_logprobs
+        dec = lambda xs: tok.decode(xs, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # special = what ``decode(skip_special_tokens=True)`` leaves out of the answer text (``all_special_ids``
+        # can miss tokens the Rust tokenizer marks special, e.g. ChatML markers added there)
+        special = {t for t in set(new_ids) if dec([t]) and not tok.decode([t], skip_special_tokens=True)}
+        stops = set(self._stop_ids())
+        full = list(prompt_ids) + list(new_ids)
+        out: list[dict[str, Any]] = []
+        text_ids: list[int] = []    # the answer's non-special tokens so far
+        done = ""                   # their text, as far as it is complete characters
+        for i, (tid, step) in enumerate(zip(new_ids, logits)):
+            logp = torch.log_softmax(step.float(), dim=-1)
+            if tid in special:
+                piece, is_special = dec([tid]), True
+            else:
+                text_ids.append(tid)
+                cur = dec(text_ids)
+                # "\ufffd" at the end: the token stopped inside a multi-byte character; the next one finishes it
+                piece = "" if cur.endswith("\ufffd") and i + 1 < len(new_ids) else cur[len(done):]
+                done += piece
+                is_special = False
+            entry: dict[str, Any] = {"token": piece, "id": tid, "logprob": float(logp[tid])}
+            if is_special:
+                entry["special"] = True
+                if i + 1 == len(new_ids) and tid in stops:
+                    entry["stop"] = True    # the end of turn (not a special token cut off by max_tokens)
+            alts = []
+            if k:
+                # alternatives are spelt in context (the 4 tokens before), so a SentencePiece word-start
+                # token keeps its leading space; the chosen token keeps its spelling from above
+                ctx = full[max(0, len(prompt_ids) + i - 4): len(prompt_ids) + i]
+                base = dec(ctx)
+                vals, idx = torch.topk(logp, min(k, logp.shape[-1]))
+                for lp, v in zip(vals.tolist(), idx.tolist()):
+                    if v == tid:
+                        s = piece
+                    else:
+                        both = dec(ctx + [v])
+                        s = both[len(base):] if both.startswith(base) else dec([v])
+                    alts.append({"token": s, "id": v, "logprob": float(lp)})
+            entry["top_logprobs"] = alts
+            out.append(entry)
+        return out
