@@ -76,6 +76,7 @@ from distill.serve.common import (
     TeacherGate,
     app_skeleton,
     bearer_openapi,
+    feedback_input,
     last_user_text,
     serving,
 )
@@ -311,18 +312,8 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         if body.label not in spec.label_names:
             raise Reject(422, f"`label` {body.label!r} is not one of {spec.label_names}",
                           "send one of the project's labels", param="label")
-        student, conf, text = None, None, body.text
-        if body.id is not None:
-            seen = recent.get(body.id)
-            if seen is None:
-                raise Reject(422, f"result id {body.id!r} is unknown (this server remembers the last "
-                              f"{cfg.recent_ids} results since it started)", "send the `text` instead of the id",
-                              param="id")
-            text, student, conf = seen["text"], seen["label"], seen["conf"]
-        if not text:
-            raise Reject(422, "send `id` (from a /v1/classify result) or `text`", param="text")
-        if len(text) > max_chars:
-            raise Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}", param="text")
+        text, student, conf = feedback_input(recent, body.id, body.text, max_chars, cfg.recent_ids, "label",
+                                             "from a /v1/classify result")
         # for feedback entries teacher_answer holds the label the client says is right (not yet verified);
         # fq.enqueue is looked up per call (tests replace it), and the commit is awaited before the 2xx
         qid = await state["writer"].run(fq.enqueue, text, "feedback", student_answer=student, student_conf=conf,

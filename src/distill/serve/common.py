@@ -268,6 +268,24 @@ class Reject(Exception):
         self.args_ = (status, message, hint, type_, param)
 
 
+def feedback_input(recent: dict, rid: str | None, text: str | None, max_chars: int, remembered: int, answer_field: str,
+                   id_source: str) -> tuple[str, Any, float | None]:
+    """(text, the answer served, its confidence) that a /v1/feedback body refers to: a remembered result id
+    (``recent``, the last ``remembered`` results) or the text itself; 422 when neither is usable."""
+    student, conf = None, None
+    if rid is not None:
+        seen = recent.get(rid)
+        if seen is None:
+            raise Reject(422, f"result id {rid!r} is unknown (this server remembers the last {remembered} results "
+                         "since it started)", "send the `text` instead of the id", param="id")
+        text, student, conf = seen["text"], seen[answer_field], seen["conf"]
+    if not text:
+        raise Reject(422, f"send `id` ({id_source}) or `text`", param="text")
+    if len(text) > max_chars:
+        raise Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}", param="text")
+    return text, student, conf
+
+
 def app_skeleton(title: str, lifespan, cfg: ServeConfig, metrics: Metrics,
                  key_ok: Callable[[str | None], bool]) -> FastAPI:
     """The FastAPI app with what every endpoint sits behind: the request guard (key, size, deadline, JSON),

@@ -100,6 +100,7 @@ from distill.serve.common import (
     ServeConfig,
     app_skeleton,
     bearer_openapi,
+    feedback_input,
     last_user_text,
     serving,
 )
@@ -478,18 +479,8 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
     @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **_lm_errors(400, 401, 408, 413, 415, 422, 503)})
     async def feedback(body: LMFeedbackIn):
         answer = _feedback_answer(spec, body.answer)
-        student, conf, text = None, None, body.text
-        if body.id is not None:
-            seen = recent.get(body.id)
-            if seen is None:
-                raise Reject(422, f"result id {body.id!r} is unknown (this server remembers the last "
-                             f"{cfg.recent_ids} results since it started)", "send the `text` instead of the id",
-                             param="id")
-            text, student, conf = seen["text"], seen["answer"], seen["conf"]
-        if not text:
-            raise Reject(422, "send `id` (a chat completion's distill.id) or `text`", param="text")
-        if len(text) > max_chars:
-            raise Reject(422, f"`text` has {len(text)} characters; the limit is {max_chars}", param="text")
+        text, student, conf = feedback_input(recent, body.id, body.text, max_chars, cfg.recent_ids, "answer",
+                                             "a chat completion's distill.id")
         qid = await state["writer"].run(fq.enqueue, text, "feedback", student_answer=student, student_conf=conf,
                                         teacher_answer=answer, note=body.note)
         metrics.feedback += 1
