@@ -88,10 +88,18 @@ class _StudentConfig(BaseModel):
             raise DistillError(f"{where}: {e}", hint="they name the same setting") from None
         return type(self).from_dict({**self.model_dump(), **over}, where)
 
+    OMITTED_AT_DEFAULT: ClassVar[dict[str, Any]] = {}
+
     def identity(self) -> dict[str, Any]:
         """The settings that change the trained weights: part of the run id (and a checkpoint written under
         other settings is never resumed)."""
-        return self.model_dump(exclude=set(self.NOT_IN_IDENTITY))
+        d = self.model_dump(exclude=set(self.NOT_IN_IDENTITY))
+        # settings added after runs existed, left out while at their default: a run trained before they
+        # existed (which behaved exactly like the default) keeps its id, so it is reused, not retrained
+        for k, v in self.OMITTED_AT_DEFAULT.items():
+            if k in d and d[k] == v:
+                del d[k]
+        return d
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,8 +150,13 @@ class EncoderStudentConfig(_StudentConfig):
 class LMStudentConfig(_StudentConfig):
     """``student:`` of an extract/generate project (``recipes/train_causal_lm.py``). See ``distill train --help``."""
 
+    OMITTED_AT_DEFAULT: ClassVar[dict[str, Any]] = {"base_dtype": "auto", "quantize_base": "none"}
+
+    # gradient_checkpointing recomputes each layer's activations during backward instead of storing them:
+    # the same maths in the same order (dropout masks replayed from the saved RNG state), so the weights
+    # differ from a run without it only by float rounding -- a memory-for-time trade, not a different run.
     NOT_IN_IDENTITY: ClassVar[frozenset[str]] = frozenset(
-        {"save_every", "keep_checkpoints", "log_every", "device", "cpu_threads"})
+        {"save_every", "keep_checkpoints", "log_every", "device", "cpu_threads", "gradient_checkpointing"})
 
     base_model: str = Field("smollm2-135m-instruct", description="Causal LM to start from: packaged name, HF folder "
                             "or .gguf; never a hub id (older name: base).")
@@ -190,6 +203,16 @@ class LMStudentConfig(_StudentConfig):
         "(faster to train and to answer when the system prompt is long).")
     bf16: bool | Literal["auto"] = Field("auto", description="auto = bf16 autocast on a GPU that supports it; "
                                          "never on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass instead "
+                                         "of storing them: less activation memory for one extra forward pass per "
+                                         "step; same result up to float rounding.")
+    base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the frozen base weights: auto = bfloat16 on a CUDA GPU that supports it "
+        "(half the memory), float32 otherwise (CPU bf16 matmuls are slower and less exact) and always with "
+        "full_finetune. LoRA weights and optimizer state stay float32.")
+    quantize_base: Literal["none", "4bit"] = Field(
+        "none", description="4bit = QLoRA (arXiv 2305.14314): the frozen base in 4-bit NF4 via bitsandbytes, "
+        "~4x less base memory; needs a CUDA GPU and `pip install bitsandbytes`. none = base in base_dtype.")
 
     # Checks between fields. Each names the later field, so the error points at a line in distill.yaml.
     @field_validator("on_policy")
@@ -208,6 +231,22 @@ class LMStudentConfig(_StudentConfig):
         if v == "short" and loss in LOGIT_LOSSES:
             raise ValueError(f"loss '{loss}' runs the teacher on the student's tokens, so the teacher would see "
                              "the short prompt too; use prompt: teacher with it")
+        return v
+
+    @field_validator("base_dtype")
+    @classmethod
+    def _full_finetune_trains_in_fp32(cls, v: str, info: ValidationInfo) -> str:
+        if v == "bfloat16" and info.data.get("full_finetune"):
+            raise ValueError("full_finetune trains the base weights themselves, and AdamW updates on bfloat16 "
+                             "weights are mostly rounded away; use base_dtype: auto or float32 with it")
+        return v
+
+    @field_validator("quantize_base")
+    @classmethod
+    def _4bit_only_with_lora(cls, v: str, info: ValidationInfo) -> str:
+        if v == "4bit" and info.data.get("full_finetune"):
+            raise ValueError("4-bit weights cannot be trained, only adapters on top of them; use quantize_base: "
+                             "none with full_finetune, or full_finetune: false (LoRA)")
         return v
 
 

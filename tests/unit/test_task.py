@@ -221,6 +221,13 @@ def test_both_student_configs_use_the_same_names():
     enc, lm = EncoderStudentConfig(), LMStudentConfig()
     assert "learning_rate" in enc.identity() and not {"device", "keep_checkpoints"} & set(enc.identity())
     assert "lora_rank" in lm.identity() and not {"device", "save_every", "cpu_threads"} & set(lm.identity())
+    # gradient checkpointing trades memory for time (same weights up to rounding); the base's dtype and its
+    # 4-bit quantisation change the weights: in the identity when set, left out at their defaults so runs
+    # trained before these settings existed keep their ids
+    assert "gradient_checkpointing" not in lm.identity() and not {"base_dtype", "quantize_base"} & set(lm.identity())
+    lm16 = LMStudentConfig(base_dtype="bfloat16", quantize_base="4bit")
+    assert lm16.identity()["base_dtype"] == "bfloat16" and lm16.identity()["quantize_base"] == "4bit"
+    assert {k: v for k, v in lm16.identity().items() if k not in ("base_dtype", "quantize_base")} == lm.identity()
 
 
 def test_train_help_lists_the_student_settings_of_both_kinds():
@@ -231,7 +238,7 @@ def test_train_help_lists_the_student_settings_of_both_kinds():
     r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "120"})
     assert r.exit_code == 0, r.output
     for name in ("learning_rate", "signal", "early_stopping_patience", "lora_rank", "loss", "max_steps",
-                 "keep_checkpoints"):
+                 "keep_checkpoints", "gradient_checkpointing", "base_dtype", "quantize_base"):
         assert f" {name}: " in r.output, name
     assert "all-minilm-l6-v2" in r.output and "smollm2-135m-instruct" in r.output
 

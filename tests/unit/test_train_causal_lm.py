@@ -5,6 +5,7 @@ saved to a temporary folder, so no test downloads anything and the whole file ta
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -20,7 +21,15 @@ from distill.recipes.train_causal_lm import (
     train_lm,
 )
 from distill.student_config import LMStudentConfig
-from distill.students.causal_lm import add_lora, encode_example, format_example, load_base
+from distill.students.causal_lm import (
+    add_lora,
+    check_quantize_base,
+    encode_example,
+    format_example,
+    load_base,
+    prepare_for_training,
+    resolve_base_dtype,
+)
 
 WORDS = ["cat", "house", "sun", "garden", "ox", "river", "stone", "a", "paper", "light",
          "tree", "mountain", "bee", "cloud", "fish", "window"]
@@ -189,6 +198,102 @@ def test_gradient_accumulation_invariance(base_dir, teacher, loss):
     assert abs(totals[0] - totals[1]) < 1e-5 * max(1.0, abs(totals[0]))
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4), k
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(base_dir):
+    """One step's loss and LoRA gradients with and without checkpointing agree to float rounding (not
+    bit-exactly: the recomputed forward may round differently), with LoRA dropout on, so the dropout masks
+    must be replayed; and checkpointing really ran: each layer's MLP runs twice per micro-batch."""
+    c = cfg(base_dir, batch_size=4, grad_accum=2, lora_dropout=0.1)
+    out = {}
+    for gc in (False, True):
+        model, tok = load_base(str(base_dir), device="cpu")
+        model = prepare_for_training(model, quantized=False, gradient_checkpointing=gc)
+        torch.manual_seed(0)
+        model = add_lora(model, 4, 8, 0.1, "all-linear")
+        with torch.no_grad():       # non-zero B, so that gradients reach A as well
+            for k, p in model.named_parameters():
+                if "lora_B" in k:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(k) % 1000))
+        model.train()
+        calls = []
+        mlp = model.base_model.model.model.layers[0].mlp
+        mlp_forward = mlp.forward      # counted by wrapping (module hooks do not fire in the recomputation)
+        mlp.forward = lambda *a, **kw: (calls.append(1), mlp_forward(*a, **kw))[1]
+        items, _ = prepare(examples(8), tok, c)
+        torch.manual_seed(1)
+        loss = accumulate_gradients(model, items, c, tok.pad_token_id, "cpu")
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        out[gc] = loss, grads, len(calls)
+    (l0, g0, n0), (l1, g1, n1) = out[False], out[True]
+    assert (n0, n1) == (2, 4)                       # 2 micro-batches; recomputed in backward with checkpointing
+    assert abs(l0 - l1) <= 1e-5 * abs(l0)
+    assert g0.keys() == g1.keys() and any("lora_A" in k for k in g0)
+    for k in g0:
+        assert torch.count_nonzero(g0[k]) > 0, k
+        assert torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-7 * g0[k].abs().max().item()), k
+
+
+def test_gradient_checkpointing_run_keeps_the_run_identity(base_dir, tmp_path):
+    """A whole run with checkpointing trains like one without (same losses up to rounding), so it may resume
+    the other's checkpoints: gradient_checkpointing is not part of the identity."""
+    a = train_lm(examples(), cfg(base_dir, max_steps=3), tmp_path / "a", log=None)
+    b = train_lm(examples(), cfg(base_dir, max_steps=3, gradient_checkpointing=True), tmp_path / "b", log=None)
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["loss"] == pytest.approx(hb["loss"], rel=1e-5)
+    assert cfg(base_dir).identity() == cfg(base_dir, gradient_checkpointing=True).identity()
+
+
+def test_base_dtype_auto_is_fp32_on_cpu_and_bf16_base_trains_with_fp32_lora(base_dir, tmp_path):
+    assert resolve_base_dtype("auto", "cpu") == "float32"
+    assert resolve_base_dtype("auto", "cuda", full_finetune=True) == "float32"   # the base itself trains
+    assert resolve_base_dtype("bfloat16", "cpu") == "bfloat16"
+    assert "base_dtype" not in cfg(base_dir).identity()     # the default: left out, old run ids stay valid
+    assert cfg(base_dir, base_dtype="bfloat16").identity() != cfg(base_dir).identity()
+    with pytest.raises(DistillError, match="full_finetune"):
+        LMStudentConfig.from_dict({"full_finetune": True, "base_dtype": "bfloat16"})
+    dtypes = {}
+
+    def on_step(step, entry, model):
+        dtypes.update({k: p.dtype for k, p in model.named_parameters()})
+
+    rec = train_lm(examples(), cfg(base_dir, max_steps=2, base_dtype="bfloat16"), tmp_path / "bf16", log=None,
+                   on_step=on_step)
+    assert rec["base_dtype"] == "bfloat16" and rec["quantize_base"] == "none"
+    assert all(math.isfinite(h["loss"]) for h in rec["history"])
+    lora = {k: d for k, d in dtypes.items() if "lora_" in k}
+    base = {k: d for k, d in dtypes.items() if "lora_" not in k}
+    assert lora and set(lora.values()) == {torch.float32}       # adapters and so the optimizer state: fp32
+    assert base and set(base.values()) == {torch.bfloat16}
+    assert train_lm(examples(4), cfg(base_dir, max_steps=1), tmp_path / "auto", log=None)["base_dtype"] == "float32"
+
+
+def test_quantize_base_4bit_on_cpu_fails_fast_with_the_reason(base_dir, tmp_path, monkeypatch):
+    """QLoRA needs a CUDA GPU and bitsandbytes; on this CPU machine ``quantize_base: 4bit`` fails before any
+    model is loaded or anything is written, and says why and what to do. The CUDA path itself (4-bit NF4
+    load + prepare_model_for_kbit_training) is not exercised here: it needs a GPU and bitsandbytes."""
+    import distill.recipes.train_causal_lm as recipe
+
+    def no_load(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(recipe, "load_base", no_load)
+    with pytest.raises(DistillError, match="needs a CUDA GPU") as e:
+        train_lm(examples(4), cfg(base_dir, quantize_base="4bit", device="cpu"), tmp_path / "q", log=None)
+    assert "quantize_base: none" in e.value.hint and "pip install bitsandbytes" in e.value.hint
+    assert not (tmp_path / "q").exists()
+    # on a CUDA machine without the package, the other reason
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(DistillError, match="bitsandbytes, which is not installed") as e:
+            check_quantize_base("4bit", "cuda")
+        assert "pip install bitsandbytes" in e.value.hint
+    check_quantize_base("none", "cpu")
+    with pytest.raises(DistillError, match="4-bit weights cannot be trained"):
+        LMStudentConfig.from_dict({"full_finetune": True, "quantize_base": "4bit"})
+    assert cfg(base_dir, quantize_base="4bit").identity() != cfg(base_dir).identity()
 
 
 def test_resume_after_crash_equals_uninterrupted_run(base_dir, tmp_path):

@@ -61,6 +61,11 @@ def train_lm_project(project: Project, *, teacher: str | None = None, config: LM
     config = config or spec.student_config()
     teacher_name = spec.get_teacher(teacher).name
     log = (lambda msg: print(msg, flush=True)) if progress else None
+    # a 4-bit base that cannot load here fails before a run is recorded as running
+    from distill.models import pick_device
+    from distill.students.causal_lm import check_quantize_base
+
+    check_quantize_base(config.quantize_base, pick_device(config.device))
 
     # -- data and run id ------------------------------------------------------------------------------
     examples = examples_from_project(project, teacher_name)

@@ -28,7 +28,9 @@ compute_loss handles ``num_items_in_batch`` itself). (2) Exact resume after ``ki
 a pure function of (seed, epoch), and a checkpoint holds the trainable weights, optimizer, scheduler and
 RNG state, written to a temporary folder and renamed into place, so a resumed run repeats the
 uninterrupted one. (3) Teacher logits (local model or sparse API log-probs) enter the loss directly.
-It is single-device; multi-GPU would need accelerate (not done).
+It is single-device; multi-GPU would need accelerate (not done). Memory knobs (``LMStudentConfig``):
+``gradient_checkpointing`` (recompute activations in backward), ``base_dtype`` (bf16 frozen base on a GPU)
+and ``quantize_base: 4bit`` (QLoRA; CUDA + bitsandbytes only, refused up front elsewhere).
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ from distill.students.causal_lm import (
     student_messages,
     Encoded,
     add_lora,
+    check_quantize_base,
     encode_example,
     has_chat_template,
     load_base,
     pad_batch,
+    prepare_for_training,
+    resolve_base_dtype,
     write_student_info,
 )
 
@@ -413,6 +418,8 @@ def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Pat
     if (out / RECORD_FILE).exists() and json.loads((out / RECORD_FILE).read_text()).get("status") == "done":
         raise DistillError(f"{out}: a finished training run is already there",
                            hint="choose another output folder (finished models are never overwritten)")
+    device = pick_device(cfg.device)
+    check_quantize_base(cfg.quantize_base, device)      # QLoRA without CUDA/bitsandbytes: fail before any work
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     # Half-written folders of a killed run (their names start with '.'; complete ones never do).
@@ -431,7 +438,6 @@ def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Pat
     dhash = data_hash(examples)
 
     # 2. models
-    device = pick_device(cfg.device)
     if device == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     use_bf16 = (cfg.bf16 is True or (cfg.bf16 == "auto" and device.startswith("cuda"))) and \
@@ -439,7 +445,9 @@ def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Pat
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, tok = load_base(cfg.base_model, device=device)
+    quantized = cfg.quantize_base != "none"
+    base_dtype = "bfloat16" if quantized else resolve_base_dtype(cfg.base_dtype, device, cfg.full_finetune)
+    model, tok = load_base(cfg.base_model, device=device, dtype=base_dtype, quantize=cfg.quantize_base)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     t_model = None
     if cfg.loss in LOGIT_LOSSES:
@@ -456,13 +464,16 @@ def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Pat
         t_model.to(device).eval()
     items, data_info = prepare(examples, tok, cfg)
 
+    model = prepare_for_training(model, quantized, cfg.gradient_checkpointing)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: same seed, same start
     if cfg.full_finetune:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    model.to(device).train()
+    if not quantized:       # a 4-bit model was placed on its device while loading and cannot be moved
+        model.to(device)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     per_step = cfg.batch_size * cfg.grad_accum
@@ -551,7 +562,8 @@ def train_lm(project_or_examples, config: LMStudentConfig, output_dir: str | Pat
         "total_params": sum(p.numel() for p in model.parameters()),
         "mean_step_s": sum(h["step_s"] for h in timed) / len(timed) if timed else None,
         "tokens_per_s": sum(h["tokens"] for h in timed) / sum(h["step_s"] for h in timed) if timed else None,
-        "train_s_this_process": train_s, "device": device, "bf16": use_bf16, "student": info,
+        "train_s_this_process": train_s, "device": device, "bf16": use_bf16,
+        "base_dtype": base_dtype, "quantize_base": cfg.quantize_base, "student": info,
         "environment": runinfo.environment(),
     }
     try:

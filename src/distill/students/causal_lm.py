@@ -108,17 +108,97 @@ def pad_batch(encoded: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 # Models
 
 
-def load_base(name_or_path: str, device: str = "auto"):
-    """(model, tokenizer) of a base causal LM in fp32 on ``device``: a packaged name, an HF folder or a
-    .gguf file (``distill.models.load_causal_lm``). fp32 on purpose: LoRA weights and optimizer state stay
-    fp32; on a GPU the recipe runs the forward pass under bf16 autocast instead."""
-    from distill.models import load_causal_lm
+def load_base(name_or_path: str, device: str = "auto", dtype: str = "float32", quantize: str = "none"):
+    """(model, tokenizer) of a base causal LM on ``device``: a packaged name, an HF folder or a .gguf file
+    (``distill.models.load_causal_lm``).
 
-    model, tok = load_causal_lm(name_or_path, device=device, dtype="float32")
+    ``dtype``: of the frozen weights (``resolve_base_dtype``). fp32 is the default because inference on CPU
+    and full fine-tuning need it; a LoRA run on a bf16-capable GPU loads bf16 (half the memory) and the
+    adapters and optimizer state stay fp32 (peft keeps adapter weights in fp32 on a bf16 base).
+
+    ``quantize="4bit"``: QLoRA (Dettmers et al. 2023, arXiv 2305.14314) -- the linear layers in 4-bit NF4
+    with double quantisation, computed in bf16, via bitsandbytes on a CUDA device (``check_quantize_base``
+    first). A packaged or local GGUF is not quantised from its own GGUF blocks: transformers dequantises it
+    once into the cached HF folder (``distill.models.converted_dir``), and the 4-bit weights are made from
+    that fp32 folder, exactly as for an HF base. Inference (``load_student``) loads the base unquantised."""
+    if quantize == "none":
+        from distill.models import load_causal_lm
+
+        model, tok = load_causal_lm(name_or_path, device=device, dtype=dtype)
+    else:
+        model, tok = _load_4bit(name_or_path, device)
     if tok.pad_token_id is None:
         # Padding is always masked (attention_mask, labels = -100), so any id will do; EOS is the usual choice.
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _load_4bit(name_or_path: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from distill.models import _convert_gguf, pick_device, resolve_model
+
+    resolved = resolve_model(name_or_path)
+    folder = resolved.hf_dir if resolved.hf_dir is not None else _convert_gguf(resolved)
+    dev = pick_device(device)
+    check_quantize_base("4bit", dev)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                             bnb_4bit_use_double_quant=True)
+    # a 4-bit model cannot be moved with .to(): it is placed on its device while loading
+    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": dev})
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def resolve_base_dtype(base_dtype: str, device: str, full_finetune: bool = False) -> str:
+    """``LMStudentConfig.base_dtype`` on ``device`` as a torch dtype name. auto = bfloat16 on a CUDA GPU that
+    supports it; float32 on CPU (bf16 matmuls there are slower and round more) and whenever the base weights
+    themselves train (``full_finetune``: AdamW steps on bf16 weights are mostly rounded away)."""
+    if base_dtype != "auto":
+        return base_dtype
+    if full_finetune or not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+
+
+def check_quantize_base(quantize_base: str, device: str) -> None:
+    """A DistillError, before anything is loaded or written, when ``quantize_base: 4bit`` cannot run here:
+    bitsandbytes' 4-bit kernels need a CUDA device and the bitsandbytes package."""
+    if quantize_base == "none":
+        return
+    import importlib.util
+
+    if not device.startswith("cuda"):
+        raise DistillError(f"quantize_base: {quantize_base} (QLoRA) needs a CUDA GPU, and this run is on "
+                           f"'{device}' (torch sees {'a' if torch.cuda.is_available() else 'no'} CUDA device)",
+                           hint="on CPU set quantize_base: none (the base then loads in base_dtype); on a CUDA "
+                                "machine run `pip install bitsandbytes` and use device: auto or cuda")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DistillError(f"quantize_base: {quantize_base} (QLoRA) needs bitsandbytes, which is not installed",
+                           hint="`pip install bitsandbytes` on this CUDA machine, or set quantize_base: none")
+
+
+def prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
+    """The base before adapters go on. A 4-bit base goes through ``peft.prepare_model_for_kbit_training``
+    (freezes it, upcasts the small non-quantised weights such as norms to fp32). Gradient checkpointing is
+    non-reentrant (``use_reentrant=False``): gradients then reach the adapters inside checkpointed layers
+    even though the layer inputs do not require grad, so the ``enable_input_require_grads`` hook that the
+    reentrant variant needs is not used (peft skips it in this case too)."""
+    kwargs = {"use_reentrant": False}
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=kwargs)
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise DistillError(f"{type(model).__name__} does not support gradient checkpointing",
+                               hint="set gradient_checkpointing: false")
+        if hasattr(model, "activation_checkpointing_enable"):     # its name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | list[str]):
