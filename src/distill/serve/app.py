@@ -66,16 +66,19 @@ from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
 from distill.serve.batcher import MicroBatcher
 from distill.serve.common import (
+    BODY_ERRORS,
     ROLES,
     ChatMessage,
-    ErrorOut,
     FeedbackOut,
     ModelList,
     Reject,
     ServeConfig,
     TeacherGate,
+    Usage,
     app_skeleton,
     bearer_openapi,
+    chat_responses,
+    error_responses,
     feedback_input,
     last_user_text,
     serving,
@@ -259,29 +262,23 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
-        **_errors(401)})
+        **error_responses(401)})
     async def metrics_endpoint():
         return PlainTextResponse(metrics.render(fq.counts(state["project"].store)),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(401)})
     async def models():
         return {"object": "list", "data": [{"id": spec.name, "object": "model", "created": 0, "owned_by": "distill"}]}
 
-    @app.post("/v1/classify", responses={200: {"model": ClassifyOut}, **_errors(*_BODY_ERRORS)})
+    @app.post("/v1/classify", responses={200: {"model": ClassifyOut}, **error_responses(*BODY_ERRORS)})
     async def classify_endpoint(body: ClassifyIn):
         check_texts(body.texts)
         return {"model": spec.name, "results": await classify(body.texts)}
 
-    @app.post("/v1/chat/completions", responses={
-        200: {"model": ChatCompletionOut,
-              # one server-sent event (stream: true): a chat.completion.chunk as JSON text in `data`, or [DONE]
-              "content": {"text/event-stream": {"schema": {
-                  "type": "object", "required": ["data"],
-                  "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-                  "description": "stream: true — the label as one chunk, then the finish reason, usage if "
-                                 "asked for, and [DONE]"}}}},
-        **_errors(*_BODY_ERRORS)})
+    @app.post("/v1/chat/completions", responses=chat_responses(
+        ChatCompletionOut, "stream: true — the label as one chunk, then the finish reason, usage if asked for, and "
+        "[DONE]", error_responses(*BODY_ERRORS)))
     async def chat(body: ChatCompletionIn):
         i, text = last_user_text(body.messages)
         if text is None:
@@ -307,7 +304,7 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
             "distill": r,   # routing details; OpenAI clients ignore unknown fields
         }
 
-    @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **_errors(*_BODY_ERRORS)})
+    @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **error_responses(*BODY_ERRORS)})
     async def feedback(body: FeedbackIn):
         if body.label not in spec.label_names:
             raise Reject(422, f"`label` {body.label!r} is not one of {spec.label_names}",
@@ -404,19 +401,13 @@ class _ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class _Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ChatCompletionOut(BaseModel):
     id: str
     object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[_ChatChoice]
-    usage: _Usage
+    usage: Usage
     distill: ClassifyResult
 
 
@@ -433,17 +424,6 @@ class HealthOut(BaseModel):
     teacher: str | None = None
     teacher_problem: str | None = None
     shadow_rate: float | None = None
-
-
-_ERROR_WHY = {400: "the body is not JSON within the limits (depth, number size, valid text)",
-              401: "missing or invalid API key", 408: "the request did not arrive in time",
-              413: "the body is too large", 415: "the body is not JSON (Content-Type)",
-              422: "the request does not fit the schema or the limits", 503: "the store cannot write now; retry"}
-_BODY_ERRORS = (400, 401, 408, 413, 415, 422, 503)
-
-
-def _errors(*codes: int) -> dict:
-    return {c: {"model": ErrorOut, "description": _ERROR_WHY[c]} for c in codes}
 
 
 def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars: int) -> None:

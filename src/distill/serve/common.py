@@ -397,6 +397,34 @@ class FeedbackOut(BaseModel):
     queued: int                    # the failure-queue entry's id
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+ERROR_WHY = {400: "the body is not JSON within the limits (depth, number size, valid text)",
+             401: "missing or invalid API key", 408: "the request did not arrive in time",
+             413: "the body is too large", 415: "the body is not JSON (Content-Type)",
+             422: "the request does not fit the schema or the limits", 503: "the store cannot write now; retry"}
+BODY_ERRORS = (400, 401, 408, 413, 415, 422, 503)
+
+
+def error_responses(*codes: int, why: dict[int, str] | None = None) -> dict:
+    """OpenAPI ``responses`` for these error codes, in the one error shape (``why`` overrides a description)."""
+    table = {**ERROR_WHY, **(why or {})}
+    return {c: {"model": ErrorOut, "description": table[c]} for c in codes}
+
+
+def chat_responses(model: type, stream: str, errors: dict) -> dict:
+    """OpenAPI ``responses`` of /v1/chat/completions: ``model`` as JSON, or with stream: true server-sent events
+    (each a chat.completion.chunk as JSON text in ``data``, or [DONE]); ``stream`` describes what they carry."""
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+        "description": stream}}}}, **errors}
+
+
 class _ErrorDetail(BaseModel):
     message: str
     type: str

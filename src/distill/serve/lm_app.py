@@ -91,15 +91,18 @@ from distill.project import Project
 from distill.serve import keys as keys_mod
 from distill.serve import queue as fq
 from distill.serve.common import (
+    BODY_ERRORS,
     ROLES,
     ChatMessage,
-    ErrorOut,
     FeedbackOut,
     ModelList,
     Reject,
     ServeConfig,
+    Usage,
     app_skeleton,
     bearer_openapi,
+    chat_responses,
+    error_responses,
     feedback_input,
     last_user_text,
     serving,
@@ -157,6 +160,8 @@ class _Format:
     def __init__(self, kind: Literal["text", "json_object", "task_schema", "client_schema"],
                  schema: dict | None, grammar: str | None):
         self.kind, self.schema, self.grammar = kind, schema, grammar
+        # built once: jsonschema.validate would re-check the schema itself on every answer (the hot path)
+        self.validator = jsonschema.validators.validator_for(schema)(schema) if schema is not None else None
 
     def parse(self, content: str) -> tuple[Any, bool]:
         """(the answer as the queue stores it, whether it fits): an object for JSON formats (the text itself
@@ -169,11 +174,8 @@ class _Format:
             return content, False
         if not isinstance(obj, dict):
             return obj, False
-        if self.schema is not None:
-            try:
-                jsonschema.validate(obj, self.schema)
-            except jsonschema.ValidationError:
-                return obj, False
+        if self.validator is not None and not self.validator.is_valid(obj):
+            return obj, False
         return obj, True
 
 
@@ -436,14 +438,9 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
                 log.info("client left mid-stream: generation cancelled")
 
     # -- endpoints ----------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", responses={
-        200: {"model": LMChatCompletionOut,
-              "content": {"text/event-stream": {"schema": {
-                  "type": "object", "required": ["data"],
-                  "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-                  "description": "stream: true — chat.completion.chunk events (role, content deltas, finish "
-                                 "reason, usage if asked for), then [DONE]"}}}},
-        **_lm_errors(400, 401, 408, 413, 415, 422, 503)})
+    @app.post("/v1/chat/completions", responses=chat_responses(
+        LMChatCompletionOut, "stream: true — chat.completion.chunk events (role, content deltas, finish reason, usage "
+        "if asked for), then [DONE]", _lm_errors(*BODY_ERRORS)))
     async def chat(body: LMChatCompletionIn, request: Request):
         t0 = time.perf_counter()
         text = the_input(body)
@@ -476,7 +473,7 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
                              "logprobs": out["logprobs"] if body.logprobs else None}],
                 "usage": out["usage"], "distill": out["distill"]}
 
-    @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **_lm_errors(400, 401, 408, 413, 415, 422, 503)})
+    @app.post("/v1/feedback", responses={200: {"model": FeedbackOut}, **_lm_errors(*BODY_ERRORS)})
     async def feedback(body: LMFeedbackIn):
         answer = _feedback_answer(spec, body.answer)
         text, student, conf = feedback_input(recent, body.id, body.text, max_chars, cfg.recent_ids, "answer",
@@ -651,19 +648,13 @@ class _LMChoice(BaseModel):
     logprobs: _Logprobs | None = None
 
 
-class _Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class LMChatCompletionOut(BaseModel):
     id: str
     object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[_LMChoice]
-    usage: _Usage
+    usage: Usage
     distill: LMResult
 
 
@@ -687,15 +678,13 @@ class LMHealthOut(BaseModel):
     shadow_rate: float | None = None
 
 
-_LM_ERROR_WHY = {400: "the body is not JSON within the limits, or the request cannot be served as asked "
-                      "(response_format, schema, prompt longer than the context, n > 1)",
-                 401: "missing or invalid API key", 408: "the request did not arrive in time",
-                 413: "the body is too large", 415: "the body is not JSON (Content-Type)",
-                 422: "the request does not fit the schema or the limits", 503: "the store cannot write now; retry"}
+# a 400 here also means a request that cannot be served as asked
+_WHY_400 = {400: "the body is not JSON within the limits, or the request cannot be served as asked "
+                 "(response_format, schema, prompt longer than the context, n > 1)"}
 
 
 def _lm_errors(*codes: int) -> dict:
-    return {c: {"model": ErrorOut, "description": _LM_ERROR_WHY[c]} for c in codes}
+    return error_responses(*codes, why=_WHY_400)
 
 
 def _document_limits(schemas: dict, max_chars: int) -> None:

@@ -72,6 +72,7 @@ import numpy as np
 
 from distill.errors import DistillError
 from distill.fsutil import write_atomic, write_text_atomic
+from distill.serve.router import read_thresholds
 
 if TYPE_CHECKING:
     from distill.students.gguf_engine import GenResult
@@ -260,20 +261,7 @@ class LMRouterConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str = LM_ROUTER_FILE) -> "LMRouterConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DistillError(f"{where}: not valid JSON (line {e.lineno}): {e.msg}",
-                               hint="re-create it with `distill route calibrate PROJECT`") from None
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise DistillError(f"{where}: unknown keys {unknown}", hint="re-create it with `distill route calibrate`")
-        # JSON has no infinities: None means "no cut"
-        if d.get("conf_threshold") is None:
-            d["conf_threshold"] = float("-inf")
-        if d.get("ood_threshold") is None:
-            d["ood_threshold"] = float("inf")
-        return cls(**d)
+        return cls(**read_thresholds(cls, text, where))
 
 
 def _finite(x: Any) -> Any:

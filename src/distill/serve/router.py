@@ -138,6 +138,24 @@ def fit_mahalanobis(feats: np.ndarray, label_idx: Sequence[int], n_classes: int,
 # config and decisions
 
 
+def read_thresholds(cls, text: str, where: str) -> dict[str, Any]:
+    """The fields of a router config dataclass ``cls`` from its JSON (router.json / lm_router.json): unknown
+    keys refused, and a null threshold read back as "no cut" (JSON has no infinities)."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{where}: not valid JSON (line {e.lineno}): {e.msg}",
+                           hint="re-create it with `distill route calibrate PROJECT`") from None
+    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise DistillError(f"{where}: unknown keys {unknown}", hint="re-create it with `distill route calibrate`")
+    if d.get("conf_threshold") is None:
+        d["conf_threshold"] = float("-inf")
+    if d.get("ood_threshold") is None:
+        d["ood_threshold"] = float("inf")
+    return d
+
+
 @dataclass
 class RouterConfig:
     """How the router scores and where it cuts. Saved as router.json next to the model."""
@@ -177,20 +195,7 @@ class RouterConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str = "router.json") -> "RouterConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DistillError(f"{where}: not valid JSON (line {e.lineno}): {e.msg}",
-                               hint="re-create it with `distill route calibrate PROJECT`") from None
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DistillError(f"{where}: unknown keys {unknown}", hint="re-create it with `distill route calibrate`")
-        if d.get("conf_threshold") is None:
-            d["conf_threshold"] = float("-inf")
-        if d.get("ood_threshold") is None:
-            d["ood_threshold"] = float("inf")
-        return cls(**d)
+        return cls(**read_thresholds(cls, text, where))
 
 
 @dataclass
