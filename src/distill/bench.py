@@ -57,6 +57,12 @@ SUITES: tuple[Suite, ...] = (
     Suite("lm-serve", "bench/lm_serve.py", "lm_serve.json",
           "SNIPS-slots LM student: GGUF vs merged parity, schema-valid served answers, routed field F1 and cost "
           "vs the teacher, HTTP vs in-process throughput"),
+    Suite("teacher-fewshot", "bench/teacher_fewshot.py", "teacher_fewshot.json",
+          "few-shot teacher prompts: Qwen-1.5B field F1 on SNIPS slots with 0/4/8 retrieved demonstrations, "
+          "BANKING77 accuracy with a retrieved shortlist"),
+    Suite("lm-pair", "bench/lm_pair.py", "lm_pair.json",
+          "Qwen2.5-Coder-0.5B + LoRA distilled from Qwen2.5-Coder-1.5B (8-shot) on SNIPS slots: SFT vs sparse "
+          "top-k KD vs the untuned base vs the teacher, field F1 with CIs"),
     Suite("cost", "bench/cost.py", "cost.json",
           "cost per 1M requests: teacher only vs routed vs student only, from this run's measurements"),
 )

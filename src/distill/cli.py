@@ -8,6 +8,7 @@ A failed quality gate exits 3, so CI pipelines can tell "broken" from "not good 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -358,6 +359,9 @@ def train(
     force: bool = typer.Option(False, help="Retrain even if an identical finished run exists."),
     epochs: Optional[int] = typer.Option(None, help="Override student.epochs from distill.yaml."),
     progress: bool = typer.Option(True, help="Show progress."),
+    processes: int = typer.Option(1, min=1, help="Train on N local processes, data parallel (gloo on CPU, one "
+                                  "GPU each with nccl). Same global batch, same run id as 1. Under torchrun or "
+                                  "`accelerate launch` leave it out: the launcher's processes are used."),
 ):
     """Train the student on the filtered teacher labels (resumes from the last checkpoint after a crash).
 
@@ -365,13 +369,47 @@ def train(
     """
 
     def go():
-        from distill.recipes.train import train as run_train
+        from distill.recipes import distributed
 
-        r = run_train(_open(project), teacher=teacher, overrides={"epochs": epochs} if epochs else None,
-                      force=force, progress=progress)
-        out.print(r.message(), highlight=False)
+        if processes > 1 and not distributed.launched():
+            # Start this same command on N processes through torchrun (loopback rendezvous); each of them
+            # sees WORLD_SIZE and trains its share. The options are passed on one by one.
+            argv = ["-m", "distill.cli", "train", str(project), "--processes", str(processes),
+                    "--force" if force else "--no-force", "--progress" if progress else "--no-progress"]
+            argv += (["--teacher", teacher] if teacher else []) + (["--epochs", str(epochs)] if epochs else [])
+            raise typer.Exit(distributed.launch(processes, argv))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and processes != world:
+            raise DistillError(f"--processes {processes}, but this was launched on {world} processes",
+                               hint="leave --processes out under torchrun / accelerate launch")
+        overrides = {"epochs": epochs} if epochs else None
+        if distributed.launched_rank() == 0:
+            from distill.recipes.train import train as run_train
+
+            r = run_train(_open(project), teacher=teacher, overrides=overrides, force=force, progress=progress)
+            out.print(r.message(), highlight=False)
+        else:
+            _train_other_rank(project, teacher, overrides, force)
 
     _run(go)
+
+
+def _train_other_rank(project: Path, teacher: Optional[str], overrides: Optional[dict], force: bool) -> None:
+    """A process of rank > 0 of a multi-process `distill train`: the recipe of ``recipes.train.train``
+    without the project lock (rank 0 holds it) and with the store opened read-only (only rank 0 writes:
+    a write from here would fail instead of racing it). The recipe itself syncs with rank 0."""
+    from distill.status import open_readonly
+
+    p = open_readonly(project)
+    config = p.spec.student_config(overrides)
+    if p.spec.kind == "classify":
+        from distill.recipes import train_classifier
+
+        train_classifier.train(p, teacher=teacher, config=config, force=force, progress=False)
+    else:
+        from distill.recipes import lm_project
+
+        lm_project.train_lm_project(p, teacher=teacher, config=config, force=force, progress=False)
 
 
 # ----------------------------------------------------------------------------------------- eval

@@ -49,11 +49,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.errors import DistillError
+from distill.fewshot import teacher_prompts
 from distill.project import Project
 from distill.ratelimit import Limiter, estimate_prompt_tokens
 from distill.redact import redact
 from distill.task import (ParseError, ProjectSpec, TeacherSpec, answer_key, cache_key, parse_answer,
-                          render_messages, split_rationale)
+                          split_rationale)
 from distill.teachers import make_teacher
 from distill.teachers.base import NoAnswer, Teacher, TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
 from distill.teachers.ensemble import MemberAnswer, combine
@@ -195,6 +196,7 @@ class _Item:
     id: str
     messages: list[dict[str, str]]
     keys: list[str]                   # one per attempt
+    labels: list[str] | None = None   # classify: the candidates (all labels, or a few-shot shortlist)
 
 
 class _Run:
@@ -224,14 +226,13 @@ class _Run:
         self.report.total = len(rows)
         identity = self.tspec.identity()
         todo = []
-        for r in rows:
-            msgs = render_messages(self.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"),
-                                   rationale=self.tspec.rationale)
-            keys = [cache_key(identity, msgs, a) for a in range(self.tspec.parse_retries + 1)]
+        # few-shot demonstrations (if any) are chosen once per input and kept, so the keys stay put
+        for r, tp in zip(rows, teacher_prompts(self.project, rows, rationale=self.tspec.rationale)):
+            keys = [cache_key(identity, tp.messages, a) for a in range(self.tspec.parse_retries + 1)]
             if r["lstatus"] == "ok" and r["call_key"] in keys:
                 self.report.already_labelled += 1
                 continue
-            todo.append(_Item(r["id"], msgs, keys))
+            todo.append(_Item(r["id"], tp.messages, keys, tp.labels))
         return todo[: self.limit] if self.limit is not None else todo
 
     # -- main loop ------------------------------------------------------------------------------------
@@ -358,8 +359,7 @@ class _Run:
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            req = TeacherRequest(key=key, messages=item.messages, kind=self.spec.kind,
-                                 labels=self.spec.label_names or None)
+            req = TeacherRequest(key=key, messages=item.messages, kind=self.spec.kind, labels=item.labels)
             reply = await self.teacher.ask(req)
         except NoAnswer as e:
             fut.set_exception(e)

@@ -29,7 +29,8 @@ from typing import Any
 from distill.errors import DistillError
 from distill.labeling import SPLITS, label
 from distill.project import Project
-from distill.task import cache_key, render_messages
+from distill.fewshot import teacher_prompts
+from distill.task import cache_key
 
 
 @dataclass
@@ -74,17 +75,18 @@ def stale_labels(project: Project, teacher: str) -> tuple[list[dict], dict[str, 
         (tspec.name,))
     counts: dict[str, dict[str, int]] = {k: {s: 0 for s in SPLITS} for k in ("total", "stale", "failed", "unlabelled")}
     stale = []
+    ok = []
     for r in rows:
         counts["total"][r["split"]] += 1
         if r["status"] is None:
             counts["unlabelled"][r["split"]] += 1
-            continue
-        if r["status"] != "ok":
+        elif r["status"] != "ok":
             counts["failed"][r["split"]] += 1
-            continue
-        msgs = render_messages(project.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"),
-                               rationale=tspec.rationale)
-        keys = {cache_key(identity, msgs, a) for a in range(tspec.parse_retries + 1)}
+        else:
+            ok.append(r)
+    # rendered as the labeller renders them, few-shot demonstrations included
+    for r, tp in zip(ok, teacher_prompts(project, ok, rationale=tspec.rationale)):
+        keys = {cache_key(identity, tp.messages, a) for a in range(tspec.parse_retries + 1)}
         if r["call_key"] not in keys:
             counts["stale"][r["split"]] += 1
             stale.append(dict(r))

@@ -109,6 +109,10 @@ CREATE TABLE IF NOT EXISTS label_history(
   id INTEGER PRIMARY KEY, example_id TEXT NOT NULL, teacher TEXT NOT NULL, status TEXT NOT NULL,
   answer TEXT, call_key TEXT, labelled_at REAL, recorded_at REAL NOT NULL, superseded_at REAL,
   UNIQUE (example_id, teacher, call_key));
+-- few-shot: the demonstrations chosen for each input, kept so its teacher prompt (and cache key) never drifts
+CREATE TABLE IF NOT EXISTS fewshot_choices(
+  example_id TEXT NOT NULL, settings TEXT NOT NULL, demo_ids TEXT NOT NULL, created_at REAL NOT NULL,
+  PRIMARY KEY (example_id, settings));
 """
 
 

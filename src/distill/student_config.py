@@ -150,7 +150,7 @@ class EncoderStudentConfig(_StudentConfig):
 class LMStudentConfig(_StudentConfig):
     """``student:`` of an extract/generate project (``recipes/train_causal_lm.py``). See ``distill train --help``."""
 
-    OMITTED_AT_DEFAULT: ClassVar[dict[str, Any]] = {"base_dtype": "auto", "quantize_base": "none"}
+    OMITTED_AT_DEFAULT: ClassVar[dict[str, Any]] = {"base_dtype": "auto", "quantize_base": "none", "packing": False}
 
     # gradient_checkpointing recomputes each layer's activations during backward instead of storing them:
     # the same maths in the same order (dropout masks replayed from the saved RNG state), so the weights
@@ -213,6 +213,9 @@ class LMStudentConfig(_StudentConfig):
     quantize_base: Literal["none", "4bit"] = Field(
         "none", description="4bit = QLoRA (arXiv 2305.14314): the frozen base in 4-bit NF4 via bitsandbytes, "
         "~4x less base memory; needs a CUDA GPU and `pip install bitsandbytes`. none = base in base_dtype.")
+    packing: bool = Field(False, description="sft: lay several examples end to end in rows of up to max_length "
+                          "tokens (positions restart per example, no attention across examples): less padding, "
+                          "fewer forward passes per step; batch_size then counts rows. Same loss as without.")
 
     # Checks between fields. Each names the later field, so the error points at a line in distill.yaml.
     @field_validator("on_policy")
@@ -247,6 +250,15 @@ class LMStudentConfig(_StudentConfig):
         if v == "4bit" and info.data.get("full_finetune"):
             raise ValueError("4-bit weights cannot be trained, only adapters on top of them; use quantize_base: "
                              "none with full_finetune, or full_finetune: false (LoRA)")
+        return v
+
+    @field_validator("packing")
+    @classmethod
+    def _packing_only_with_sft(cls, v: bool, info: ValidationInfo) -> bool:
+        loss = info.data.get("loss")
+        if v and loss is not None and loss != "sft":
+            raise ValueError(f"packing is for loss: sft only; loss '{loss}' lines teacher logits, stored "
+                             "top_logprobs or rationales up with one example per row. Use packing: false with it")
         return v
 
 

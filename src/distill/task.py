@@ -157,13 +157,34 @@ class TeacherSpec(_Strict):
         return 0 if self.kind in ("local", "replay") else self.max_parse_retries
 
 
+class ExamplesSpec(_Strict):
+    """Demonstrations (input -> answer) shown to the *teacher* before each input, as earlier chat turns.
+    Students never see them. How they are chosen, and the rules that keep them honest (never test, never
+    the input itself, a choice kept once made): ``distill.fewshot``."""
+
+    k: int = Field(0, ge=0, le=32, description="Demonstrations per input; 0 = zero-shot (the default).")
+    select: Literal["similar", "fixed"] = Field(
+        "similar", description="similar: the k pool rows nearest the input (cosine of MiniLM embeddings); "
+        "fixed: the same k pool rows for every input.")
+    pool: str = Field("gold", description="'gold': non-test inputs with a gold answer or a correction; or a "
+                      ".jsonl/.csv file (relative to the project) with `text` and `answer` columns.")
+    pool_size: int | None = Field(None, ge=1, description="At most this many pool rows, chosen by a seeded hash "
+                                  "of their ids (a small hand-labelled set, as most users have).")
+    shortlist: bool = Field(False, description="classify: the teacher chooses among the labels of the k "
+                            "retrieved examples only (fewer labels to score: faster, and often more accurate).")
+    embedder: str = Field("all-minilm-l6-v2", description="Encoder for `select: similar` (packaged name or HF folder).")
+    seed: str = Field("distill", description="Salt for `fixed` and `pool_size` choices.")
+
+
 class PromptSpec(_Strict):
     """Jinja2 templates, rendered in a sandbox (see ``_check_template``: no calls, no `set`, a fixed set of
     filters). Variables: ``text``, ``segment``, ``meta`` (extra columns), ``labels`` (list of {name,
-    description}), ``schema`` (JSON string), ``rationale`` (bool), ``description``."""
+    description}), ``schema`` (JSON string), ``rationale`` (bool), ``description``. ``examples``: few-shot
+    demonstrations for the teacher (``ExamplesSpec``)."""
 
     system: str | None = None
     user: str = "{{ text }}"
+    examples: ExamplesSpec = Field(default_factory=ExamplesSpec)
 
     @field_validator("system", "user")
     @classmethod
@@ -663,17 +684,32 @@ def _render(field: str, source: str, ctx: dict[str, Any]) -> str:
                            hint=f"fix `{field}` in distill.yaml") from None
 
 
+def answer_text(kind: str, answer: Any) -> str:
+    """An answer as the text a model writes: the label, the JSON object, or the text."""
+    if kind == "extract":
+        return json.dumps(answer, ensure_ascii=False)
+    return str(answer)
+
+
 def render_messages(spec: ProjectSpec, text: str, segment: str | None = None, meta: dict | None = None,
-                    rationale: bool = False) -> list[dict[str, str]]:
+                    rationale: bool = False, demos: list[Any] | None = None,
+                    labels: list[str] | None = None) -> list[dict[str, str]]:
     """Chat messages for one input. Deterministic: the same input always renders the same bytes, which is
-    what makes the cache key stable."""
+    what makes the cache key stable.
+
+    ``demos`` (``distill.fewshot.Demo``: text, answer, segment, meta): few-shot demonstrations, each a user
+    turn rendered with the same ``prompt.user`` template and an assistant turn with its answer, between the
+    system prompt and the input. ``labels`` (classify): the label names the prompt lists, when a shortlist
+    replaces the full set."""
+    allowed = set(labels) if labels is not None else None
     ctx = {
         "text": text,
         "segment": segment,
         "meta": meta or {},
         # plain dicts, not the pydantic Labels: a template sees data only (no methods, nothing to climb
         # through), and the sandbox checks attribute access on objects, which made rendering 9x slower
-        "labels": [{"name": lab.name, "description": lab.description} for lab in spec.labels],
+        "labels": [{"name": lab.name, "description": lab.description} for lab in spec.labels
+                   if allowed is None or lab.name in allowed],
         "schema": json.dumps(spec.json_schema, sort_keys=True) if spec.json_schema else "",
         "rationale": rationale,
         "description": spec.description,
@@ -682,6 +718,10 @@ def render_messages(spec: ProjectSpec, text: str, segment: str | None = None, me
     system = _render("prompt.system", system_tpl, ctx).strip()
     user = _render("prompt.user", spec.prompt.user, ctx)
     msgs = [{"role": "system", "content": system}] if system else []
+    for d in demos or ():
+        dctx = {**ctx, "text": d.text, "segment": d.segment, "meta": d.meta or {}}
+        msgs.append({"role": "user", "content": _render("prompt.user", spec.prompt.user, dctx)})
+        msgs.append({"role": "assistant", "content": answer_text(spec.kind, d.answer)})
     msgs.append({"role": "user", "content": user})
     return msgs
 
@@ -791,6 +831,11 @@ name: {name}
 kind: {kind}            # classify | extract | generate
 description: "Describe the task in one sentence; the teacher sees it."
 {examples}segment_field: null      # an input column whose value names the segment (channel, language, ...)
+prompt:
+  examples:             # few-shot for the teacher: solved inputs shown before each input (students never see them)
+    k: 0                # e.g. 8: the 8 gold/corrected inputs nearest each input (never test, never itself)
+    select: similar     # similar (MiniLM nearest neighbours) | fixed (the same k for every input)
+    pool: gold          # gold answers of train/validation inputs, or a .jsonl/.csv with text + answer
 splits:
   validation: 0.1       # share of inputs hashed to validation (early stopping, router calibration)
   test: 0.2             # share hashed to the locked test split (never trained on)

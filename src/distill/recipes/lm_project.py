@@ -9,6 +9,11 @@ the losses and checkpointing). Top to bottom: config (``student:``, or the one g
 run id -> lock -> reuse / resume / train -> record -> store. ``distill.recipes.train.train`` calls it
 under the project lock, with CLI overrides applied to the config.
 
+Several processes (``distill train PROJECT --processes N``, torchrun, accelerate launch): every process runs
+this with the same project and settings; rank 0 alone takes the run lock and writes the store and the run
+folder, the others train alongside it (``train_causal_lm``, ``distributed``). The number of processes is not
+part of the run id; the global batch (batch_size x grad_accum) is, and it is the same for any number.
+
 Crash safety: the run folder is ``models/<run_id>``, where run_id hashes (the settings that change the
 weights, the training data, the teacher). A rerun after ``kill -9`` computes the same id, finds the same
 folder, and ``train_lm`` resumes from its latest complete checkpoint there (it checks that the checkpoint
@@ -33,6 +38,7 @@ from distill.runinfo import teacher_record
 from distill.errors import DistillError
 from distill.fsutil import write_json_atomic
 from distill.project import Project
+from distill.recipes.distributed import join
 from distill.recipes.train_causal_lm import (
     RECORD_FILE,
     examples_from_project,
@@ -60,12 +66,13 @@ def train_lm_project(project: Project, *, teacher: str | None = None, config: LM
                            f"(this project is {spec.kind})", hint="classify projects train an encoder student")
     config = config or spec.student_config()
     teacher_name = spec.get_teacher(teacher).name
-    log = (lambda msg: print(msg, flush=True)) if progress else None
     # a 4-bit base that cannot load here fails before a run is recorded as running
     from distill.models import pick_device
     from distill.students.causal_lm import check_quantize_base
 
     check_quantize_base(config.quantize_base, pick_device(config.device))
+    procs = join(pick_device(config.device))      # 1 of 1 unless launched on several processes
+    log = (lambda msg: print(msg, flush=True)) if progress and procs.main else None
 
     # -- data and run id ------------------------------------------------------------------------------
     examples = examples_from_project(project, teacher_name)
@@ -73,28 +80,33 @@ def train_lm_project(project: Project, *, teacher: str | None = None, config: LM
     teacher_rec = teacher_record(project, teacher_name)
     run_id = run_id_for(config, dhash, teacher_rec["identity"])
     run_dir = project.models_dir / run_id
-    project.models_dir.mkdir(parents=True, exist_ok=True)
 
     lock = filelock.FileLock(str(project.models_dir / f".{run_id}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise DistillError(f"{run_dir}: another process is training this exact run",
-                           hint="wait for it to finish; its result will be reused") from None
+    if procs.main:
+        project.models_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise DistillError(f"{run_dir}: another process is training this exact run",
+                               hint="wait for it to finish; its result will be reused") from None
     try:
         # -- finished already? ------------------------------------------------------------------------
         rec_file = run_dir / RECORD_FILE
-        if force:
+        if force and procs.main:
             shutil.rmtree(run_dir, ignore_errors=True)
-        elif rec_file.is_file() and json.loads(rec_file.read_text(encoding="utf-8")).get("status") == "done":
+        procs.barrier()     # the others look at the run folder only once rank 0 has cleared a forced one
+        if not force and rec_file.is_file() and \
+                json.loads(rec_file.read_text(encoding="utf-8")).get("status") == "done":
             record = json.loads(rec_file.read_text(encoding="utf-8"))
             path = run_dir / Path(record["path"]).name     # 'adapter' or 'model', here even if the project moved
-            project.record_run(run_id, RUN_KIND, "done", path, record)  # in case we died before registering it
+            if procs.main:
+                project.record_run(run_id, RUN_KIND, "done", path, record)  # in case we died before registering it
             if log:
                 log(f"run {run_id} already finished: {path} (pass --force to retrain)")
             return TrainReport(run_id=run_id, path=path, record=record, reused=True)
-        project.record_run(run_id, RUN_KIND, "running", None,
-                           {"config": config.model_dump(), "data_hash": dhash, "teacher": teacher_rec})
+        if procs.main:
+            project.record_run(run_id, RUN_KIND, "running", None,
+                               {"config": config.model_dump(), "data_hash": dhash, "teacher": teacher_rec})
         if log:
             log(f"training run {run_id}: {len(examples)} train rows, loss={config.loss}, base={config.base_model}"
                 + (" (resuming)" if (run_dir / "checkpoints").is_dir() else ""))
@@ -111,16 +123,18 @@ def train_lm_project(project: Project, *, teacher: str | None = None, config: LM
             "wall_time_s": round(time.perf_counter() - t0, 3),
         })
         record = json_ready(record)
-        write_json_atomic(run_dir / RECORD_FILE, record)
         path = Path(record["path"])
-        project.record_run(run_id, RUN_KIND, "done", path, record)
+        if procs.main:
+            write_json_atomic(run_dir / RECORD_FILE, record)
+            project.record_run(run_id, RUN_KIND, "done", path, record)
         if log:
             loss = record["final_loss"]            # None when the loss diverged (NaN)
             log(f"saved {path}  ({record['steps']} steps, final loss "
                 f"{'nan' if loss is None else f'{loss:.4f}'}, {record['tokens_per_s'] or 0:.0f} tokens/s)")
         return TrainReport(run_id=run_id, path=path, record=record)
     finally:
-        lock.release()
+        if procs.main:
+            lock.release()
 
 
 def _filter_record(project: Project, teacher_name: str) -> dict[str, Any] | None:

@@ -14,6 +14,16 @@ The training signal (``student.signal``):
 Crash safety: the output folder is ``models/<run_id>`` where run_id hashes (config, training data, teacher).
 A rerun after ``kill -9`` finds the same folder and resumes from its last complete epoch checkpoint;
 a finished run (``final/training_record.json`` exists) is returned as is unless ``force=True``.
+
+Several processes (``distill train PROJECT --processes N``, torchrun, accelerate launch; ``distributed``):
+Trainer wraps the model in DDP through accelerate, and the batches are split (``split_batches``): each step
+is the same ``batch_size`` examples as with one process, ``batch_size / N`` on each, and DDP averages the N
+equal-sized shard means into the whole batch's mean. So the loss curve is one process's up to float
+summation order, except a last partial batch of an epoch, which accelerate fills up with examples from the
+start of the epoch so that every process gets an equal share. ``batch_size`` must split evenly. Rank 0
+takes the lock and writes the store, the final folder and the record; Trainer writes checkpoints from rank
+0, except that each process saves its own RNG state there (``rng_state_<rank>.pth``: each draws its own
+dropout). The number of processes is not part of the run id.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from distill.errors import DistillError, write_failed
 from distill.fsutil import write_json_atomic
 from distill.losses import hard_label_ce, kd_ce_mix, soft_target_kd
 from distill.project import Project
+from distill.recipes.distributed import join
 from distill.student_config import EncoderStudentConfig, TrainReport, json_ready
 from distill.students.classifier import ClassifierStudent, pick_device
 
@@ -213,9 +224,10 @@ class ThroughputCallback(TrainerCallback):
         )
 
 
-def _complete_checkpoint(ckpt_dir: Path) -> Path | None:
+def _complete_checkpoint(ckpt_dir: Path, remove_torn: bool = True) -> Path | None:
     """Newest checkpoint whose trainer_state.json (written last by Trainer) parses; newer half-written
-    ones (a kill during saving) are deleted, since resuming from them would load torn files."""
+    ones (a kill during saving) are deleted (unless ``remove_torn`` is False: ranks > 0 only look), since
+    resuming from them would load torn files."""
     if not ckpt_dir.is_dir():
         return None
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -225,7 +237,8 @@ def _complete_checkpoint(ckpt_dir: Path) -> Path | None:
             json.loads((p / "trainer_state.json").read_text())
             return p
         except (OSError, ValueError):
-            shutil.rmtree(p, ignore_errors=True)
+            if remove_torn:
+                shutil.rmtree(p, ignore_errors=True)
     return None
 
 
@@ -303,7 +316,8 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
           progress: bool = True, force: bool = False, callbacks: list[TrainerCallback] | None = None) -> TrainReport:
     """Train (or resume, or reuse) the encoder student of a classify project. ``config`` defaults to
     ``student:`` of distill.yaml. ``callbacks`` are extra Trainer callbacks (UI hooks; tests use one to
-    simulate a crash). The project lock is the caller's (``distill.recipes.train.train`` takes it)."""
+    simulate a crash). The project lock is the caller's (``distill.recipes.train.train`` takes it).
+    Launched on several processes, every process calls this alike; only rank 0 writes (module docstring)."""
     spec = project.spec
     if spec.kind != "classify":
         raise DistillError(f"{project.root}: `distill train` with an encoder student needs kind: classify (this project is {spec.kind})",
@@ -312,7 +326,15 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
     # Even signal=gold trains on the rows the teacher labelled and the filters kept, so a gold baseline and
     # a distilled student see the same inputs and compare fairly.
     teacher_name = spec.get_teacher(teacher).name
-    console = Console(stderr=True, soft_wrap=True) if progress else None
+    device = pick_device(config.device)
+    procs = join(str(device))                 # 1 of 1 unless launched on several processes
+    if procs.world > 1:
+        device = procs.device                 # cuda:LOCAL_RANK on GPUs
+        if config.batch_size % procs.world:
+            raise DistillError(f"batch_size {config.batch_size} does not split evenly over {procs.world} processes",
+                               hint=f"use a batch_size divisible by {procs.world}: it is the global batch, "
+                                    "split across the processes")
+    console = Console(stderr=True, soft_wrap=True) if progress and procs.main else None
     t_start = time.perf_counter()
 
     # -- data -----------------------------------------------------------------------------------------
@@ -333,29 +355,33 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
         sort_keys=True).encode()).hexdigest()[:12]
     run_dir = project.models_dir / run_id
     final = run_dir / "final"
-    project.models_dir.mkdir(parents=True, exist_ok=True)
 
     lock = filelock.FileLock(str(project.models_dir / f".{run_id}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise DistillError(f"{run_dir}: another process is training this exact run",
-                           hint="wait for it to finish; its result will be reused") from None
+    if procs.main:
+        project.models_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise DistillError(f"{run_dir}: another process is training this exact run",
+                               hint="wait for it to finish; its result will be reused") from None
     try:
         # -- finished already? ----------------------------------------------------------------------
-        if force:
+        if force and procs.main:
             shutil.rmtree(run_dir, ignore_errors=True)
-        elif (final / "training_record.json").is_file():
+        procs.barrier()     # the others look at the run folder only once rank 0 has cleared a forced one
+        if not force and (final / "training_record.json").is_file():
             record = json.loads((final / "training_record.json").read_text())
-            project.record_run(run_id, "train", "done", final, record)  # in case we died before registering it
+            if procs.main:
+                project.record_run(run_id, "train", "done", final, record)  # in case we died before registering it
             if console:
                 console.print(f"run {run_id} already finished: {final} (pass --force to retrain)")
             return TrainReport(run_id=run_id, path=final, record=record, reused=True)
-        shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
-        project.record_run(run_id, "train", "running", None, {"config": config.model_dump(), "data_sha256": data_sha})
+        if procs.main:
+            shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
+            project.record_run(run_id, "train", "running", None,
+                               {"config": config.model_dump(), "data_sha256": data_sha})
 
         # -- student ----------------------------------------------------------------------------------
-        device = pick_device(config.device)
         set_seed(config.seed)  # before create(): the new head's init comes from this seed
         student = ClassifierStudent.create(config.base_model, spec.label_names, device=str(device),
                                            max_length=config.max_length)
@@ -366,7 +392,8 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
                     for i, e in enumerate(examples)]
 
         # -- trainer ----------------------------------------------------------------------------------
-        ckpt = _complete_checkpoint(run_dir / "checkpoints")
+        # the same one on every rank: the others skip a torn checkpoint that rank 0 is removing
+        ckpt = _complete_checkpoint(run_dir / "checkpoints", remove_torn=procs.main)
         stopped_at = _stopped_early_at(ckpt) if ckpt else None
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         args = TrainingArguments(
@@ -386,6 +413,9 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
             use_cpu=device.type == "cpu", bf16=use_bf16,
             label_names=["labels", "soft_targets"], remove_unused_columns=False,
             dataloader_num_workers=0, report_to="none", disable_tqdm=not progress,
+            # several processes: each step's batch (the same one 1 process takes) split across them; with one
+            # process nothing is passed, so Trainer runs exactly as before
+            **({"accelerator_config": {"split_batches": True}} if procs.world > 1 else {}),
         )
         trainer_callbacks: list[TrainerCallback] = [ThroughputCallback(len(train_ex), console)]
         if config.early_stopping_patience:
@@ -404,6 +434,10 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
 
         # -- final folder + record (written to final.tmp, then renamed: a half-written final never exists)
+        if not procs.main:
+            procs.barrier()     # until rank 0 has written them; then return what it wrote
+            record = json.loads((final / "training_record.json").read_text())
+            return TrainReport(run_id=run_id, path=final, record=record)
         epochs = _per_epoch(trainer.state.log_history)
         timed = [e["epoch_seconds"] for e in epochs if "epoch_seconds" in e]
         record = {
@@ -419,6 +453,7 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
             "git_sha": _git_sha(),
             "versions": _versions(),
             "device": str(device),
+            "processes": procs.world,
             "resumed_from": ckpt.name if ckpt else None,
             "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
             "best_metric": trainer.state.best_metric,
@@ -443,9 +478,11 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
         student.path = final
         project.record_run(run_id, "train", "done", final, record)
         prune_checkpoints(run_dir / "checkpoints", config.keep_checkpoints)
+        procs.barrier()     # the others wait here (above) for the final folder
         if console:
             console.print(f"[green]saved[/] {final}  ({record['epochs_run']} epochs, best {args.metric_for_best_model} "
                           f"{record['best_metric']}, {record['train_samples_per_second']} samples/s)")
         return TrainReport(run_id=run_id, path=final, record=record)
     finally:
-        lock.release()
+        if procs.main:
+            lock.release()

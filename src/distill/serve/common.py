@@ -35,6 +35,7 @@ from distill.serve import keys as keys_mod
 from distill.serve.guard import RequestGuard, error_body
 from distill.serve.metrics import Metrics
 from distill.store import Store
+from distill.fewshot import FewShot
 from distill.task import ParseError, cache_key, parse_answer, render_messages
 from distill.teachers.base import TeacherRequest
 from distill.teachers.ledger import record_call, reply_from_row
@@ -148,8 +149,10 @@ class TeacherGate:
         self.teacher = teacher
         self.problem: str | None = None          # why there is no teacher (shown by /healthz)
         self.inflight: dict[str, asyncio.Future] = {}
+        self.fewshot = None
         try:
             self.tspec = project.spec.get_teacher(cfg.teacher)
+            self.fewshot = FewShot.for_project(project)    # the pool is read once, at start
             if self.tspec.kind == "ensemble":
                 raise DistillError(f"teacher '{self.tspec.name}' is an ensemble; serving needs one teacher",
                                    hint="pass --teacher NAME of one member")
@@ -166,11 +169,20 @@ class TeacherGate:
         if self.teacher is not None and hasattr(self.teacher, "aclose"):
             await self.teacher.aclose()
 
+    async def prompt(self, text: str) -> tuple[list[dict], list[str] | None]:
+        """The teacher's messages (and classify candidates) for ``text``, as the labeller renders them; with
+        few-shot examples the demonstrations are retrieved for the text (off the event loop: it embeds)."""
+        if self.fewshot is None:
+            return render_messages(self.spec, text), self.spec.label_names or None
+        demos = (await asyncio.to_thread(self.fewshot.select, [(None, text)]))[0]
+        tp = self.fewshot.prompt(text, None, None, demos)
+        return tp.messages, tp.labels
+
     async def answer(self, text: str) -> tuple[Any, str]:
         """(answer or None, outcome) with outcome in ok | cache_hit | parse_error | timeout | error | no_teacher."""
         if self.teacher is None or self.tspec is None:
             return None, "no_teacher"
-        msgs = render_messages(self.spec, text)
+        msgs, labels = await self.prompt(text)
         identity = self.tspec.identity()
         # the labeller re-asks with attempt 1, 2, ... when an answer did not parse: any of them may be cached
         for attempt in range(self.tspec.parse_retries + 1):
@@ -197,7 +209,7 @@ class TeacherGate:
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            req = TeacherRequest(key=key, messages=msgs, kind=self.spec.kind, labels=self.spec.label_names or None)
+            req = TeacherRequest(key=key, messages=msgs, kind=self.spec.kind, labels=labels)
             result = await self._call(key, msgs, req)
             fut.set_result(result)
             return result
