@@ -31,6 +31,7 @@ demonstrations per input (from the train/validation split; never test); students
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import sys
@@ -44,7 +45,7 @@ EXAMPLE = ROOT / "examples" / "snips-slots"
 RECORDING = "teacher_qwen2.5-coder-1.5b_8shot.jsonl"
 K = 8
 STUDENT = {"base_model": "qwen2.5-coder-0.5b-instruct", "lora_rank": 16, "lora_alpha": 32.0,
-           "learning_rate": 2.0e-4, "epochs": 2, "batch_size": 4, "grad_accum": 2, "prompt": "short",
+           "learning_rate": 2.0e-4, "epochs": 1, "batch_size": 4, "grad_accum": 2, "prompt": "short",
            "max_length": 160, "save_every": 10, "cpu_threads": 2}
 
 
@@ -58,7 +59,11 @@ def build_project(work: Path, smoke: bool, recording: Path):
 
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(EXAMPLE / "distill.yaml", work / "distill.yaml")
-    shutil.copy(recording, work / RECORDING)
+    if recording.suffix == ".gz":      # shipped compressed (17.7 MB of top-20 logprobs -> a few MB)
+        with gzip.open(recording, "rb") as src, open(work / RECORDING, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        shutil.copy(recording, work / RECORDING)
     spec = yaml.safe_load((work / "distill.yaml").read_text())
     spec["prompt"]["examples"] = {"k": K, "select": "similar", "pool": "gold"}
     spec["teachers"].append({"name": "qwen-1.5b-8shot-recorded", "kind": "replay", "path": RECORDING,
@@ -82,6 +87,18 @@ def build_project(work: Path, smoke: bool, recording: Path):
     filt = run_filters(project, spec["teacher"])
     return project, {"imported": imp.added, "label": {k: v for k, v in lab.to_dict().items() if k != "latencies"},
                      "filter": {"kept": filt.kept, "dropped_by_reason": filt.dropped_by_reason, "by_split": filt.by_split}}
+
+
+def _reusable_eval(project, run_id: str, need_base: bool) -> dict | None:
+    """The run's `distill eval` report when it exists and covers what is needed (the full test split, the base
+    if asked): evaluations are the slow part on a CPU, and an eval started by hand counts the same."""
+    path = project.reports_dir / f"eval-{run_id}.json"
+    if not path.exists():
+        return None
+    ev = json.loads(path.read_text())
+    full = ev["test"]["n"] == ev["test"]["n_total"]
+    has_base = ev["systems"].get("base", {}).get("available", True)
+    return ev if full and (has_base or not need_base) else None
 
 
 def _metric(sysd: dict, against: str, m: str):
@@ -116,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--eval-threads", type=int, default=2)
     ap.add_argument("--train-threads", type=int, default=None, help="torch threads for training (not in the run id)")
+    ap.add_argument("--reuse-evals", action="store_true",
+                    help="take an arm's existing reports/eval-<run>.json (full test split) instead of evaluating again")
     ap.add_argument("--train-only", action="store_true",
                     help="train (or resume) the arms and stop: a later run reuses them and evaluates")
-    ap.add_argument("--recording", type=Path, default=EXAMPLE / RECORDING, help="the teacher's recording")
+    ap.add_argument("--recording", type=Path, default=EXAMPLE / (RECORDING + ".gz"), help="the teacher's recording")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from distill.evaluate.lm import evaluate_lm
@@ -142,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.train_only:
             print(f"{arm}: {rep.message()}", flush=True)
             continue
-        ev = evaluate_lm(project, model_path=str(rep.path), limit=4 if a.smoke else None, base=not base_done,
-                         max_new_tokens=16 if a.smoke else None,
-                         cpu_threads=a.eval_threads, progress=not a.smoke)
+        ev = _reusable_eval(project, rep.run_id, need_base=not base_done) if a.reuse_evals else None
+        if ev is None:
+            ev = evaluate_lm(project, model_path=str(rep.path), limit=4 if a.smoke else None, base=not base_done,
+                             max_new_tokens=16 if a.smoke else None,
+                             cpu_threads=a.eval_threads, progress=not a.smoke)
         if not base_done:
             results["base"] = summarise(ev, "base")
             results["teacher"] = summarise(ev, "teacher")

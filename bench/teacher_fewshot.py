@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import random
 import sys
@@ -42,7 +43,7 @@ ROOT = HERE.parent
 SNIPS = ROOT / "examples" / "snips-slots"
 BANKING = ROOT / "examples" / "banking77"
 RECORDINGS = {0: "teacher_qwen2.5-coder-1.5b.jsonl", 4: "teacher_qwen2.5-coder-1.5b_4shot.jsonl",
-              8: "teacher_qwen2.5-coder-1.5b_8shot.jsonl"}
+              8: "teacher_qwen2.5-coder-1.5b_8shot.jsonl.gz"}
 SEED = 0
 
 
@@ -72,11 +73,13 @@ def snips(smoke: bool) -> dict:
             continue
         prov, _ = read_recording(path)
         by_id = {}
-        for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            lines = f.read().splitlines()
+        for line in lines[1:]:
             e = json.loads(line)
             by_id[e.get("id")] = e
         have = [i for i in test_ids if i in by_id]
-        counts, valid, exact, lat = [], 0, 0, []
+        counts, valid, exact, lat, tin = [], 0, 0, [], []
         for i in have:
             rep = by_id[i]["reply"]
             try:
@@ -87,6 +90,7 @@ def snips(smoke: bool) -> dict:
             exact += ans == gold[i]
             counts.append(pair_counts(ans, gold[i]))
             lat.append(float(rep.get("latency_s", 0.0)))
+            tin.append(int(rep.get("tokens_in", 0)))
         c = np.array(counts, dtype=float).reshape(-1, 3)
 
         def f1(rows: np.ndarray) -> float:
@@ -97,7 +101,9 @@ def snips(smoke: bool) -> dict:
             "recording": name, "n_test": len(have), "of_test": len(test_ids),
             "field_f1": round(f1(c), 4) if len(c) else None, "field_f1_ci95": _ci(c, f1) if len(c) else None,
             "schema_valid": round(valid / max(1, len(have)), 4), "exact_match": round(exact / max(1, len(have)), 4),
-            "seconds_per_input": round(float(np.mean(lat)), 2) if lat else None,
+            # recorded under whatever load the machine had then: compare prompt tokens, not seconds, across k
+            "seconds_per_input_recorded": round(float(np.mean(lat)), 2) if lat else None,
+            "prompt_tokens_mean": round(float(np.mean(tin)), 1) if tin else None,
             "recorded": {k2: prov.get(k2) for k2 in ("model", "method", "few_shot", "command", "date", "machine")},
         }
     return out

@@ -5,6 +5,7 @@ replays exactly."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,6 +149,20 @@ def test_write_recording_round_trips_through_the_replay_teacher(tmp_path):
     # and read_recording sees exactly what was written
     prov, replies = read_recording(path)
     assert prov == PROV and set(replies) == {messages_sha256(e[0]) for e in entries}
+
+
+def test_a_gzipped_recording_replays_the_same_and_is_never_appended_to(tmp_path):
+    entries = _entries()
+    plain = write_recording(tmp_path / "rec.jsonl", PROV, entries)
+    gz = tmp_path / "rec.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(plain.read_bytes())
+    assert read_recording(gz) == read_recording(plain)
+    t = _teacher(SimpleNamespace(root=tmp_path), "rec.jsonl.gz")
+    got = asyncio.run(t.ask(TeacherRequest(key="k", messages=entries[0][0], kind="classify")))
+    assert got.texts == entries[0][1].texts
+    with pytest.raises(DistillError, match="not gzip"):
+        RecordingAppender(gz, PROV)
 
 
 def test_write_recording_is_atomic(tmp_path):

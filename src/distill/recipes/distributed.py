@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -147,3 +148,22 @@ def launch(processes: int, argv: Sequence[str]) -> int:
         return 128 + int(e.sigval)
     return 0
 
+
+
+def take_run_lock(models_dir: Path, run_id: str, main: bool):
+    """The file lock of one training run, taken (without waiting) by rank 0 only: two trainings of the same
+    run id would write the same folder. Other ranks get the lock object unacquired. Release it with
+    ``if main: lock.release()``."""
+    import filelock
+
+    from distill.errors import DistillError
+
+    lock = filelock.FileLock(str(models_dir / f".{run_id}.lock"))
+    if main:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise DistillError(f"{models_dir / run_id}: another process is training this exact run",
+                               hint="wait for it to finish; its result will be reused") from None
+    return lock

@@ -32,13 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import filelock
 
 from distill.runinfo import teacher_record
 from distill.errors import DistillError
 from distill.fsutil import write_json_atomic
 from distill.project import Project
-from distill.recipes.distributed import join
+from distill.recipes.distributed import join, take_run_lock
 from distill.recipes.train_causal_lm import (
     RECORD_FILE,
     examples_from_project,
@@ -81,14 +80,7 @@ def train_lm_project(project: Project, *, teacher: str | None = None, config: LM
     run_id = run_id_for(config, dhash, teacher_rec["identity"])
     run_dir = project.models_dir / run_id
 
-    lock = filelock.FileLock(str(project.models_dir / f".{run_id}.lock"))
-    if procs.main:
-        project.models_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            raise DistillError(f"{run_dir}: another process is training this exact run",
-                               hint="wait for it to finish; its result will be reused") from None
+    lock = take_run_lock(project.models_dir, run_id, procs.main)
     try:
         # -- finished already? ------------------------------------------------------------------------
         rec_file = run_dir / RECORD_FILE

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import filelock
 import numpy as np
 import torch
 from rich.console import Console
@@ -52,7 +51,7 @@ from distill.errors import DistillError, write_failed
 from distill.fsutil import write_json_atomic
 from distill.losses import hard_label_ce, kd_ce_mix, soft_target_kd
 from distill.project import Project
-from distill.recipes.distributed import join
+from distill.recipes.distributed import join, take_run_lock
 from distill.student_config import EncoderStudentConfig, TrainReport, json_ready
 from distill.students.classifier import ClassifierStudent, pick_device
 
@@ -356,14 +355,7 @@ def train(project: Project, *, teacher: str | None = None, config: EncoderStuden
     run_dir = project.models_dir / run_id
     final = run_dir / "final"
 
-    lock = filelock.FileLock(str(project.models_dir / f".{run_id}.lock"))
-    if procs.main:
-        project.models_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            raise DistillError(f"{run_dir}: another process is training this exact run",
-                               hint="wait for it to finish; its result will be reused") from None
+    lock = take_run_lock(project.models_dir, run_id, procs.main)
     try:
         # -- finished already? ----------------------------------------------------------------------
         if force and procs.main:

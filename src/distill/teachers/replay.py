@@ -39,6 +39,7 @@ must resume after being killed. Both write exactly the format above, so anything
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -76,7 +77,8 @@ def read_recording(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]
                            hint="check the teacher's `path:` (relative to the project folder) or record one first")
     provenance: dict[str, Any] | None = None
     replies: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
+    # a shipped recording may be gzipped (token logprobs make them large); the recorder writes plain JSONL
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -192,6 +194,9 @@ class RecordingAppender:
 
     def __init__(self, path: str | Path, provenance: dict[str, Any]):
         self.path = Path(path)
+        if self.path.suffix == ".gz":
+            raise DistillError(f"{self.path}: a recording is appended to as plain JSONL, not gzip",
+                               hint="record to a .jsonl file and gzip it when it is complete")
         if self.path.exists():
             _cut_partial_last_line(self.path)
             self.provenance, replies = read_recording(self.path)
