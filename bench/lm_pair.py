@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             base_done = True
         results["arms"][arm] = {
             **summarise(ev, "student"), "run_id": rep.run_id, "reused": rep.reused,
-            "training": {k: rec.get(k) for k in ("steps", "final_loss", "train_seconds", "tokens_per_s",
-                                                 "examples", "data", "loss_curve") if k in rec},
+            "training": {k: rec.get(k) for k in ("steps", "final_loss", "wall_time_s", "mean_step_s", "tokens_per_s",
+                                                 "trainable_params", "total_params", "data", "processes") if k in rec},
             "wall_seconds_train_call": round(t_train, 1), "eval_report": ev.get("json_path"),
         }
     project.close()
