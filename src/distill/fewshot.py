@@ -233,8 +233,9 @@ class FewShot:
         if self.ex.select == "fixed":
             out = []
             for ex_id, text in items:
-                norm = strong_norm(text)
-                out.append([d for d in self._fixed_order if d.id != ex_id and strong_norm(d.text) != norm][:k])
+                mine = self._excluded(ex_id, text)      # itself: same id or same normalised text
+                keep = {d.id for d, x in zip(self.pool, mine) if not x}
+                out.append([d for d in self._fixed_order if d.id in keep][:k])
             return out
         if self._pool_emb is None:
             self._pool_emb = self._embed([d.text for d in self.pool])
