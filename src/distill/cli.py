@@ -194,9 +194,15 @@ def label(
     """Ask the teacher for every unlabelled input. Cached: re-running never pays twice; resumes after a crash."""
 
     def go():
+        from rich.markup import escape
+
         from distill.labeling import label as run_label
+        from distill.teacher_check import label_warning
 
         p = _open(project)
+        warning = label_warning(p, teacher)      # before anything is spent: the teacher's latest check failed
+        if warning:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         r = run_label(p, teacher, budget=budget, limit=limit, splits=tuple(s.strip() for s in splits.split(",")),
                       accept_terms=accept_terms, wait=wait, progress=progress)
         out.print(r.message(), highlight=False)
@@ -208,6 +214,42 @@ def label(
         if r.stopped == "interrupted":
             console.print("[yellow]" + r.message() + "[/]")
             raise typer.Exit(130)
+
+    _run(go)
+
+
+teacher_app = typer.Typer(help="Teachers: check one on gold inputs before labelling everything with it.",
+                          no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("check")
+def teacher_check(
+    project: Path = typer.Argument(..., help="Project folder."),
+    teachers: Optional[list[str]] = typer.Option(None, "--teacher", help="A candidate teacher from distill.yaml; "
+                                                 "repeat to compare several (default: `teacher:`)."),
+    sample: int = typer.Option(200, help="Gold inputs to check on (train/validation only, stratified by answer)."),
+    seed: int = typer.Option(0, help="Seed of the sample and of the cross-validation folds."),
+    budget: Optional[float] = typer.Option(None, help="Stop cleanly before a teacher's total spend (USD) would "
+                                                      "exceed this, as `distill label --budget`."),
+    accept_terms: bool = typer.Option(False, help="Check a teacher whose terms forbid training on its outputs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Label a stratified gold sample with each candidate (cached: `distill label` reuses the calls) and compare it
+    with the majority answer and TF-IDF + LR on the same inputs; verdict, cost and time to label the rest. Exit 3
+    when no candidate is better than a trivial baseline."""
+
+    def go():
+        from distill.teacher_check import check, render
+
+        res = check(_open(project), teachers, sample=sample, seed=seed, budget=budget, accept_terms=accept_terms,
+                    say=lambda m: console.print(m, highlight=False, markup=False))
+        if as_json:
+            out.print_json(json.dumps(res))
+        else:
+            out.print(render(res), highlight=False, markup=False)
+        if res["best"] is None:
+            raise typer.Exit(EXIT_GATE)
 
     _run(go)
 
@@ -242,11 +284,26 @@ def filter_(
     """Drop unusable training labels (malformed, disagreeing with gold, unsure, duplicates), each with a reason."""
 
     def go():
+        from dataclasses import asdict
+
         from distill.filters import run_filters
 
         p = _open(project)
         r = run_filters(p, teacher)
-        _print_dataclass("filtered", r)
+        suspects, r.suspects = r.suspects, []
+        _print_dataclass("filtered", {k: v for k, v in asdict(r).items() if k != "suspects"})
+        if suspects:
+            # the labels confident learning doubts most, in review order: fix them with `distill correct`
+            t = Table(title=f"suspect labels: {len(suspects)} dropped, most suspect first (review these; "
+                            "`distill correct` keeps a fix)", box=None)
+            for col in ("rank", "id", "text", "teacher", "likely", "p(teacher)"):
+                t.add_column(col)
+            for s in suspects[:15]:
+                t.add_row(str(s["rank"]), str(s["id"]), s["text"][:60], str(s["teacher"]), str(s["likely"]),
+                          f"{s['p_given']:.3f}")
+            out.print(t)
+            if len(suspects) > 15:
+                out.print(f"... {len(suspects) - 15} more: `distill status {project} --suspects` lists them all")
 
     _run(go)
 
@@ -257,6 +314,8 @@ def status(
     project: Path = typer.Argument(..., help="Project folder."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     contamination: bool = typer.Option(False, help="List the training inputs removed as near-duplicates of test."),
+    suspects: bool = typer.Option(False, help="List the labels the latest filter run dropped as suspect "
+                                              "(filters.suspect_labels), most suspect first: what to review."),
 ):
     """Inputs per split, labels, failures by reason, calls, spend, filters and models."""
 
@@ -269,6 +328,10 @@ def status(
             from distill.data.decontam import list_contamination
 
             s["contamination_pairs"] = list_contamination(p)
+        if suspects:
+            from distill.filters import list_suspects
+
+            s["suspect_labels"] = list_suspects(p)
         if as_json:
             out.print_json(json.dumps(s, default=str))
         else:
@@ -826,6 +889,9 @@ def _print_nested(d: dict, indent: int = 0) -> None:
 def _print_eval(d: dict) -> None:
     if d.get("teacher_quality"):
         out.print(f"[bold]{d['teacher_quality']}[/]", highlight=False)
+    v = d.get("verdict") or {}
+    for i, line in enumerate(v.get("headline") or []):   # the teacher-problem sentence first, when there is one
+        out.print(line, style="bold red" if v.get("teacher_problem") and i == 0 else None, highlight=False, markup=False)
     hl = d.get("headline") or {}
     if not hl:
         out.print_json(json.dumps({k: v for k, v in d.items() if k in ("gate", "teacher_quality")}, default=str))

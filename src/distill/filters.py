@@ -15,7 +15,10 @@ and heuristic, so the reason shown is the most fundamental one):
 6. ``low_margin``                 p(top1) - p(top2) < filters.min_margin
 7. ``high_entropy``               entropy of the label distribution (nats) > filters.max_entropy
 8. ``low_agreement``              share of samples / ensemble members agreeing < filters.min_agreement
-9. ``duplicate``                  same text (after strong normalisation) with the same answer already kept
+9. ``suspect_label``              confident learning flags the label as probably wrong, without gold
+                                  (filters.suspect_labels; distill/label_noise.py). Computed over all the rows
+                                  that pass checks 1-3 at once; the detail holds its review rank
+10. ``duplicate``                 same text (after strong normalisation) with the same answer already kept
 
 Confidence-type filters follow the common practice of keeping only confident pseudo-labels (e.g. the
 confidence threshold of FixMatch, Sohn et al. 2020, arXiv 2001.07685, and the agreement/self-consistency
@@ -43,7 +46,10 @@ from distill.project import Project
 from distill.task import FilterSpec, ProjectSpec, answer_key
 
 REASONS = ("no_label", "teacher_failed", "contaminated", "disagrees_with_gold", "low_confidence",
-           "low_margin", "high_entropy", "low_agreement", "duplicate")
+           "low_margin", "high_entropy", "low_agreement", "suspect_label", "duplicate")
+# The one reason whose check reads gold labels: a user distilling traffic without gold cannot have it, so
+# reports say when it was used (the student's number then owes something to gold).
+USES_GOLD = frozenset({"disagrees_with_gold"})
 
 
 @dataclass
@@ -53,6 +59,7 @@ class FilterReport:
     kept: int = 0
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
     by_split: dict[str, dict[str, int]] = field(default_factory=dict)   # split -> {"kept": n, "dropped": m}
+    suspects: list[dict] = field(default_factory=list)   # suspect_label drops, review order (most suspect first)
 
     @property
     def dropped(self) -> int:
@@ -134,10 +141,11 @@ def _short(x: Any) -> str:
 # The run
 
 
-def decide(spec: ProjectSpec, ex: dict) -> tuple[str | None, str | None]:
+def decide(spec: ProjectSpec, ex: dict, suspect: str | None = None) -> tuple[str | None, str | None]:
     """(reason, detail) of the first failing check for one example, (None, None) to keep, ('corrected',
-    None) for a kept human correction. ``ex`` holds the joined row (see ``run_filters``); the duplicate
-    check needs the other examples and is done by the caller."""
+    None) for a kept human correction. ``ex`` holds the joined row (see ``run_filters``); the suspect and
+    duplicate checks need the other examples: ``suspect`` is this row's suspect detail (None: not flagged),
+    computed by the caller, which also does the duplicate check."""
     if ex["correction"] is not None:
         return ("contaminated", ex["contaminated"]) if ex["contaminated"] else ("corrected", None)
     if ex["lstatus"] is None:
@@ -155,6 +163,7 @@ def decide(spec: ProjectSpec, ex: dict) -> tuple[str | None, str | None]:
         ("low_margin", lambda: check_low_margin(probs, fs)),
         ("high_entropy", lambda: check_high_entropy(probs, fs)),
         ("low_agreement", lambda: check_low_agreement(ex["agreement"], fs)),
+        ("suspect_label", lambda: suspect),
     )
     for reason, check in checks:
         detail = check()
@@ -183,12 +192,13 @@ def run_filters(project: Project, teacher: str | None = None) -> FilterReport:
            ORDER BY (c.answer IS NULL), e.id""",
         (teacher_name,),
     )
+    rows = [dict(r) for r in rows]
+    report = FilterReport(run_id=-1, teacher=teacher_name)
+    suspects = _suspects(spec, rows, report) if spec.filters.suspect_labels is not None else {}
     decisions: list[tuple[str, int, str | None, str | None]] = []
     kept_keys: set[tuple[str, str]] = set()
-    report = FilterReport(run_id=-1, teacher=teacher_name)
-    for r in rows:
-        ex = dict(r)
-        reason, detail = decide(spec, ex)
+    for ex in rows:
+        reason, detail = decide(spec, ex, suspects.get(ex["id"]))
         if reason in (None, "corrected"):
             answer = json.loads(ex["correction"] if ex["correction"] is not None else ex["answer"])
             key = (strong_norm(ex["text"]), answer_key(spec, answer))
@@ -218,4 +228,61 @@ def run_filters(project: Project, teacher: str | None = None) -> FilterReport:
             [(report.run_id, *d) for d in decisions],
         )
     report.dropped_by_reason = dict(sorted(report.dropped_by_reason.items()))
+    dropped_as_suspect = {d[0] for d in decisions if d[2] == "suspect_label"}
+    report.suspects = [s for s in report.suspects if s["id"] in dropped_as_suspect]
     return report
+
+
+def list_suspects(project: Project, teacher: str | None = None) -> list[dict]:
+    """The latest filter run's suspect_label drops in review order: id, text, teacher answer, detail."""
+    teacher_name = project.spec.get_teacher(teacher).name
+    run = project.store.q("SELECT MAX(id) AS id FROM filter_runs WHERE teacher = ?", (teacher_name,))[0]
+    if run["id"] is None:
+        return []
+    got = project.store.q(
+        """SELECT d.example_id, d.detail, e.text, l.answer FROM filter_decisions d
+           JOIN examples e ON e.id = d.example_id
+           LEFT JOIN labels l ON l.example_id = d.example_id AND l.teacher = ?
+           WHERE d.run_id = ? AND d.reason = 'suspect_label'""", (teacher_name, run["id"]))
+
+    def rank(detail: str | None) -> int:   # "review rank N: ..."
+        try:
+            return int((detail or "").split(":", 1)[0].rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            return 1 << 30
+
+    return sorted(({"id": r["example_id"], "text": r["text"], "teacher": json.loads(r["answer"]) if r["answer"] else None,
+                    "detail": r["detail"]} for r in got), key=lambda d: (rank(d["detail"]), d["id"]))
+
+
+def _suspects(spec: ProjectSpec, rows: list[dict], report: FilterReport) -> dict[str, str]:
+    """{example id: detail} of the labels confident learning flags, over every row that has a usable label
+    (a correction, or an ok teacher answer in the label set) and is not contaminated. Corrections train the
+    cheap model but are never flagged. Fills ``report.suspects`` in review order."""
+    from distill.label_noise import find_suspects
+
+    labels = spec.label_names
+    use = []
+    for ex in rows:
+        if ex["contaminated"]:
+            continue
+        if ex["correction"] is not None:
+            given, probs = json.loads(ex["correction"]), None
+        elif ex["lstatus"] == "ok":
+            given, probs = json.loads(ex["answer"]), (None if ex["probs"] is None else json.loads(ex["probs"]))
+        else:
+            continue
+        if given in labels:
+            use.append((ex, given, probs))
+    if len(use) < 2:
+        return {}
+    found = find_suspects([ex["text"] for ex, _, _ in use], [g for _, g, _ in use], [p for _, _, p in use],
+                          labels, spec.filters.suspect_labels, flaggable=[ex["correction"] is None for ex, _, _ in use])
+    out = {}
+    for s in found:
+        ex = use[s.index][0]
+        out[ex["id"]] = (f"review rank {s.rank}: teacher {s.given!r}, likely {s.likely!r} "
+                         f"(p(given) {s.self_confidence:.3f}, confident learning)")
+        report.suspects.append({"id": ex["id"], "rank": s.rank, "text": ex["text"], "teacher": s.given,
+                                "likely": s.likely, "p_given": round(s.self_confidence, 4)})
+    return out

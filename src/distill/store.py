@@ -17,6 +17,8 @@ Tables (JSON columns hold JSON text):
 - ``failure_queue``   serve: routed / shadow-disagreement / feedback / degraded inputs for the next round.
 - ``api_keys``        serve: salted hashes of the service's API keys.
 - ``label_history``   relabel: superseded labels (old answer + old call key) for audit.
+- ``teacher_checks``  `distill teacher check`: one teacher's scores on a gold sample, its verdict (``distill label``
+                      warns when the latest one failed).
 """
 
 from __future__ import annotations
@@ -113,6 +115,12 @@ CREATE TABLE IF NOT EXISTS label_history(
 CREATE TABLE IF NOT EXISTS fewshot_choices(
   example_id TEXT NOT NULL, settings TEXT NOT NULL, demo_ids TEXT NOT NULL, created_at REAL NOT NULL,
   PRIMARY KEY (example_id, settings));
+-- teacher check: one row per teacher per `distill teacher check` (a gold sample of train/validation, never test),
+-- fingerprint = the teacher's identity + the prompt, so `distill label` can tell whether the check is still current
+CREATE TABLE IF NOT EXISTS teacher_checks(
+  id INTEGER PRIMARY KEY, teacher TEXT NOT NULL, created_at REAL NOT NULL, sample_ids_hash TEXT NOT NULL,
+  fingerprint TEXT NOT NULL, verdict TEXT NOT NULL, summary TEXT NOT NULL, result TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS teacher_checks_teacher ON teacher_checks(teacher);
 """
 
 

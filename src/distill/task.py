@@ -224,6 +224,22 @@ class DecontamSpec(_Strict):
     num_perm: int = Field(128, ge=16, le=1024)
 
 
+class SuspectSpec(_Strict):
+    """``filters.suspect_labels``: flag teacher labels that are probably wrong, without gold (confident
+    learning on out-of-fold probabilities; see distill/label_noise.py). classify only."""
+    features: Literal["embeddings", "tfidf"] = Field(
+        "embeddings", description="Cheap model's inputs: sentence embeddings of `embedder`, or TF-IDF n-grams.")
+    embedder: str = Field("all-minilm-l6-v2", description="Encoder for `features: embeddings` (packaged name or HF folder).")
+    folds: int = Field(5, ge=2, le=20, description="k of the k-fold out-of-fold probabilities.")
+    c: float = Field(1.0, gt=0, description="Inverse regularisation of the logistic regression.")
+    teacher_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="Weight of the teacher's own distribution in the probabilities "
+        "(0: the cheap model alone).")
+    method: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = Field(
+        "prune_by_noise_rate", description="cleanlab's find_label_issues filter_by.")
+    seed: int = Field(0, description="Fold assignment.")
+
+
 class FilterSpec(_Strict):
     drop_disagree_with_gold: bool = Field(True, description="Drop train examples whose teacher label != gold.")
     min_confidence: float | None = Field(None, ge=0.0, le=1.0, description="Drop if top probability is lower.")
@@ -231,6 +247,16 @@ class FilterSpec(_Strict):
     max_entropy: float | None = Field(None, ge=0.0, description="Drop if label entropy (nats) is higher.")
     min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="Drop if sample/ensemble agreement is lower.")
     drop_duplicates: bool = Field(True, description="Drop exact duplicates of (text, answer) in train.")
+    suspect_labels: SuspectSpec | None = Field(
+        None, description="Drop labels confident learning flags as probably wrong, without gold (classify); "
+        "`true` for the defaults.")
+
+    @field_validator("suspect_labels", mode="before")
+    @classmethod
+    def _suspect_shorthand(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        return None if v is False else v
 
 
 class ProjectSpec(_Strict):
@@ -315,6 +341,9 @@ class ProjectSpec(_Strict):
                 jsonschema.Draft202012Validator.check_schema(self.json_schema)
             except jsonschema.SchemaError as e:
                 raise ValueError(f"`schema:` is not a valid JSON schema: {e.message}") from None
+        if self.filters.suspect_labels is not None and self.kind != "classify":
+            raise ValueError("`filters.suspect_labels` needs kind 'classify' (confident learning ranks labels of a "
+                             "label set); remove it for extract/generate")
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")

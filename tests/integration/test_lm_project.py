@@ -125,7 +125,11 @@ def test_train_eval_report_export_end_to_end(base_dir, tmp_path):
 
     res = evaluate_lm(proj, model_path=str(rep.path), max_new_tokens=12, progress=False)
     assert res["model_run_id"] == rep.run_id and res["test"]["n"] == 8 and res["test"]["n_gold"] == 8
-    assert set(res["systems"]) == {"student", "base", "teacher"}
+    assert set(res["systems"]) == {"student", "base", "teacher", "majority"}
+    # the constant "most common training answer" matches 1 of the 8 test rows exactly: the teacher (6 of 8) is
+    # not the problem, so retention stays in the headline
+    assert res["systems"]["majority"]["vs_gold"]["accuracy"]["value"] == pytest.approx(1 / 8)
+    assert res["verdict"]["teacher_problem"] is False and "retention" in res["headline"]["student"]
     for name in ("student", "base", "teacher"):
         s = res["systems"][name]
         for m in ("accuracy", "field_f1", "field_precision", "field_recall"):

@@ -5,19 +5,25 @@ The recipe, top to bottom (``evaluate``):
 
 1. Load the student (the latest ``train`` run unless a folder is pinned; ``students.predictor``) and the test split. Test rows are
    never filtered (``dataset.rows``): dropping the hard cases would flatter everyone.
-2. Three systems answer every test row:
+2. Four systems answer every test row:
    - **student**: argmax of ``predict_proba``;
    - **teacher**: its stored label. Rows where it failed or never answered count as *wrong* against gold
      (counted in ``test.teacher_failed``). Human corrections are not the teacher's work, so the teacher is
      scored on its own label even where a correction exists;
    - **base**: TF-IDF + logistic regression fit on the same kept train rows the student saw. It is the
-     first thing a sceptic tries; a student that does not beat it is not worth serving.
+     first thing a sceptic tries; a student that does not beat it is not worth serving;
+   - **majority**: the most frequent of those kept train labels, for every input (``common.majority_answer``):
+     what a user has without gold or any model. A teacher that does not beat it is the problem
+     (``common.verdict``), and retention against such a teacher is not the headline.
 3. Each system is scored vs **gold** (accuracy, macro-F1) and vs the **teacher** (agreement), with seeded
-   percentile-bootstrap 95% CIs; retention = student/teacher on gold, recomputed per resample; per segment;
-   calibration (ECE); the student's top confusions with example texts.
+   percentile-bootstrap 95% CIs; retention = student/teacher on gold, recomputed per resample; per segment
+   (only when some test row has a segment); per class (precision / recall / F1 / support vs gold, student,
+   teacher and base); calibration (ECE); the student's top confusions with example texts.
 4. Latency and cost: the student and base are timed here; the teacher's latency and cost come from the
    ledger (``teacher_calls``), i.e. what labelling actually took and cost.
-5. The gate (``spec.quality``) turns all that into pass/fail with sentences a person can act on.
+5. The gate (``spec.quality``) turns all that into pass/fail with sentences a person can act on; the verdict
+   (``common.verdict``) says whether the teacher is the problem and which filters read gold
+   (``common.filters_used``).
 6. The JSON is written atomically to ``reports/eval-<model run id>.json`` and registered as an ``eval`` run
    (``common.write_result``); `distill eval` then promotes a model whose gate passed (``common.promote_if_passed``).
 
@@ -65,6 +71,8 @@ class EvalResult:
     cost: dict
     lineage: dict
     gate: dict                       # {passed, metric, against, failures, warnings}
+    verdict: dict = field(default_factory=dict)   # teacher_problem, rule, headline sentences (common.verdict)
+    filters_used: dict | None = None              # filters of the training labels, gold or not (common.filters_used)
     notes: list[str] = field(default_factory=list)
     json_path: str | None = None
     version: int = 1
@@ -111,7 +119,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
         )
     say(f"eval: {n} test rows ({test['n_gold']} with gold), teacher '{tname}', model {run_id}")
 
-    # 2. three systems answer -------------------------------------------------------------------------
+    # 2. four systems answer --------------------------------------------------------------------------
     say("eval: student predictions")
     texts = test["texts"]
     _ = student.predict_proba(texts[:2], batch_size=BATCH)  # warm-up (lazy init, allocator) before timing
@@ -133,6 +141,9 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
         unknown_b = sorted({b for b in b_pred if b not in classes})
         if unknown_b:  # the teacher answered something outside the label set; keep it visible as a class
             classes += unknown_b
+    maj = C.majority_answer(project, tname)
+    if maj is not None and maj["answer"] not in classes:
+        classes.append(maj["answer"])
 
     # 3. scores ---------------------------------------------------------------------------------------
     say("eval: scoring with bootstrap CIs")
@@ -140,7 +151,7 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     for t in t_pred:
         if t is not None and t not in classes:
             classes.append(t)
-    codes = _Codes(classes, test["gold"], t_pred, test["segments"])
+    codes = _Codes(classes, test["gold"], t_pred, test["segments"] if test["segmented"] else None)
     min_seg = spec.quality.min_segment_size
     f1_vs_teacher = spec.quality.against == "teacher" and spec.quality.metric == "macro_f1"
     systems: dict[str, dict] = {
@@ -155,6 +166,15 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
         systems["base"]["description"] = "TF-IDF (1-2 grams) + logistic regression on the same kept train labels"
     else:
         systems["base"] = {"available": False, "reason": base_reason}
+    if maj is not None:
+        systems["majority"] = C.majority_row(_score_system("majority", [maj["answer"]] * n, [None] * n, codes, min_seg),
+                                             maj)
+    else:
+        systems["majority"] = {"available": False, "reason": "no kept train labels"}
+    if codes.n_gold:
+        for name, pred in (("student", s_pred), ("teacher", t_pred), ("base", b_pred if base is not None else None)):
+            if pred is not None:
+                systems[name]["per_class"] = _per_class(codes, codes.encode(pred))
     for name in ("student", "base"):
         if systems[name].get("available", True) and codes.n_gold:
             systems[name]["retention"] = _retention(codes, codes.encode(s_pred if name == "student" else b_pred),
@@ -170,10 +190,14 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     if base is not None:
         latency["base"] = _time_base(base, texts, latency_samples)
     cost = C.cost_per_1m(latency, tspec.price.per_hour, cpu_hour_usd)
+    if maj is not None:
+        cost["majority"] = {"per_1m_usd": 0.0, "basis": "a constant answer: no model to run"}
 
     # 5. gate, headline -------------------------------------------------------------------------------
     gate = _gate(spec.quality, systems["student"], codes)
-    headline = C.headline(systems)
+    filters = C.filters_used(project, tname, record)
+    verdict = C.verdict(systems, filters, [("accuracy", "accuracy"), ("macro_f1", "macro-F1")], "TF-IDF")
+    headline = C.headline(systems, retention=not verdict["teacher_problem"])
     tq = _teacher_sentence(tname, systems["teacher"], test)
     lineage = {
         "model_run_id": run_id,
@@ -188,15 +212,17 @@ def evaluate(project: Project, *, model_path: str | None = None, student=None, t
     res = EvalResult(
         model_run_id=run_id, model_path=shown_path, teacher=tname, task=spec.name, created_at=time.time(),
         test={k: test[k] for k in ("n", "n_gold", "teacher_failed", "teacher_unlabelled", "teacher_failed_reasons",
-                                   "gold_counts", "segment_counts", "hash")},
+                                   "gold_counts", "segmented", "segment_counts", "hash")},
         systems=systems, headline=headline, teacher_quality=tq, confusions=confusions, latency=latency,
-        cost=cost, lineage=lineage, gate=gate, notes=notes + _standing_notes(test),
+        cost=cost, lineage=lineage, gate=gate, verdict=verdict, filters_used=filters, notes=notes + _standing_notes(test),
     )
 
     # 6. write + register -----------------------------------------------------------------------------
     out = C.write_result(project, run_id, res.to_dict(), tname)
     res.json_path = str(out)
     say(f"eval: {tq}")
+    for line in verdict["headline"]:
+        say(f"eval: {line}")
     say(f"eval: wrote {out}")
     return res
 
@@ -222,19 +248,24 @@ def _resolve_student(project: Project, model_path: str | None, student) -> tuple
     return student, ref.run_id, str(ref.path), ref.record
 
 
-def train_baseline(project: Project, teacher: str):
-    """TF-IDF + logistic regression on the kept train rows' effective answers (the student's training data)."""
+def baseline_pipeline():
+    """The unfitted TF-IDF + logistic regression baseline (also `distill teacher check`'s, cross-validated)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
+    # sublinear tf and word 1-2 grams: the standard strong linear text baseline (e.g. Wang & Manning 2012).
+    return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                         LogisticRegression(max_iter=2000, C=10.0))
+
+
+def train_baseline(project: Project, teacher: str):
+    """TF-IDF + logistic regression on the kept train rows' effective answers (the student's training data)."""
     train = [r for r in dataset_rows(project, teacher, ("train",)) if r.answer is not None]
     ys = [str(r.answer) for r in train]
     if len(set(ys)) < 2:
         return None, f"needs kept train rows with at least two different labels; found {len(train)} rows, {len(set(ys))} labels"
-    # sublinear tf and word 1-2 grams: the standard strong linear text baseline (e.g. Wang & Manning 2012).
-    pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                         LogisticRegression(max_iter=2000, C=10.0))
+    pipe = baseline_pipeline()
     pipe.fit([r.text for r in train], ys)
     pipe.n_train_ = len(train)
     return pipe, None
@@ -247,12 +278,12 @@ def train_baseline(project: Project, teacher: str):
 class _Codes:
     """Integer-coded gold / teacher / segments, so each bootstrap resample is a few numpy ops."""
 
-    def __init__(self, classes: list, gold: list, teacher: list, segments: list):
+    def __init__(self, classes: list, gold: list, teacher: list, segments: list | None):
         self.classes = classes
         self.k = len(classes)
         self.gold = M.encode(gold, classes)          # -1 = no gold
         self.teacher = M.encode(teacher, classes)    # -1 = teacher failed
-        self.segments = segments
+        self.segments = segments                     # None: no test row has a segment (no per-segment scores)
         self.gi = np.flatnonzero(self.gold >= 0)     # rows with gold
         self.ti = np.flatnonzero(self.teacher >= 0)  # rows where the teacher answered
         self.n_gold = len(self.gi)
@@ -279,13 +310,14 @@ def _score_system(name: str, pred: list, conf: list, c: _Codes, min_seg: int, se
     """vs gold, vs teacher, per segment and calibration for one system's predictions."""
     p = c.encode(pred)
     out: dict[str, Any] = {"available": True, "n": len(pred), "no_answer": int((p < 0).sum())}
-    seg_gold = [c.segments[i] for i in c.gi]
-    seg_teacher = [c.segments[i] for i in c.ti]
+    segmented = c.segments is not None   # no test row has a segment: no per-segment scores, no "(none)" segment
+    seg_gold = [c.segments[i] for i in c.gi] if segmented else []
+    seg_teacher = [c.segments[i] for i in c.ti] if segmented else []
     segs: dict[str, dict] = {}
     if c.n_gold:
         gs = _gold_stats(c, p)
         out["vs_gold"] = {m: C.metric(f, c.n_gold) for m, f in gs.items()}
-        for m, f in gs.items():
+        for m, f in (gs.items() if segmented else ()):
             for b in M.per_segment(seg_gold, f, min_size=min_seg, resamples=C.RESAMPLES, seed=C.SEED):
                 segs.setdefault(b["segment"], {"segment": b["segment"]})[f"{m}_vs_gold"] = b
     else:
@@ -295,7 +327,7 @@ def _score_system(name: str, pred: list, conf: list, c: _Codes, min_seg: int, se
         out["vs_teacher"] = {m: C.metric(f, len(c.ti)) for m, f in ts.items()}
         # Per segment vs the teacher: agreement only, unless the gate scores macro-F1 against the teacher
         # (each per-segment CI is another 1000 resamples per segment).
-        for m, f in ts.items():
+        for m, f in (ts.items() if segmented else ()):
             if m == "macro_f1" and not seg_teacher_f1:
                 continue
             for b in M.per_segment(seg_teacher, f, min_size=min_seg, resamples=C.RESAMPLES, seed=C.SEED):
@@ -307,6 +339,22 @@ def _score_system(name: str, pred: list, conf: list, c: _Codes, min_seg: int, se
     out["segments"] = [segs[k] for k in sorted(segs)]
     out["calibration"] = _calibration(p, conf, c)
     return out
+
+
+def _per_class(c: _Codes, p: np.ndarray) -> list[dict]:
+    """Precision, recall, F1 and support of each class vs gold (scikit-learn's
+    ``precision_recall_fscore_support``), worst F1 first (ties: larger support first). The classes are those
+    in gold or predictions, the ones macro-F1 averages; a missing answer is a false negative of its gold class
+    and nobody's false positive; 0/0 counts as 0 (``zero_division=0``; ``predicted`` = 0 tells that case apart)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    g, pg = c.gold[c.gi], p[c.gi]
+    present = sorted(set(g.tolist()) | set(pg[pg >= 0].tolist()))
+    prec, rec, f1, support = precision_recall_fscore_support(g, pg, labels=present, zero_division=0)
+    predicted = np.bincount(pg[pg >= 0], minlength=c.k)
+    rows = [{"class": c.classes[k], "precision": float(prec[j]), "recall": float(rec[j]), "f1": float(f1[j]),
+             "support": int(support[j]), "predicted": int(predicted[k])} for j, k in enumerate(present)]
+    return sorted(rows, key=lambda r: (r["f1"], -r["support"], str(r["class"])))
 
 
 def _calibration(p: np.ndarray, conf: list, c: _Codes) -> dict | None:
@@ -399,7 +447,7 @@ def _gate(q, student: dict, c: _Codes) -> dict:
     key = {"gold": {"accuracy": "accuracy", "exact_match": "accuracy", "macro_f1": "macro_f1"},
            "teacher": {"accuracy": "agreement", "exact_match": "agreement", "agreement": "agreement",
                        "macro_f1": "macro_f1"}}[against][metric]
-    return C.apply_gate(q, student, key, against, failures, warnings, noun="labels")
+    return C.apply_gate(q, student, key, against, failures, warnings, noun="labels", segmented=c.segments is not None)
 
 
 def _teacher_sentence(name: str, t: dict, test: dict) -> str:

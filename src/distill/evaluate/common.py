@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import numpy as np
 from distill import metrics as M
 from distill.dataset import rows as dataset_rows
 from distill.errors import DistillError
+from distill.filters import USES_GOLD
 from distill.fsutil import write_json_atomic
 from distill.project import Project
 
@@ -123,6 +125,7 @@ def test_table(project: Project, teacher: str, notes: list[str], limit: int | No
         notes.append(f"{unlabelled} test rows have no answer from teacher '{teacher}' (run `distill label`); "
                      "they count as wrong for the teacher")
     gold = [r.gold for r in rows]
+    segmented = any(r.segment is not None for r in rows)
     h = hashlib.sha256(json.dumps([[r.id, r.gold] for r in rows], sort_keys=True).encode()).hexdigest()[:16]
     return {
         "ids": [r.id for r in rows], "texts": [r.text for r in rows], "segments": [r.segment for r in rows],
@@ -132,9 +135,38 @@ def test_table(project: Project, teacher: str, notes: list[str], limit: int | No
         "teacher_failed": failed, "teacher_unlabelled": unlabelled, "teacher_failed_reasons": reasons,
         "gold_counts": M.counts([json.dumps(g, sort_keys=True) if isinstance(g, (dict, list)) else g
                                  for g in gold if g is not None]),
-        "segment_counts": M.counts(["(none)" if r.segment is None else r.segment for r in rows]),
+        # A project without segments (no test row has one) gets no per-segment table and no worst-segment gate;
+        # with some rows segmented, the others are the segment "(none)".
+        "segmented": segmented,
+        "segment_counts": M.counts(["(none)" if r.segment is None else r.segment for r in rows]) if segmented else {},
         "hash": h,
     }
+
+
+def majority_answer(project: Project, teacher: str, key: Callable[[Any], str] = str) -> dict | None:
+    """The most frequent answer among the kept train rows' effective answers — the labels the student (and the
+    TF-IDF baseline) trained on, i.e. what a user has without gold — as ``{answer, count, n_train}``; None when
+    there are none. ``key`` canonicalises an answer (extract: ``task.answer_key``); ties go to the smallest
+    key, so the choice is deterministic."""
+    answers = [r.answer for r in dataset_rows(project, teacher, ("train",)) if r.answer is not None]
+    if not answers:
+        return None
+    counts = Counter(key(a) for a in answers)
+    best, count = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {"answer": next(a for a in answers if key(a) == best), "count": count, "n_train": len(answers)}
+
+
+def majority_row(scores: dict, maj: dict) -> dict:
+    """The scored constant system (``scores`` from the kind's ``_score_system``) with its answer and note."""
+    return {**scores, "answer": maj["answer"], "train_count": maj["count"], "n_train": maj["n_train"],
+            "description": f"answers {shown(maj['answer'])} to every input: the most frequent of the {maj['n_train']} kept train "
+                           f"labels ({maj['count']} of them), the labels the student trained on — what you have without gold "
+                           "or any model; cost and latency ≈ 0"}
+
+
+def shown(answer: Any) -> str:
+    """An answer quoted for a sentence: 'label', or compact JSON for an extract answer (cut to EXAMPLE_CHARS)."""
+    return repr(cut(answer)) if isinstance(answer, str) else cut(json.dumps(answer, ensure_ascii=False, sort_keys=True))
 
 
 def latest_filter_run(project: Project, teacher: str) -> dict | None:
@@ -143,6 +175,56 @@ def latest_filter_run(project: Project, teacher: str) -> dict | None:
         return None
     r = rows[0]
     return {"id": r["id"], "config": json.loads(r["config"]), "kept": r["kept"], "dropped": r["dropped"]}
+
+
+# filter reason -> the distill.yaml setting (under ``filters:``) that switches it on
+FILTER_SETTINGS = {"disagrees_with_gold": "drop_disagree_with_gold", "low_confidence": "min_confidence",
+                   "low_margin": "min_margin", "high_entropy": "max_entropy", "low_agreement": "min_agreement",
+                   "suspect_label": "suspect_labels", "duplicate": "drop_duplicates"}
+
+
+def uses_gold(reason: str) -> bool:
+    """Whether a filter reason reads gold labels: the ones ``distill.filters.USES_GOLD`` names
+    (``disagrees_with_gold``); every other reason (confidence, margin, entropy, agreement, duplicate,
+    contaminated, ``teacher_failed:*``, ``suspect_label``) is gold-free, and so is any unknown one unless its
+    name says gold."""
+    head = reason.split(":", 1)[0]
+    return head in USES_GOLD or "gold" in head.lower()
+
+
+def filters_used(project: Project, teacher: str, record: dict) -> dict | None:
+    """Which filters shaped the training labels, and whether each read gold: the filter run the model was
+    trained on (its training record's ``filter.run_id``), else the teacher's latest run; None without one.
+    One row per filter the run's config switched on plus one per reason that dropped rows (unknown reasons
+    too), each with its drop count from ``filter_decisions``. ``gold_dropped`` counts the rows gold-using
+    filters dropped: a user without gold cannot drop them, so the student's figure flatters what they get."""
+    store = project.store
+    rid = (record.get("filter") or {}).get("run_id") if isinstance(record.get("filter"), dict) else None
+    runs = store.q("SELECT * FROM filter_runs WHERE id=?", (rid,)) if rid is not None else []
+    source = "the filter run the model was trained on"
+    if not runs:
+        runs = store.q("SELECT * FROM filter_runs WHERE teacher=? ORDER BY id DESC LIMIT 1", (teacher,))
+        source = f"the latest filter run of teacher '{teacher}'"
+    if not runs:
+        return None
+    run = runs[0]
+    cfg = (json.loads(run["config"]) or {}).get("filters") or {}
+    drops = {r["reason"]: r["n"] for r in store.q(
+        "SELECT COALESCE(reason,'(no reason)') reason, COUNT(*) n FROM filter_decisions WHERE run_id=? AND kept=0 "
+        "GROUP BY reason", (run["id"],))}
+    rows = []
+    for reason, setting in FILTER_SETTINGS.items():
+        if cfg.get(setting) not in (None, False) or reason in drops:
+            rows.append({"filter": reason, "setting": f"filters.{setting}: {json.dumps(cfg[setting])}" if setting in cfg
+                         else None, "uses_gold": uses_gold(reason), "dropped": drops.get(reason, 0)})
+    rows += [{"filter": reason, "setting": None, "uses_gold": uses_gold(reason), "dropped": drops[reason]}
+             for reason in sorted(set(drops) - set(FILTER_SETTINGS))]
+    gold = [r for r in rows if r["uses_gold"] and r["dropped"]]
+    return {"run_id": run["id"], "source": source, "kept": run["kept"], "dropped": run["dropped"],
+            # rows with an answer (the teacher's or a human's): what a gold filter could drop from
+            "labelled": run["kept"] + run["dropped"] - sum(k for r, k in drops.items()
+                                                           if r == "no_label" or r.startswith("teacher_failed")),
+            "filters": rows, "gold_dropped": sum(r["dropped"] for r in gold), "gold_filters": [r["filter"] for r in gold]}
 
 
 def teacher_ledger(project: Project, teacher: str) -> dict:
@@ -186,9 +268,10 @@ def cost_per_1m(latency: dict, teacher_per_hour: float, cpu_hour_usd: float) -> 
 
 
 def apply_gate(q, student: dict, key: str, against: str, failures: list[str], warnings: list[str],
-               noun: str = "labels") -> dict:
+               noun: str = "labels", segmented: bool = True) -> dict:
     """The gate once the metric ``key`` is known; shared by classify (here) and extract/generate
-    (``distill.evaluate_lm``), so both kinds fail and warn the same way."""
+    (``distill.evaluate_lm``), so both kinds fail and warn the same way. ``segmented=False`` (no test row has a
+    segment): only the overall threshold applies — there is no worst segment to gate on."""
     scores = student.get(f"vs_{against}")
     label = f"student {key} vs {against}"
     if not scores:
@@ -202,17 +285,17 @@ def apply_gate(q, student: dict, key: str, against: str, failures: list[str], wa
     segs = [x[f"{key}_vs_{against}"] for x in student["segments"] if f"{key}_vs_{against}" in x]
     worst = M.worst_segment(segs)
     small = [x["segment"] for x in segs if not x["gated"]]
-    if worst is None:
+    if worst is None and segmented:
         warnings.append(f"no segment has >= {q.min_segment_size} rows (quality.min_segment_size); "
                         "worst-segment check skipped")
-    else:
+    elif worst is not None:
         check_threshold(f"worst segment '{worst['segment']}' (n={worst['n']}): {label} = {fmt(worst['value'])} "
                f"[95% CI {fmt(worst['ci'][0])}, {fmt(worst['ci'][1])}]", worst, q.worst_segment,
                "quality.worst_segment", failures, warnings)
     if small:
         warnings.append(f"segments smaller than {q.min_segment_size} rows are reported but not gated: {small}")
     return {"passed": not failures, "metric": key, "against": against, "overall_threshold": q.overall,
-            "worst_segment_threshold": q.worst_segment, "min_segment_size": q.min_segment_size,
+            "worst_segment_threshold": q.worst_segment, "min_segment_size": q.min_segment_size, "segmented": segmented,
             "value": s["value"], "ci": s["ci"], "worst_segment": worst, "failures": failures, "warnings": warnings}
 
 
@@ -225,7 +308,9 @@ def check_threshold(what: str, s: dict, threshold: float, name: str, failures: l
                         "more test rows are needed to be sure")
 
 
-def headline(systems: dict) -> dict:
+def headline(systems: dict, retention: bool = True) -> dict:
+    """name -> {metric: {value, ci}}, the table the CLI prints. ``retention=False`` leaves retention out (the
+    teacher is no better than a constant answer, so a ratio to it means nothing; see ``verdict``)."""
     out = {}
     for name, s in systems.items():
         if not s.get("available"):
@@ -235,11 +320,73 @@ def headline(systems: dict) -> dict:
             row[f"{m} (gold)"] = {"value": v["value"], "ci": v["ci"]}
         for m, v in (s.get("vs_teacher") or {}).items():
             row[f"{m} (teacher)" if m != "agreement" else "agreement"] = {"value": v["value"], "ci": v["ci"]}
-        if s.get("retention"):
+        if s.get("retention") and retention:
             r = s["retention"]["accuracy"]
             row["retention"] = {"value": r["value"], "ci": r["ci"]}
         out[name] = {k: v for k, v in row.items() if not is_missing(v["value"])}
     return jsonable(out)
+
+
+def verdict(systems: dict, filters: dict | None, metrics: list[tuple[str, str]], base_name: str) -> dict:
+    """Whether the teacher is the problem, and the headline sentences ``distill eval`` prints and the report leads with.
+
+    The rule (``rule`` in the result): the teacher is the problem when, vs gold on the locked test split, it
+    scores at or below the majority row — the constant answer a user has without any model — on *either*
+    ``metrics`` (``[(key, label)]``, the accuracy-type metric first; point estimates decide, as in the gate).
+    Losing to a constant on accuracy makes accuracy retention meaningless (a student that always answers the
+    majority keeps >= 100%); losing on macro-F1 (extract: field F1) means its labels carry no more about the
+    classes than the label prior. Retention is then left out of the headline, which becomes the student vs
+    gold against the majority and baseline rows. Without gold, or without a majority row, nothing is decided
+    (``teacher_problem`` None). A gold-using filter that dropped training rows is named next to the
+    student's number."""
+    t, maj, st, base = (systems.get(k) or {} for k in ("teacher", "majority", "student", "base"))
+    key, label = metrics[0]
+    rule = ("teacher vs gold " + " or ".join(f"{lab} <= the majority row's {lab}" for _, lab in metrics)
+            + " (point estimates on the locked test split)")
+    tg, mg = t.get("vs_gold"), maj.get("vs_gold") if maj.get("available") else None
+    compared, problem = None, None
+    if tg and mg:
+        compared = {m: {"teacher": tg[m]["value"], "majority": mg[m]["value"],
+                        "teacher_at_or_below": _at_or_below(tg[m]["value"], mg[m]["value"])} for m, _ in metrics}
+        problem = any(c["teacher_at_or_below"] for c in compared.values())
+    lines = []
+    if problem:
+        worse = "; ".join(f"{lab} {fmt(compared[m]['teacher'])} <= {fmt(compared[m]['majority'])}"
+                          for m, lab in metrics if compared[m]["teacher_at_or_below"])
+        lines.append(f"The teacher is the problem: vs gold it is no better than answering {shown(maj['answer'])} to every "
+                     f"input ({worse}), so retention against it means nothing and is not the headline. Fix the "
+                     "prompt or choose another teacher; `distill teacher check` compares candidates.")
+    sg = (st.get("vs_gold") or {}).get(key)
+    if sg:
+        vs = [f"{name} {fmt(((s.get('vs_gold') or {}).get(key) or {}).get('value'))}"
+              for name, s in (("majority", maj), (base_name, base), ("teacher", t))
+              if s.get("available", True) and s.get("vs_gold")]
+        line = (f"student {label} vs gold {fmt(sg['value'])} [{fmt(sg['ci'][0])}, {fmt(sg['ci'][1])}]"
+                + (f" (against {', '.join(vs)})" if vs else ""))
+        ret = (st.get("retention") or {}).get("accuracy")
+        if ret and not problem and not is_missing(ret["value"]):
+            line += f"; retention {fmt(ret['value'])} [{fmt(ret['ci'][0])}, {fmt(ret['ci'][1])}] of the teacher's accuracy"
+        if filters and filters["gold_dropped"]:
+            why = ("because they disagreed with gold" if filters["gold_filters"] == ["disagrees_with_gold"] else
+                   "by filters that read gold (" + ", ".join(f"{r['filter']}: {r['dropped']}" for r in filters["filters"]
+                                                              if r["uses_gold"] and r["dropped"]) + ")")
+            line += (f" — trained with {filters['gold_dropped']} of {filters['labelled']} labels dropped {why}; a user "
+                     "without gold gets the figure of a student trained without that filter")
+        lines.append(line)
+    elif (st.get("vs_teacher") or {}).get("agreement"):
+        a = st["vs_teacher"]["agreement"]
+        lines.append(f"student agreement with the teacher {fmt(a['value'])} [{fmt(a['ci'][0])}, {fmt(a['ci'][1])}] "
+                     "(no gold on the test split: quality vs gold unknown)")
+    return {"teacher_problem": problem, "rule": rule, "teacher_vs_majority": compared,
+            "headline_figure": ("student_vs_teacher" if not sg else "retention" if st.get("retention") and not problem
+                                else "student_vs_gold"),
+            "headline": lines}
+
+
+def _at_or_below(teacher: float | None, majority: float | None) -> bool:
+    if is_missing(majority):
+        return False
+    return is_missing(teacher) or teacher <= majority
 
 
 def write_result(project: Project, model_run_id: str, result: dict, teacher: str) -> Path:

@@ -10,13 +10,18 @@ The recipe, top to bottom (``evaluate_lm``):
    - **base**: the same base model *without* the trained adapter, same prompt and parser. It answers the
      question "did distillation help at all?" (for an adapter, the adapter is switched off in place, so
      the base costs no second copy of the weights);
-   - **teacher**: its stored answer (``labels``). Failed or missing answers count as wrong vs gold.
+   - **teacher**: its stored answer (``labels``). Failed or missing answers count as wrong vs gold;
+   - **majority**: the most common answer of the kept train rows (``common.majority_answer``), for every
+     input — free to compute, scored by the same code; a teacher that does not beat it is the problem
+     (``common.verdict``).
 3. Each system is scored vs **gold** (where the row has one) and vs the **teacher** (where it answered),
-   with seeded percentile-bootstrap 95% CIs, per segment, and for ``extract`` per field.
+   with seeded percentile-bootstrap 95% CIs, per segment (only when some test row has a segment), and for
+   ``extract`` per field.
 4. Latency and tokens/s per request (batch 1) for student and base on this machine; the teacher's
    latency and cost come from the labelling ledger.
-5. The gate (``spec.quality``); the JSON is written atomically to ``reports/eval-<run>.json`` and
-   registered as an ``eval`` run, so ``distill report`` and the CLI's gate work unchanged.
+5. The gate (``spec.quality``), the verdict and the filters that read gold, as for classify; the JSON is
+   written atomically to ``reports/eval-<run>.json`` and registered as an ``eval`` run, so ``distill report``
+   and the CLI's gate work unchanged.
 
 Metric names (kept identical to the classify evaluation, so the report's tables read them):
 
@@ -226,6 +231,12 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
                                        min_seg, gate_key)
     if "base" not in systems:
         systems["base"] = {"available": False, "reason": base_reason}
+    maj = C.majority_answer(project, tname, key=lambda a: answer_key(spec, a))
+    if maj is not None:
+        systems["majority"] = C.majority_row(_score_system(spec, "majority", [maj["answer"]] * n, None, test, min_seg,
+                                                           gate_key), maj)
+    else:
+        systems["majority"] = {"available": False, "reason": "no kept train answers"}
     cfg = record.get("config") if isinstance(record.get("config"), dict) else {}
     systems["student"]["description"] = (f"distilled student ({cfg.get('loss', '?')} on "
                                          f"{info.get('base_model')}, {'LoRA adapter' if is_adapter else 'merged or full model'})")
@@ -249,16 +260,21 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     latency["student"]["size_bytes"] = pred.size_bytes()
     latency["teacher"] = C.teacher_ledger(project, tname)
     cost = C.cost_per_1m(latency, tspec.price.per_hour, cpu_hour_usd)
+    if maj is not None:
+        cost["majority"] = {"per_1m_usd": 0.0, "basis": "a constant answer: no model to run"}
 
     # 5. gate, headline, lineage ----------------------------------------------------------------------
-    gate = _gate(spec.quality, spec.kind, systems["student"])
-    headline = _headline(systems)
+    gate = _gate(spec.quality, spec.kind, systems["student"], segmented=test["segmented"])
+    filters = C.filters_used(project, tname, record)
+    second = ("field_f1", "field F1") if spec.kind == "extract" else ("normalised_match", "normalised match")
+    verdict = C.verdict(systems, filters, [("accuracy", "exact match"), second], "untuned base")
+    headline = _headline(systems, retention=not verdict["teacher_problem"])
     tq = _teacher_sentence(spec.kind, tname, systems["teacher"], test)
     result = {
         "model_run_id": run_id, "model_path": to_store_path(project.root, path), "teacher": tname, "task": spec.name, "kind": spec.kind,
         "created_at": time.time(),
         "test": {k: test[k] for k in ("n", "n_total", "n_gold", "teacher_failed", "teacher_unlabelled",
-                                      "teacher_failed_reasons", "segment_counts", "hash")},
+                                      "teacher_failed_reasons", "segmented", "segment_counts", "hash")},
         "systems": systems, "headline": headline, "teacher_quality": tq, "confusions": errors,
         "samples": samples, "latency": latency, "cost": cost,
         "generation": {"max_new_tokens": max_new_tokens, "batch_size": 1, "device": dev,
@@ -271,7 +287,7 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
             "filters": spec.filters.model_dump(), "filter_run": C.latest_filter_run(project, tname),
             "test_hash": test["hash"], "code_git_sha": git_sha(),
         },
-        "gate": gate,
+        "gate": gate, "verdict": verdict, "filters_used": filters,
         "notes": notes + _standing_notes(spec.kind, test),
         "json_path": None, "version": 1,
     }
@@ -281,6 +297,8 @@ def evaluate_lm(project: Project, *, model_path: str | None = None, teacher: str
     C.write_result(project, run_id, result, tname)
     out = result["json_path"]
     say(f"eval: {tq}")
+    for line in verdict["headline"]:
+        say(f"eval: {line}")
     say(f"eval: wrote {out}")
     return result
 
@@ -381,7 +399,8 @@ def _score_system(spec, name: str, answers: list, validity: dict | None, test: d
         st = statistics(kind, sc, against)
         out[f"vs_{against}"] = {m: C.metric(f, len(idx)) for m, f in st.items()}
         seg_of = [test["segments"][i] for i in idx]
-        for m in _segment_metrics(kind, against, gate_key):
+        # no test row has a segment: no per-segment scores (and no "(none)" pseudo-segment)
+        for m in (_segment_metrics(kind, against, gate_key) if test["segmented"] else ()):
             if m not in st:
                 continue
             for b in M.per_segment(seg_of, st[m], min_size=min_seg, resamples=C.RESAMPLES, seed=C.SEED):
@@ -513,7 +532,7 @@ def _gate_key(q, kind: str) -> str | None:
     return None
 
 
-def _gate(q, kind: str, student: dict) -> dict:
+def _gate(q, kind: str, student: dict, segmented: bool = True) -> dict:
     """Apply ``spec.quality`` to the student, as ``distill.evaluate`` does: point estimates decide; a CI
     reaching below the threshold is a warning."""
     against = "teacher" if q.metric == "agreement" else q.against
@@ -524,12 +543,12 @@ def _gate(q, kind: str, student: dict) -> dict:
         failures.append(f"quality.metric '{q.metric}' does not apply to kind '{kind}'; use exact_match"
                         + (" or field_f1" if kind == "extract" else "") + " in distill.yaml")
         return {"passed": False, "metric": q.metric, "against": against, "failures": failures, "warnings": warnings}
-    return C.apply_gate(q, student, key, against, failures, warnings, noun="answers")
+    return C.apply_gate(q, student, key, against, failures, warnings, noun="answers", segmented=segmented)
 
 
-def _headline(systems: dict) -> dict:
+def _headline(systems: dict, retention: bool = True) -> dict:
     """The classify headline (vs gold, vs teacher, retention) plus the extract validity rates."""
-    out = C.headline(systems)
+    out = C.headline(systems, retention)
     for name, s in systems.items():
         if s.get("available") and s.get("validity"):
             for k, v in s["validity"].items():

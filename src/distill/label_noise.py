@@ -1,0 +1,121 @@
+"""Which teacher labels are probably wrong, without gold: confident learning on out-of-fold probabilities.
+
+A user distilling real traffic has no gold to catch the teacher's mistakes, and the teacher's own
+confidence barely separates its right answers from its wrong ones (a small teacher is confidently wrong).
+Confident learning (Northcutt, Jiang and Chuang 2021, "Confident Learning: Estimating Uncertainty in Dataset
+Labels", JAIR 70, arXiv 1911.00068) estimates the joint distribution of given and true labels from
+*out-of-sample* predicted probabilities and flags the examples whose given label is least likely under it.
+We use the reference implementation (``cleanlab.filter.find_label_issues``) and add only what is ours:
+
+1. features for a cheap model: the packaged all-MiniLM-L6-v2's mean-pooled sentence embeddings (default), or
+   TF-IDF word + character n-grams;
+2. out-of-fold probabilities: k-fold logistic regression trained on the *teacher's* labels, so no example's
+   probability comes from a model that saw its own label;
+3. combined with the teacher's own label distribution (``teacher_weight``): the cheap model knows what the
+   rest of the data says about similar inputs, the teacher knows the input; a row the two agree is unlikely
+   to carry its given label is what we flag;
+4. the flags ranked by the cleanlab self-confidence of the given label (lowest first): the order a reviewer
+   should read them in (``distill filter`` prints the first ones; ``filter_decisions.detail`` holds each rank).
+
+Corrected rows (human labels) train the cheap model with their correction and are never flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from distill.errors import DistillError
+from distill.task import SuspectSpec
+
+
+@dataclass
+class Suspect:
+    index: int            # position in the input lists
+    rank: int             # 1 = look at this first
+    given: str            # the teacher's label
+    likely: str           # the label the combined probabilities favour
+    self_confidence: float   # combined p(given label)
+
+
+def features(texts: list[str], spec: SuspectSpec) -> np.ndarray:
+    if spec.features == "tfidf":
+        from scipy.sparse import hstack
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        words = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True).fit_transform(texts)
+        chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=2, sublinear_tf=True).fit_transform(texts)
+        return hstack([words, chars]).tocsr()
+    from distill.fewshot import Embedder
+
+    return Embedder(spec.embedder)(texts)
+
+
+def out_of_fold_probs(x, y: np.ndarray, n_classes: int, spec: SuspectSpec) -> np.ndarray:
+    """[N, n_classes] probabilities for each row from a logistic regression that never saw that row.
+    Stratified k-fold when every class has k rows, else plain shuffled k-fold (a class missing from a fold's
+    training part gets probability 0 there)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(y, minlength=n_classes)
+    k = min(spec.folds, len(y))
+    if k < 2:
+        raise DistillError(f"suspect_labels needs at least 2 labelled rows, got {len(y)}")
+    present = counts[counts > 0]
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=spec.seed) if present.min() >= k
+                else KFold(k, shuffle=True, random_state=spec.seed))
+    out = np.zeros((len(y), n_classes))
+    for train_idx, held_idx in splitter.split(np.zeros(len(y)), y):
+        classes = np.unique(y[train_idx])
+        if len(classes) == 1:           # a degenerate fold: the one class it knows
+            out[held_idx, classes[0]] = 1.0
+            continue
+        clf = LogisticRegression(C=spec.c, max_iter=2000)
+        clf.fit(x[train_idx], y[train_idx])
+        out[np.ix_(held_idx, clf.classes_)] = clf.predict_proba(x[held_idx])
+    return out
+
+
+def find_suspects(texts: list[str], given: list[str], teacher_probs: list[dict[str, float] | None],
+                  labels: list[str], spec: SuspectSpec, flaggable: list[bool] | None = None) -> list[Suspect]:
+    """The rows whose given label confident learning calls an issue, ranked (most suspect first).
+
+    ``given[i]`` is the label the student would train on (the teacher's, or a human correction);
+    ``teacher_probs[i]`` the teacher's distribution over ``labels`` (None when it gave none: that row then
+    uses the cheap model's probabilities alone); ``flaggable[i]`` False for rows never to flag (corrections).
+    """
+    from cleanlab.filter import find_label_issues
+
+    n = len(texts)
+    if not (len(given) == len(teacher_probs) == n) or (flaggable is not None and len(flaggable) != n):
+        raise ValueError("texts, given, teacher_probs and flaggable must have one entry per row")
+    if n == 0:
+        return []
+    # cleanlab wants every column to be a class some row is labelled with: keep only the classes in use
+    used = sorted({g for g in given}, key=labels.index)
+    col = {lab: i for i, lab in enumerate(used)}
+    if len(used) < 2:
+        return []
+    y = np.array([col[g] for g in given])
+    oof = out_of_fold_probs(features(texts, spec), y, len(used), spec)
+    probs = oof.copy()
+    w = spec.teacher_weight
+    for i, tp in enumerate(teacher_probs):
+        if w > 0 and tp:
+            t = np.array([max(float(tp.get(lab, 0.0)), 0.0) for lab in used])
+            if t.sum() > 0:
+                probs[i] = (1 - w) * oof[i] + w * t / t.sum()
+    probs = np.clip(probs, 1e-12, None)
+    probs /= probs.sum(1, keepdims=True)
+    ranked = find_label_issues(labels=y, pred_probs=probs, filter_by=spec.method,
+                               return_indices_ranked_by="self_confidence")
+    out = []
+    for idx in ranked:
+        idx = int(idx)
+        if flaggable is not None and not flaggable[idx]:
+            continue
+        out.append(Suspect(index=idx, rank=len(out) + 1, given=given[idx], likely=used[int(probs[idx].argmax())],
+                           self_confidence=float(probs[idx, y[idx]])))
+    return out
