@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         target("routed cost / teacher cost (API teacher, router at 90% coverage)",
                ratios["api_teacher_routed_over_teacher"], "<=", 0.15),
         target("routed in-scope accuracy / teacher's, at that cost (CLINC150)", routed_quality / teacher_quality, ">=", 1.0,
-               "the router suite's stand-in teacher is perfect by construction"),
+               "the router suite's teacher: all-mpnet-base-v2 fine-tuned on 10 gold queries per intent (real, imperfect)"),
     ]
     result = bench_result(
         "cost", smoke=a.smoke, started=t0, environment_start=env0,

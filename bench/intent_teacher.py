@@ -116,7 +116,7 @@ def read_teacher(dataset: str, path: Path | None = None) -> tuple[dict, list[dic
         return header, [json.loads(line) for line in f]
 
 
-def train_teacher(work: Path, dataset: str, rows: list[dict], epochs: int) -> tuple[Path, dict]:
+def train_teacher(work: Path, dataset: str, rows: list[dict], epochs: int, lr: float) -> tuple[Path, dict]:
     """Fine-tune the teacher through distill's own classifier recipe: a project whose train split is the
     teacher's gold rows and whose validation split is the validation rows, gold replayed as labels."""
     from distill.data.importer import import_file
@@ -129,7 +129,7 @@ def train_teacher(work: Path, dataset: str, rows: list[dict], epochs: int) -> tu
 
     intents = sorted({r["gold"] for r in rows if r["role"] == "teacher_train"})
     labels = "\n".join(f"  - {json.dumps(i)}" for i in intents)
-    student = {"base_model": BASE, "signal": "hard", "learning_rate": 8e-5, "batch_size": 16,
+    student = {"base_model": BASE, "signal": "hard", "learning_rate": lr, "batch_size": 16,
                "max_length": 48 if dataset == "banking77" else 32, "epochs": epochs,
                "early_stopping_patience": 2, "early_stopping_metric": "agreement", "seed": SEED}
     spec = f"""# Written by bench/intent_teacher.py: fine-tunes the {dataset} teacher on its gold rows.
@@ -165,8 +165,9 @@ student: {json.dumps(student)}
     label(project, "gold", progress=False)
     run_filters(project, "gold")
     rep = train(project, progress=True)
-    record = {k: rep.record.get(k) for k in ("run_id", "config", "counts", "epochs_run", "best_checkpoint", "best_metric",
-                                             "train_seconds", "train_samples_per_second")}
+    keys = ("config", "counts", "epochs_run", "best_checkpoint", "best_metric", "train_seconds",
+            "train_samples_per_second")
+    record = {"run_id": rep.run_id, **{k: rep.record.get(k) for k in keys}}
     record["per_epoch"] = [{k: e.get(k) for k in ("epoch", "loss", "eval_loss", "eval_agreement", "epoch_seconds")}
                            for e in rep.record.get("epochs", [])]
     project.close()
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("banking77", "clinc150"), required=True)
     ap.add_argument("--epochs", type=int, default=10, help="upper bound; early stopping on validation (patience 2)")
+    ap.add_argument("--lr", type=float, default=8e-5, help="peak learning rate (linear decay, 10% warm-up)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="folder for the teacher's training project")
     ap.add_argument("--out", type=Path, help="default: examples/<dataset>/teacher_mpnet.jsonl.gz")
     args = ap.parse_args(argv)
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     resolved = resolve_model(BASE)          # fails early, with the pip command, if the parts are missing
     rows = banking77_rows() if args.dataset == "banking77" else clinc150_rows()
     t0 = time.perf_counter()
-    path, record = train_teacher(args.work / f"teacher-{args.dataset}", args.dataset, rows, args.epochs)
+    path, record = train_teacher(args.work / f"teacher-{args.dataset}", args.dataset, rows, args.epochs, args.lr)
     print(f"[{args.dataset}] teacher trained: {record['epochs_run']} epochs, best validation agreement "
           f"{record['best_metric']}", file=sys.stderr)
 
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": f"mpnet-{args.dataset}", "model": f"{resolved.upstream} fine-tuned on {TEACHER_GOLD_PER_INTENT} "
         f"gold queries per intent (classification head; distill's classifier recipe)",
         "base_package": resolved.package, "licence": resolved.licence,
-        "command": f"python bench/intent_teacher.py --dataset {args.dataset}",
+        "command": f"python bench/intent_teacher.py --dataset {args.dataset} --epochs {args.epochs} --lr {args.lr}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {k: environment().get(k) for k in ("git_sha", "versions", "cpu_model", "load_average")},
         "training": record, "labels": list(model.labels),

@@ -227,16 +227,17 @@ class DecontamSpec(_Strict):
 class SuspectSpec(_Strict):
     """``filters.suspect_labels``: flag teacher labels that are probably wrong, without gold (confident
     learning on out-of-fold probabilities; see distill/label_noise.py). classify only."""
-    features: Literal["embeddings", "tfidf"] = Field(
-        "embeddings", description="Cheap model's inputs: sentence embeddings of `embedder`, or TF-IDF n-grams.")
-    embedder: str = Field("all-minilm-l6-v2", description="Encoder for `features: embeddings` (packaged name or HF folder).")
+    features: Literal["both", "tfidf", "embeddings"] = Field(
+        "both", description="Cheap model's inputs: TF-IDF n-grams and `embedder` sentence embeddings, or one of them.")
+    embedder: str = Field("all-minilm-l6-v2", description="Encoder for the embeddings (packaged name or HF folder).")
     folds: int = Field(5, ge=2, le=20, description="k of the k-fold out-of-fold probabilities.")
     c: float = Field(1.0, gt=0, description="Inverse regularisation of the logistic regression.")
     teacher_weight: float = Field(
-        0.5, ge=0.0, le=1.0, description="Weight of the teacher's own distribution in the probabilities "
-        "(0: the cheap model alone).")
-    method: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = Field(
-        "prune_by_noise_rate", description="cleanlab's find_label_issues filter_by.")
+        0.1, ge=0.0, le=1.0, description="Weight of the teacher's own distribution in the log-linear pool with the "
+        "cheap model's (0: the cheap model alone).")
+    method: Literal["predicted_neq_given", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                    "low_self_confidence", "low_normalized_margin"] = Field(
+        "predicted_neq_given", description="cleanlab's find_label_issues filter_by (see distill/label_noise.py).")
     seed: int = Field(0, description="Fold assignment.")
 
 
@@ -874,9 +875,9 @@ quality:                # the gate `distill eval` enforces
   overall: 0.85
   worst_segment: 0.75
 filters:
-  drop_disagree_with_gold: true
+  drop_disagree_with_gold: true   # needs gold on the training inputs; real traffic has none
   min_confidence: null  # e.g. 0.5: drop training labels the teacher was unsure of
-teachers:
+{"  suspect_labels: false # true: drop labels confident learning flags as wrong, without gold (`distill filter` lists them)" + chr(10) if kind == "classify" else ""}teachers:
   # Any OpenAI-compatible endpoint. The key is read from the environment variable; it is never stored.
   - name: api
     kind: openai

@@ -604,9 +604,10 @@ def render(result: dict) -> str:
         lines.append(f"teacher '{c['teacher']}' ({c['teacher_kind']}: {c['model']}): {c['answered']} of {c['n']} "
                      "answered" + (f", no answer counted as wrong: {c['no_answer']}" if c["no_answer"] else ""))
         if kind == "classify":
-            lines.append(f"  {'class':<14} {'precision':<22} {'recall':<22} support  predicted")
+            w = min(max([5] + [len(pc["label"]) for pc in c["per_class"]]), 40)   # names up to 40 chars in full
+            lines.append(f"  {'class':<{w}} {'precision':<22} {'recall':<22} support  predicted")
             for pc in c["per_class"]:
-                lines.append(f"  {pc['label'][:14]:<14} {_ci(pc['precision']):<22} {_ci(pc['recall']):<22} "
+                lines.append(f"  {pc['label'][:w]:<{w}} {_ci(pc['precision']):<22} {_ci(pc['recall']):<22} "
                              f"{pc['support']:<8} {pc['predicted']}")
         else:
             lines.append(f"  {'field':<20} {'precision':<10} {'recall':<10} {'F1':<10} support")

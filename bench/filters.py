@@ -1,0 +1,238 @@
+"""Filtering without gold: does the suspect-label filter recover what the gold filter buys? (issue #15)
+
+    .venv/bin/python bench/filters.py              # ~25 min on a shared 2-core CPU -> bench/results/filters.json
+    .venv/bin/python bench/filters.py --seeds 0    # one seed (~8 min)
+    .venv/bin/python bench/filters.py --smoke      # 150 inputs, 1 epoch: checks the script; a temp file
+
+The demo task (SNIPS intents, examples/snips-intents; teacher = the recorded Qwen2.5-Coder-1.5B, 0.906 vs gold
+on test, wrong on 75 of the 948 train/validation inputs). Four ways to filter the teacher's labels, each
+trained with the demo's student recipe (MiniLM, soft + hard targets) and evaluated on the locked test split:
+
+- ``none``:        no label filter (malformed answers, near-duplicates of test and duplicates still go);
+- ``suspect``:     ``filters.suspect_labels`` (distill/label_noise.py): confident learning, no gold;
+- ``confidence``:  the teacher's own probability, thresholded to drop as many labels as ``suspect`` did (the
+                   gold-free heuristic it must beat, at the same cost in training rows);
+- ``gold``:        ``filters.drop_disagree_with_gold`` — what a user with gold on every input gets.
+
+Measured: (1) each filter's drops against the teacher's actual errors on train/validation (gold is known for
+the demo, so precision and recall of the drops are exact); (2) student accuracy vs gold on test per arm and
+seed, and the share of the none -> gold gap the suspect filter recovers:
+``(acc_suspect - acc_none) / (acc_gold - acc_none)`` on the means over seeds (target >= 0.5).
+Gold is read only to score; the suspect and confidence arms never see it. (3) When the retention bench's
+projects exist, the same filter's drops against another teacher's real errors (BANKING77 / CLINC150, the
+fine-tuned mpnet teacher): flags only, no training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+EXAMPLE = ROOT / "examples" / "snips-intents"
+ARMS = ("none", "suspect", "confidence", "gold")
+TARGET_GAP = 0.5
+
+
+def build(work: Path, arm: str, filters: dict, limit: int | None) -> "object":
+    """A demo project for one arm: the demo spec with ``filters`` replaced, imported and labelled (replay)."""
+    from distill.data.importer import import_file
+    from distill.demo import sample_csv
+    from distill.labeling import label
+    from distill.project import Project
+
+    root = work / arm
+    if not (root / "distill.yaml").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        spec = yaml.safe_load((EXAMPLE / "distill.yaml").read_text())
+        spec["filters"] = filters
+        (root / "distill.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        for f in EXAMPLE.glob("teacher_*.jsonl"):
+            shutil.copy(f, root / f.name)
+    project = Project.open(root)
+    data = EXAMPLE / "snips_intents.csv"
+    if limit:
+        data = sample_csv(data, root / f"subset_{limit}.csv", limit)
+    import_file(project, data, text="text", label="intent", id="id")
+    label(project, project.spec.get_teacher().name, progress=False)
+    return project
+
+
+def drops_vs_errors(project, run_id: int, teacher: str) -> dict:
+    """Precision / recall of a filter run's label drops against the teacher's errors (answer != gold) on the
+    train/validation rows the filter could judge (an ok teacher answer, not a near-duplicate of test)."""
+    rows = project.store.q(
+        """SELECT e.id, e.gold, l.answer, d.kept, d.reason FROM examples e
+           JOIN labels l ON l.example_id = e.id AND l.teacher = ? AND l.status = 'ok'
+           JOIN filter_decisions d ON d.example_id = e.id AND d.run_id = ?
+           WHERE e.split IN ('train', 'validation') AND e.gold IS NOT NULL
+             AND e.id NOT IN (SELECT example_id FROM contamination)""", (teacher, run_id))
+    label_reasons = ("suspect_label", "low_confidence", "disagrees_with_gold")
+    err = np.array([json.loads(r["answer"]) != json.loads(r["gold"]) for r in rows])
+    dropped = np.array([r["reason"] in label_reasons for r in rows])
+    tp = int((err & dropped).sum())
+    return {"judged": len(rows), "teacher_errors": int(err.sum()), "dropped": int(dropped.sum()), "true_drops": tp,
+            "precision": tp / int(dropped.sum()) if dropped.any() else None,
+            "recall": tp / int(err.sum()) if err.any() else None,
+            "errors_kept_for_training": int((err & ~dropped).sum())}
+
+
+def confidence_threshold(project, teacher: str, n_drop: int) -> float:
+    """The min_confidence that drops the ``n_drop`` least confident labels (the teacher's p(answer))."""
+    ps = sorted(r["p"] for r in project.store.q(
+        """SELECT COALESCE(l.confidence, 1.0) AS p FROM labels l JOIN examples e ON e.id = l.example_id
+           WHERE l.teacher = ? AND l.status = 'ok' AND e.split IN ('train', 'validation')""", (teacher,)))
+    if n_drop <= 0:
+        return 0.0
+    # strictly above the n-th lowest so exactly those (ties aside) fall below it
+    return float(np.nextafter(ps[min(n_drop, len(ps)) - 1], 1.0))
+
+
+def cross_check(work: Path, suspect: dict) -> dict:
+    """The suspect filter's drops vs the real teacher errors on the BANKING77 / CLINC150 retention projects
+    (another teacher: a fine-tuned mpnet; built by bench/retention_intents.py), flags only: no training. Run on a
+    copy of each store so the retention project's own filter run is untouched."""
+    import sqlite3
+
+    from distill.filters import run_filters
+    from distill.project import Project
+
+    out = {}
+    for name in ("banking77", "clinc150"):
+        src = work / f"retention-{name}"
+        if not (src / "distill.db").exists():
+            out[name] = None
+            continue
+        dst = work / f"filters-cross-{name}"
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        spec = yaml.safe_load((src / "distill.yaml").read_text())
+        spec["filters"] = {"drop_disagree_with_gold": False, "suspect_labels": suspect}
+        (dst / "distill.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        with sqlite3.connect(src / "distill.db") as a, sqlite3.connect(dst / "distill.db") as b:
+            a.backup(b)
+        p = Project.open(dst)
+        t = time.perf_counter()
+        fr = run_filters(p, "mpnet")
+        out[name] = {"teacher": "mpnet (bench/intent_teacher.py)", "seconds": round(time.perf_counter() - t, 1),
+                     "dropped_by_reason": fr.dropped_by_reason, **drops_vs_errors(p, fr.run_id, "mpnet")}
+        p.close()
+        print(f"[cross-check {name}] {out[name]}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2", help="student training seeds (comma-separated)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--work", type=Path, default=HERE / ".work")
+    ap.add_argument("--suspect", default="{}", help="suspect_labels settings as JSON (default: the shipped defaults)")
+    ap.add_argument("--cross-check-only", action="store_true", help="only the BANKING77/CLINC150 flag cross-check")
+    args = ap.parse_args(argv)
+
+    from distill.evaluate import evaluate
+    from distill.filters import run_filters
+    from distill.recipes.train import train
+    from distill.runinfo import bench_result, environment, target, write_json_atomic
+    from distill.task import SuspectSpec
+
+    env0, t0 = environment(), time.perf_counter()
+    seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
+    limit = 150 if args.smoke else None
+    work = args.work / ("filters-smoke" if args.smoke else "filters")
+    suspect = SuspectSpec.model_validate(json.loads(args.suspect)).model_dump(mode="json")
+    if args.cross_check_only:
+        print(json.dumps(cross_check(args.work, suspect), indent=1))
+        return 0
+    base = {"drop_disagree_with_gold": False, "min_confidence": None}
+    arms: dict[str, dict] = {}
+    for arm in ("none", "suspect", "gold"):
+        filters = {**base, "suspect_labels": suspect} if arm == "suspect" else (
+            {**base, "drop_disagree_with_gold": True} if arm == "gold" else base)
+        p = build(work, arm, filters, limit)
+        arms[arm] = {"project": p, "filters": filters}
+    teacher = arms["none"]["project"].spec.get_teacher().name
+    res: dict[str, dict] = {}
+    for arm in ("none", "suspect", "gold"):
+        p = arms[arm]["project"]
+        t = time.perf_counter()
+        fr = run_filters(p, teacher)
+        res[arm] = {"filters": arms[arm]["filters"], "filter_seconds": round(time.perf_counter() - t, 2),
+                    "kept": fr.kept, "dropped_by_reason": fr.dropped_by_reason,
+                    "drops_vs_teacher_errors": drops_vs_errors(p, fr.run_id, teacher),
+                    "review_first": fr.suspects[:10] if arm == "suspect" else None}
+        print(f"[{arm}] kept {fr.kept}, dropped {fr.dropped_by_reason}, {res[arm]['drops_vs_teacher_errors']}",
+              file=sys.stderr)
+    # the confidence arm drops as many labels as the suspect filter did, by the teacher's own probability
+    n_suspect = res["suspect"]["dropped_by_reason"].get("suspect_label", 0)
+    thr = confidence_threshold(arms["none"]["project"], teacher, n_suspect)
+    p = build(work, "confidence", {**base, "min_confidence": thr}, limit)
+    arms["confidence"] = {"project": p, "filters": {**base, "min_confidence": thr}}
+    fr = run_filters(p, teacher)
+    res["confidence"] = {"filters": arms["confidence"]["filters"], "kept": fr.kept,
+                         "dropped_by_reason": fr.dropped_by_reason,
+                         "drops_vs_teacher_errors": drops_vs_errors(p, fr.run_id, teacher)}
+    print(f"[confidence] threshold {thr:.4f}: {res['confidence']['drops_vs_teacher_errors']}", file=sys.stderr)
+
+    for arm in ARMS:
+        p = arms[arm]["project"]
+        res[arm]["students"] = []
+        for seed in seeds:
+            over = {"seed": seed, **({"epochs": 1} if args.smoke else {})}
+            run = train(p, teacher=teacher, overrides=over, progress=False)
+            d = evaluate(p, model_path=str(run.path), teacher=teacher, progress=False).to_dict()
+            h = d["headline"]["student"]
+            res[arm]["students"].append({"seed": seed, "run_id": run.run_id, "train_rows": run.record.get("counts", {}),
+                                         "accuracy_vs_gold": h["accuracy (gold)"],
+                                         "macro_f1_vs_gold": h["macro_f1 (gold)"]})
+            print(f"[{arm}] seed {seed}: accuracy {h['accuracy (gold)']}", file=sys.stderr)
+        accs = [s["accuracy_vs_gold"]["value"] for s in res[arm]["students"]]
+        res[arm]["mean_accuracy_vs_gold"] = float(np.mean(accs))
+        res[arm]["min_max_accuracy_vs_gold"] = [float(min(accs)), float(max(accs))]
+        p.close()
+    acc = {arm: res[arm]["mean_accuracy_vs_gold"] for arm in ARMS}
+    res["cross_check_other_teacher"] = None if args.smoke else cross_check(args.work, suspect)
+    gap = acc["gold"] - acc["none"]
+    recovered = (acc["suspect"] - acc["none"]) / gap if gap > 0 else None
+    per_seed = [((s["accuracy_vs_gold"]["value"] - n["accuracy_vs_gold"]["value"])
+                 / (g["accuracy_vs_gold"]["value"] - n["accuracy_vs_gold"]["value"]))
+                if g["accuracy_vs_gold"]["value"] > n["accuracy_vs_gold"]["value"] else None
+                for n, s, g in zip(res["none"]["students"], res["suspect"]["students"], res["gold"]["students"])]
+    ratios = {"suspect_filter_gap_recovered": recovered,
+              "confidence_filter_gap_recovered": (acc["confidence"] - acc["none"]) / gap if gap > 0 else None,
+              "suspect_gap_recovered_per_seed": per_seed,
+              "suspect_precision": res["suspect"]["drops_vs_teacher_errors"]["precision"],
+              "suspect_recall": res["suspect"]["drops_vs_teacher_errors"]["recall"],
+              "confidence_precision_same_drops": res["confidence"]["drops_vs_teacher_errors"]["precision"],
+              "confidence_recall_same_drops": res["confidence"]["drops_vs_teacher_errors"]["recall"]}
+    targets = [target("suspect filter recovers >= 50% of the no-filter -> gold-filter gap (SNIPS demo, mean over "
+                      "seeds)", recovered, ">=", TARGET_GAP,
+                      f"gap = {gap:.4f} accuracy (gold {acc['gold']:.4f}, none {acc['none']:.4f}) on n=254 test rows")]
+    config = {"task": "examples/snips-intents (SNIPS, 7 intents)", "teacher": teacher, "seeds": seeds,
+              "suspect_labels": suspect, "limit": limit,
+              "student": "the demo's student settings (examples/snips-intents/distill.yaml), seed overridden",
+              "gap_recovered": "(mean acc_suspect - mean acc_none) / (mean acc_gold - mean acc_none), accuracy vs gold "
+                               "on the locked test split",
+              "drops_vs_teacher_errors": "train/validation rows with an ok teacher answer, not near-duplicates of test; "
+                                         "a drop = reason suspect_label / low_confidence / disagrees_with_gold"}
+    out = args.out or (Path(tempfile.gettempdir()) / "filters_smoke.json" if args.smoke else HERE / "results" / "filters.json")
+    doc = bench_result("filters", smoke=args.smoke, config=config, results=res, ratios=ratios, targets=targets,
+                       started=t0, environment_start=env0)
+    write_json_atomic(out, doc)
+    print(json.dumps({"mean_accuracy": acc, "ratios": ratios}, indent=1), file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
