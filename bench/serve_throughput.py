@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve_throughput.py                     # ~1 min; writes bench/results/serve_throughput.json
     .venv/bin/python bench/serve_throughput.py --project DIR --seconds 20 --concurrency 8
 
-Model: the student that bench/router_clinc150.py trained (MiniLM, 150 intents) in ``bench/.work/clinc150``,
+Model: the CLINC150 student of bench/retention_intents.py (MiniLM, 150 intents) in ``bench/.work/retention-clinc150``,
 exported to ONNX with dynamic int8 quantization (``distill.export.onnx.export_project``) if not yet exported.
 No router.json is placed next to the export, so every request is answered by the student: this measures the
 student path of the service (HTTP + JSON + micro-batcher + int8 model), not the teacher.
@@ -84,7 +84,7 @@ async def drive(url: str, texts: list[str], seconds: float, concurrency: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--project", type=Path, default=HERE / ".work" / "clinc150")
+    ap.add_argument("--project", type=Path, default=HERE / ".work" / "retention-clinc150")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_throughput.json")
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     from distill.students.predictor import onnx_dir_for
 
     if not (args.project / "distill.yaml").exists():
-        raise DistillError(f"{args.project}: no project", hint="run bench/router_clinc150.py first (it trains the student)")
+        raise DistillError(f"{args.project}: no project", hint="run bench/retention_intents.py --dataset clinc150 first (it trains the student)")
     p = Project.open(args.project)
     # the bench measures speed, not quality: the trained student is pinned whether or not it was promoted
     ref = p.latest_model()
     if ref is None:
-        raise DistillError(f"{args.project}: no trained model", hint="run bench/router_clinc150.py first")
+        raise DistillError(f"{args.project}: no trained model", hint="run bench/retention_intents.py --dataset clinc150 first")
     model, run_id = ref.path, ref.run_id
     p.close()
     export = None
