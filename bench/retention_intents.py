@@ -54,7 +54,7 @@ RESAMPLES = 1000         # bootstrap draws per CI (distill.metrics.bootstrap_ci 
 MIN_SEGMENT = 30         # segments smaller than this are reported but cannot be the worst segment
 TARGET_OVERALL, TARGET_WORST = 1.00, 0.95
 TEACHER_NAME = "mpnet"
-STUDENTS = {"distilled": "mix", "hard": "hard", "gold_trained": "gold"}
+STUDENTS = {"distilled": "mix", "gold_trained": "gold", "hard": "hard"}
 SPLIT_OF_ROLE = {"traffic": "train", "validation": "validation", "test": "test"}   # teacher_train: never imported
 
 
@@ -267,7 +267,7 @@ def student_config(name: str, smoke: bool) -> dict:
             "early_stopping_patience": 2, "early_stopping_metric": "agreement", "seed": SEED}
 
 
-def run_dataset(name: str, smoke: bool, work_root: Path) -> dict:
+def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = tuple(STUDENTS)) -> dict:
     from distill.recipes.train import train
 
     rows, info = read_rows(name, smoke)
@@ -275,7 +275,8 @@ def run_dataset(name: str, smoke: bool, work_root: Path) -> dict:
     t0 = time.perf_counter()
     project, built = build(work_root / f"retention-{name}{'-smoke' if smoke else ''}", name, rows, student)
     runs, records = {}, {}
-    for sys_name, signal in STUDENTS.items():
+    for sys_name in students:
+        signal = STUDENTS[sys_name]
         rep = train(project, teacher=TEACHER_NAME, overrides={"signal": signal}, progress=False)
         runs[sys_name] = rep.path
         epochs = [{k: e.get(k) for k in ("epoch", "loss", "eval_loss", "eval_agreement", "epoch_seconds")}
@@ -324,10 +325,10 @@ def ratios_and_targets(res: dict) -> tuple[dict, list]:
         ratios[f"{name}_retention_real_teacher_overall"] = overall
         ratios[f"{name}_retention_real_teacher_worst_segment"] = worst
         for other in ("hard", "gold_trained", "tfidf_baseline"):
-            ratios[f"{name}_{other}_retention"] = s[other]["retention"]["value"] if s else None
+            ratios[f"{name}_{other}_retention"] = s[other]["retention"]["value"] if s and other in s else None
         ratios[f"{name}_teacher_accuracy_vs_gold"] = s["teacher"]["accuracy_vs_gold"]["value"] if s else None
         ratios[f"{name}_distilled_over_hard_accuracy"] = (s["distilled"]["accuracy_vs_gold"]["value"]
-                                                          / s["hard"]["accuracy_vs_gold"]["value"]) if s else None
+                                                          / s["hard"]["accuracy_vs_gold"]["value"]) if s and "hard" in s else None
         why = "teacher = all-mpnet-base-v2 fine-tuned on 10 gold queries per intent (recorded); students never see gold"
         targets.append(target(f"{label[name]} retention_real_teacher overall", overall, ">=", TARGET_OVERALL, why))
         targets.append(target(f"{label[name]} retention_real_teacher worst segment (n >= {MIN_SEGMENT})", worst, ">=",
@@ -341,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="8 intents, few rows, 1 epoch: checks the code path and JSON")
     ap.add_argument("--out", type=Path, help="result JSON (default: bench/results/retention_intents.json)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="folder for the project folders")
+    ap.add_argument("--students", default=",".join(STUDENTS),
+                    help="which students to train and score (default: all three; 'distilled' is required)")
     args = ap.parse_args(argv)
+    students = tuple(x for x in args.students.split(",") if x)
+    if "distilled" not in students or set(students) - set(STUDENTS):
+        raise SystemExit(f"--students: a subset of {list(STUDENTS)} that includes 'distilled'")
 
     global MIN_SEGMENT
     if args.smoke:
@@ -352,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "retention_intents_smoke.json" if args.smoke
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
-    results = {name: run_dataset(name, args.smoke, args.work) for name in names}
+    results = {name: run_dataset(name, args.smoke, args.work, students) for name in names}
     ratios, targets = ratios_and_targets(results)
     config = {"datasets": list(names), "seed": SEED, "bootstrap_resamples": RESAMPLES, "ci_level": 0.95,
               "min_segment_size": MIN_SEGMENT,
               "teacher": "all-mpnet-base-v2 fine-tuned on 10 gold queries per intent (bench/intent_teacher.py), replayed",
-              "students": STUDENTS,
+              "students": {k: STUDENTS[k] for k in students},
               "retention": "system accuracy vs gold / teacher accuracy vs gold on the same test rows, recomputed "
                            "on each paired bootstrap resample",
               "worst_segment": f"lowest retention among segments with n >= {MIN_SEGMENT}"}

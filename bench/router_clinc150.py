@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="result JSON (default: bench/results/router_clinc150.json)")
     ap.add_argument("--cpu-hour-usd", type=float, default=0.10)
     ap.add_argument("--latency-samples", type=int, default=300)
+    ap.add_argument("--model", type=Path, help="the distilled student's folder (default: train or reuse it through "
+                                               "the retention bench's project)")
     args = ap.parse_args(argv)
 
     from distill.ratelimit import estimate_prompt_tokens
@@ -160,9 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     # 1. the retention bench's distilled student (trained here if that bench has not run) ----------------
     in_scope, _ = RI.read_rows("clinc150", args.smoke)
     student_cfg = RI.student_config("clinc150", args.smoke)
-    project, built = RI.build(args.work / f"retention-clinc150{'-smoke' if args.smoke else ''}", "clinc150",
-                              in_scope, student_cfg)
-    rep = train(project, teacher=RI.TEACHER_NAME, overrides={"signal": RI.STUDENTS["distilled"]}, progress=False)
+    folder = args.work / f"retention-clinc150{'-smoke' if args.smoke else ''}"
+    if args.model:
+        # that run's folder, read only: the retention bench may still hold the project (its other students)
+        from distill.project import Project
+
+        project = Project.open(folder)
+        rep = type("Pinned", (), {"path": args.model, "run_id": args.model.parent.name, "reused": True,
+                                  "record": json.loads((args.model / "training_record.json").read_text())
+                                  if (args.model / "training_record.json").exists() else {}})()
+    else:
+        project, built = RI.build(folder, "clinc150", in_scope, student_cfg)
+        rep = train(project, teacher=RI.TEACHER_NAME, overrides={"signal": RI.STUDENTS["distilled"]}, progress=False)
     pred = EncoderTorchPredictor(rep.path, device="auto")
     labels = list(pred.labels)
 
