@@ -343,11 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="result JSON (default: bench/results/retention_intents.json)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="folder for the project folders")
     ap.add_argument("--students", default=",".join(STUDENTS),
-                    help="which students to train and score (default: all three; 'distilled' is required)")
+                    help="which students to train and score (default: all three; 'distilled' is required); "
+                         "per dataset: 'banking77=distilled;clinc150=distilled,hard'")
     args = ap.parse_args(argv)
-    students = tuple(x for x in args.students.split(",") if x)
-    if "distilled" not in students or set(students) - set(STUDENTS):
-        raise SystemExit(f"--students: a subset of {list(STUDENTS)} that includes 'distilled'")
+    per = dict(part.split("=", 1) for part in args.students.split(";")) if "=" in args.students else {}
+    chosen = {name: tuple(x for x in per.get(name, args.students if not per else "distilled").split(",") if x)
+              for name in DATASETS}
+    for sel in chosen.values():
+        if "distilled" not in sel or set(sel) - set(STUDENTS):
+            raise SystemExit(f"--students: a subset of {list(STUDENTS)} that includes 'distilled'")
 
     global MIN_SEGMENT
     if args.smoke:
@@ -358,12 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "retention_intents_smoke.json" if args.smoke
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
-    results = {name: run_dataset(name, args.smoke, args.work, students) for name in names}
+    results = {name: run_dataset(name, args.smoke, args.work, chosen[name]) for name in names}
     ratios, targets = ratios_and_targets(results)
     config = {"datasets": list(names), "seed": SEED, "bootstrap_resamples": RESAMPLES, "ci_level": 0.95,
               "min_segment_size": MIN_SEGMENT,
               "teacher": "all-mpnet-base-v2 fine-tuned on 10 gold queries per intent (bench/intent_teacher.py), replayed",
-              "students": {k: STUDENTS[k] for k in students},
+              "students": {name: {k: STUDENTS[k] for k in chosen[name]} for name in names},
               "retention": "system accuracy vs gold / teacher accuracy vs gold on the same test rows, recomputed "
                            "on each paired bootstrap resample",
               "worst_segment": f"lowest retention among segments with n >= {MIN_SEGMENT}"}
