@@ -78,19 +78,25 @@ def test_teacher_distribution_is_combined():
     assert i not in {s.index for s in trusted}
 
 
-def test_filter_run_drops_planted_rows_without_gold_and_never_corrections(tmp_path: Path):
-    data = synthetic(40)
+def labelled_project(tmp_path: Path, n_per_class: int, with_test: bool):
+    """A project whose teacher labels are ``synthetic`` data with 10% planted flips, and no gold column at all
+    (the filter must work from the teacher's labels alone); every 10th row is test when ``with_test``."""
+    data = synthetic(n_per_class)
     given, flipped = plant(data, 0.1)
     p = make_project(tmp_path, {"suspect_labels": {"features": "tfidf"}, "drop_disagree_with_gold": False})
-    # no gold column at all: the filter must work from the teacher's labels alone
     with open(tmp_path / "f.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "text", "split"])
-        for i, (text, _) in enumerate(data):
-            w.writerow([f"r{i:03d}", text, "test" if i % 10 == 0 else "train"])
+        w.writerows([f"r{i:03d}", text, "test" if with_test and i % 10 == 0 else "train"]
+                    for i, (text, _) in enumerate(data))
     import_file(p, tmp_path / "f.csv", id="id", split="split")
     for i in range(len(data)):
         put_label(p, f"r{i:03d}", given[i])
+    return p, data, flipped
+
+
+def test_filter_run_drops_planted_rows_without_gold_and_never_corrections(tmp_path: Path):
+    p, data, flipped = labelled_project(tmp_path, 40, with_test=True)
     corrected = sorted(i for i in flipped if i % 10)[0]   # a human fixed this one: never flagged
     with p.store.tx() as c:
         c.execute("INSERT INTO corrections(example_id, answer, source, created_at) VALUES(?, ?, 'test', 0)",
@@ -130,16 +136,7 @@ def test_cli_prints_the_review_list(tmp_path: Path):
 
     from distill.cli import app
 
-    data = synthetic(30)
-    given, flipped = plant(data, 0.1)
-    p = make_project(tmp_path, {"suspect_labels": {"features": "tfidf"}, "drop_disagree_with_gold": False})
-    with open(tmp_path / "f.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "split"])
-        w.writerows([f"r{i:03d}", text, "train"] for i, (text, _) in enumerate(data))
-    import_file(p, tmp_path / "f.csv", id="id", split="split")
-    for i in range(len(data)):
-        put_label(p, f"r{i:03d}", given[i])
+    p, data, flipped = labelled_project(tmp_path, 30, with_test=False)
     p.close()
     res = CliRunner().invoke(app, ["filter", str(p.root)])
     assert res.exit_code == 0, res.output
