@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from distill.ratelimit import estimate_prompt_tokens
     from distill.recipes.train import train
     from distill.runinfo import bench_result, environment, target, write_json_atomic
-    from distill.serve.router import Router, RouterConfig, calibrate, fit_mahalanobis, label_indices
+    from distill.serve.router import OodStats, Router, RouterConfig, calibrate, fit_mahalanobis, label_indices
     from distill.students.predictor import EncoderTorchPredictor
     from distill.task import render_messages
 
@@ -235,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2-3. routers calibrated on validation against the teacher's answers, measured on test ----------------
     def fitted(ood: str, coverage: float):
+        # the settings this suite has always measured (last-layer Mahalanobis, ood_keep 0.99, the plain cut):
+        # its results stay comparable run to run; bench/router.py measures the current defaults across datasets
+        stats = OodStats(layers=[-1], maha=[maha]) if ood == "mahalanobis" else None
+        settings = RouterConfig(labels=labels, ood=ood, layers=[-1], ood_keep=0.99, guarantee=False)
         cfg = calibrate(None, val_feats, list(t_val), coverage, val_logits=val_logits, labels=labels,
-                        settings=RouterConfig(labels=labels, ood=ood), mahalanobis=maha if ood == "mahalanobis" else None)
-        router = Router(cfg, maha if ood == "mahalanobis" else None)
+                        settings=settings, stats=stats)
+        router = Router(cfg, stats)
         _, conf, score = router.scores(test_logits, test_feats)
         is_ood = (score > cfg.ood_threshold) if ood != "none" else np.zeros(len(conf), bool)
         routed = is_ood | (conf < cfg.conf_threshold)

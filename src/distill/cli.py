@@ -64,8 +64,10 @@ class Confidence(str, Enum):
 
 
 class Ood(str, Enum):
-    energy = "energy"
     mahalanobis = "mahalanobis"
+    knn = "knn"
+    combined = "combined"
+    energy = "energy"
     none = "none"
 
 
@@ -628,22 +630,27 @@ def route_calibrate(
     confidence: Optional[str] = typer.Option(
         None, help="Which confidence score to threshold. classify: max_prob (default) | margin | entropy; "
                    "extract/generate: mean_logprob (default) | min_logprob of the answer's tokens."),
-    ood: Optional[Ood] = typer.Option(None, help="Which out-of-distribution score to threshold. classify: energy "
-                                                 "(default) | mahalanobis | none; extract/generate: the kNN distance "
-                                                 "to the train prompts (default) | none."),
-    ood_keep: float = typer.Option(0.99, help="Share of validation inputs the OOD cut keeps."),
+    ood: Optional[Ood] = typer.Option(None, help="Which out-of-distribution score to threshold. classify: "
+                                                 "mahalanobis over every hidden layer (default) | knn on a frozen "
+                                                 "sentence encoder | combined | energy | none; extract/generate: the "
+                                                 "kNN distance to the train prompts (default) | none."),
+    ood_keep: Optional[float] = typer.Option(None, help="Share of in-domain validation inputs the OOD cut keeps "
+                                                        "(default: 0.95 classify, 0.99 extract/generate)."),
     model: Optional[Path] = typer.Option(None, help="Pin a student folder (default: the serving model; "
                                                     "extract/generate: its GGUF export)."),
     backend: Backend = typer.Option(Backend.auto, help="Thresholds are backend-specific: calibrate what you serve "
                                                        "(classify; LM students are calibrated on their GGUF export)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher whose validation labels define 'right'."),
-    k: int = typer.Option(10, help="extract/generate: k of the k-th-nearest-neighbour OOD distance."),
+    k: int = typer.Option(10, help="k of the k-th-nearest-neighbour OOD distance (classify --ood knn/combined; "
+                                   "extract/generate)."),
+    embedder: str = typer.Option("all-minilm-l6-v2", help="classify --ood knn/combined: the frozen sentence encoder "
+                                                          "(a packaged name or a local folder)."),
     max_tokens: Optional[int] = typer.Option(None, help="extract/generate: answer tokens per validation input "
                                                         "(default: the teacher's max_tokens, as `distill serve`)."),
     n_ctx: int = typer.Option(2048, help="extract/generate: engine context per sequence; longer inputs are left out."),
-    delta: float = typer.Option(0.05, help="extract/generate: the coverage promise holds with probability 1-delta."),
-    guarantee: bool = typer.Option(True, help="extract/generate: serve the finite-sample (conformal) threshold "
-                                              "when the validation split is large enough; else the plain one."),
+    delta: float = typer.Option(0.05, help="The coverage promise holds with probability 1-delta."),
+    guarantee: bool = typer.Option(True, help="Serve the finite-sample (conformal) threshold when the validation "
+                                              "split is large enough; else the plain one."),
     route_invalid: Optional[bool] = typer.Option(
         None, "--route-invalid/--keep-invalid", help="extract/generate: send answers that were invalid before the "
                                                      "grammar constrained them to the teacher (default: yes, unless "
@@ -666,17 +673,38 @@ def route_calibrate(
                 raise DistillError(f"--confidence {conf_kind}: a classify router thresholds one of "
                                    f"{', '.join(c.value for c in Confidence)}")
             cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=conf_kind,
-                                    ood=(ood or Ood.energy).value, ood_keep=ood_keep, teacher=teacher,
+                                    ood=(ood or Ood.mahalanobis).value,
+                                    ood_keep=0.95 if ood_keep is None else ood_keep, delta=delta,
+                                    guarantee=guarantee, k=k, embedder=embedder, teacher=teacher,
                                     backend=backend.value)
-            t = Table(title=f"coverage → quality (validation, n={cfg.n_validation})")
-            cols = list(cfg.curve[0].keys()) if cfg.curve else []
-            for c in cols:
-                t.add_column(c)
+            t = Table(title=f"coverage → quality (validation, {cfg.n_validation} in-domain rows"
+                            + (f", {cfg.n_oos_validation} out-of-scope" if cfg.n_oos_validation else "")
+                            + "; plain cut per level)")
+            cols = {"target": "target", "coverage": "coverage", "student_accuracy": "student acc (vs teacher)",
+                    "system_accuracy": "system acc", "teacher_share": "teacher share", "oos_recall": "OOD recall",
+                    "threshold": "cut"}
+            cols = {k2: v for k2, v in cols.items() if any(k2 in pt for pt in cfg.curve)}
+            for v in cols.values():
+                t.add_column(v)
             for pt in cfg.curve:
-                t.add_row(*[_fmt(pt[c]) for c in cols])
+                t.add_row(*[_fmt(pt.get(c)) for c in cols])
             out.print(t)
-            out.print(f"achieved coverage {cfg.achieved_coverage:.3f} (target {cfg.coverage}); "
-                      f"confidence >= {cfg.conf_threshold:.4f}, ood <= {cfg.ood_threshold:.4f}")
+
+            def thr(x):
+                return "none" if x is None or x in (float("inf"), float("-inf")) else f"{x:.4f}"
+            out.print(f"served ({cfg.threshold_rule} threshold): to the teacher when {cfg.ood} > "
+                      f"{thr(cfg.ood_threshold)} or {cfg.confidence} < {thr(cfg.conf_threshold)}")
+            out.print(f"achieved coverage {cfg.achieved_coverage:.3f} on in-domain validation (target {cfg.coverage})")
+            if cfg.guaranteed_coverage is not None:
+                out.print(f"promise: in-domain coverage on new inputs >= {cfg.guaranteed_coverage:.3f} with "
+                          f"probability >= {1 - cfg.delta:.2f} (split conformal, {cfg.n_validation} rows)")
+            if cfg.oos_recall_validation is not None:
+                out.print(f"out-of-scope validation rows routed: {cfg.oos_recall_validation:.3f} of "
+                          f"{cfg.n_oos_validation} (measured, not promised)")
+            from rich.markup import escape
+
+            for note in cfg.notes:
+                console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
             return
 
         # extract / generate: the GGUF student's log-prob, validity and kNN signals (distill.serve.lm_router)
@@ -692,7 +720,8 @@ def route_calibrate(
             raise DistillError(f"--backend is for classify students; an {kind} student is calibrated on its GGUF "
                                "export (the engine that serves it)")
         cfg = calibrate_lm_project(project, model_path=model, coverage=coverage, confidence=conf_kind,
-                                   ood_keep=1.0 if ood == Ood.none else ood_keep, route_invalid=route_invalid,
+                                   ood_keep=1.0 if ood == Ood.none else (0.99 if ood_keep is None else ood_keep),
+                                   route_invalid=route_invalid,
                                    delta=delta, guarantee=guarantee, teacher=teacher, k=k, max_tokens=max_tokens,
                                    max_reference=max_reference, n_ctx=n_ctx, n_threads=threads)
         m = cfg.metric
@@ -840,7 +869,7 @@ def demo(
 @app.command()
 def bench(
     suites: Optional[list[str]] = typer.Argument(None, help="Suites to run (default: all): labelling, training, "
-                                                 "latency, retention-snips, retention, router, cost."),
+                                                 "latency, retention-snips, retention, router, router-clinc150, cost."),
     smoke: bool = typer.Option(False, "--smoke", help="Reduced runs that check each suite works and its JSON shape "
                                "(results in bench/.work/smoke/, not bench/results/)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Where the result JSONs go."),

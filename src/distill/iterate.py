@@ -425,7 +425,8 @@ def _recalibrate(project: Project, old_serving, new_path: Path) -> str | None:
         return None
     cfg = RouterConfig.from_json(f.read_text(encoding="utf-8"), where=str(f))
     new = calibrate_project(project.root, model_path=new_path, coverage=cfg.coverage, confidence_kind=cfg.confidence,
-                            ood=cfg.ood, ood_keep=cfg.ood_keep, backend="torch")
+                            ood=cfg.ood, ood_keep=cfg.ood_keep, delta=cfg.delta, guarantee=cfg.guarantee,
+                            k=cfg.k, embedder=cfg.embedder, layers=cfg.layers, backend="torch")
     return (f"router recalibrated for the new model (coverage target {cfg.coverage:g}, achieved "
             f"{new.achieved_coverage:.3f} on validation); re-run `distill export` for an ONNX export")
 

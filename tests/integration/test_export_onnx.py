@@ -43,6 +43,15 @@ def test_fp32_graph_matches_torch(exported):
     assert (ref.argmax(1) == got.argmax(1)).all()
     # the second output is ClassifierStudent.embed's feature (mean-pooled last hidden state)
     assert np.abs(student.embed(TEXTS) - onnx.embed(TEXTS)).max() < 1e-4
+    # the third: every layer's mean-pooled hidden state, what the multi-layer Mahalanobis router reads
+    from distill.students.predictor import EncoderTorchPredictor
+
+    _, ref_layers = EncoderTorchPredictor(exported[1], device="cpu").logits_and_layers(TEXTS)
+    _, got_layers = onnx.logits_and_layers(TEXTS)
+    assert got_layers.shape == ref_layers.shape == (len(TEXTS), student.model.config.num_hidden_layers + 1,
+                                                    student.model.config.hidden_size)
+    assert np.abs(ref_layers - got_layers).max() < 1e-4
+    assert np.allclose(got_layers[:, -1], onnx.embed(TEXTS), atol=1e-5)
     assert report.parity_fp32["argmax_agreement"] == 1.0 and report.parity_fp32["max_abs_prob_diff"] < 1e-5
 
 

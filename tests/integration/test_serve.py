@@ -355,9 +355,26 @@ def test_calibrate_project_then_serve_with_the_calibrated_router(world, tmp_path
     p.close()
     model_copy = tmp_path / "m"
     shutil.copytree(world["model_dir"], model_copy)
-    cfg = calibrate_project(root, model_path=model_copy, coverage=0.5, ood="mahalanobis")
+    cfg = calibrate_project(root, model_path=model_copy, coverage=0.5, ood="mahalanobis", guarantee=False)
     assert abs(cfg.achieved_coverage - 0.5) <= 1 / 30 + 1e-9 and cfg.n_validation == 30
-    assert (model_copy / "router.json").exists() and (model_copy / "router_mahalanobis.npz").exists()
+    assert (model_copy / "router.json").exists() and (model_copy / "router_stats.npz").exists()
+    assert cfg.n_oos_validation == 0 and any("no out-of-scope examples" in n for n in cfg.notes)
+
+    # thresholds never read the test split; out-of-scope validation rows (gold not a label) set no threshold
+    p = Project.open(root)
+    with p.store.tx() as c:
+        for i in range(5):
+            c.execute("INSERT INTO examples(id, text, norm, split, created_at) VALUES(?,?,?,?,?)",
+                      (f"t{i}", f"zebra {i}", f"zebra {i}", "test", now))
+            c.execute("INSERT INTO examples(id, text, norm, split, gold, created_at) VALUES(?,?,?,?,?,?)",
+                      (f"o{i}", f"quantum {i}", f"quantum {i}", "validation", json.dumps("oos"), now))
+    p.close()
+    again = calibrate_project(root, model_path=model_copy, coverage=0.5, ood="mahalanobis", guarantee=False)
+    assert (again.conf_threshold, again.ood_threshold, again.n_validation) == \
+        (cfg.conf_threshold, cfg.ood_threshold, cfg.n_validation)
+    assert again.n_oos_validation == 5 and again.oos_recall_validation is not None
+    assert all("oos_recall" in pt for pt in again.curve)
+
     app = create_app(root, model_path=model_copy)
     s = Server(app)
     try:
@@ -366,6 +383,48 @@ def test_calibrate_project_then_serve_with_the_calibrated_router(world, tmp_path
         r = httpx.post(s.url + "/v1/classify", json={"texts": ["great fast delivery"]},
                        headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["ood_score"] is not None
+    finally:
+        s.stop()
+
+    # a router.json belongs to the weights it was calibrated on: new weights beside it are refused at startup
+    import torch
+
+    from distill.students.classifier import ClassifierStudent
+
+    retrained = ClassifierStudent.load(model_copy, device="cpu")
+    with torch.no_grad():
+        next(retrained.model.parameters()).add_(0.01)
+    retrained.save(model_copy)
+    with pytest.raises(DistillError, match="calibrated on other weights"):
+        create_app(root, model_path=model_copy)
+    # ... and so is a router.json from before routers recorded their model
+    d = json.loads((model_copy / "router.json").read_text())
+    d.pop("model")
+    (model_copy / "router.json").write_text(json.dumps(d))
+    with pytest.raises(DistillError, match="recorded which model"):
+        create_app(root, model_path=model_copy)
+
+
+def test_a_failing_router_sends_the_batch_to_the_teacher_never_a_500(world):
+    """Router errors -> the teacher answers (reason router_error); teacher down as well -> degraded student answer."""
+    class Broken(Router):
+        def decide(self, logits, feats=None):
+            raise RuntimeError("boom")
+
+    broken = Broken(RouterConfig(labels=list(LABELS), ood="none"))
+    s = Server(create_app(world["root"], router=broken))
+    try:
+        r = httpx.post(s.url + "/v1/classify", json={"texts": ["hello there"]}, headers=H(world), timeout=30)
+        assert r.status_code == 200
+        res = r.json()["results"][0]
+        assert res["routed_to"] == "teacher" and res["reason"] == "router_error" and res["label"] in LABELS
+        assert 'distill_route_reason_total{reason="router_error"} 1' in httpx.get(s.url + "/metrics", headers=H(world)).text
+    finally:
+        s.stop()
+    s = Server(create_app(world["root"], router=broken, config=ServeConfig(teacher="down", teacher_timeout_s=5)))
+    try:
+        r = httpx.post(s.url + "/v1/classify", json={"texts": ["hello there"]}, headers=H(world), timeout=30)
+        assert r.status_code == 200 and r.json()["results"][0]["degraded"] is True
     finally:
         s.stop()
 

@@ -13,8 +13,10 @@ sequence axis cleanly.
 The graph has two outputs:
 - ``logits``     [batch, labels]
 - ``embeddings`` [batch, hidden] — the attention-masked mean of the last hidden state, the same feature
-  ``ClassifierStudent.embed`` returns. The router's Mahalanobis OOD score (Lee et al. 2018,
-  arXiv 1807.03888) uses it, so OOD routing works without torch at serve time.
+  ``ClassifierStudent.embed`` returns.
+- ``layer_embeddings`` [batch, layers + 1, hidden] — the same masked mean of every hidden state (index 0: the
+  embedding layer, -1: the last layer). The router's multi-layer Mahalanobis OOD score (Lee et al. 2018,
+  arXiv 1807.03888) reads it, so OOD routing works without torch at serve time and costs no second pass.
 
 Folder written by ``export_onnx``::
 
@@ -119,7 +121,7 @@ def _wrapper(model):
     import torch
 
     class _LogitsAndEmbeddings(torch.nn.Module):
-        """(logits, masked mean of the last hidden state) from one forward pass."""
+        """(logits, masked mean of the last hidden state, masked mean of every hidden state) from one pass."""
 
         def __init__(self, m):
             super().__init__()
@@ -130,10 +132,10 @@ def _wrapper(model):
             if token_type_ids is not None:
                 kw["token_type_ids"] = token_type_ids
             out = self.m(**kw)
-            h = out.hidden_states[-1]
-            mask = attention_mask.unsqueeze(-1).to(h.dtype)
-            emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            return out.logits, emb
+            hs = torch.stack(out.hidden_states, 1)                        # [B, layers+1, T, H]
+            mask = attention_mask[:, None, :, None].to(hs.dtype)
+            layers = (hs * mask).sum(2) / mask.sum(2).clamp(min=1.0)      # [B, layers+1, H]
+            return out.logits, layers[:, -1], layers
 
     return _LogitsAndEmbeddings(model).eval()
 
@@ -149,7 +151,7 @@ def torch_outputs(model, tok, texts: Sequence[str], batch_size: int = 32, max_le
         for i in range(0, len(texts), batch_size):
             enc = tok(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
-            logits, emb = w(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+            logits, emb, _ = w(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
             probs.append(torch.softmax(logits.float(), -1).numpy())
             embs.append(emb.float().numpy())
     return np.concatenate(probs), np.concatenate(embs)
@@ -197,13 +199,13 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, quantize: bool = 
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
         args = tuple(enc[n] for n in names)
         dyn = {n: {0: "batch", 1: "sequence"} for n in names}
-        dyn.update({"logits": {0: "batch"}, "embeddings": {0: "batch"}})
+        dyn.update({"logits": {0: "batch"}, "embeddings": {0: "batch"}, "layer_embeddings": {0: "batch"}})
         fp32 = tmp / "model.onnx"
         # The tracer warns that transformers' mask code turns `kv_length - mask_length > 0` into a constant:
         # for an encoder both are the sequence length, so it is False for every input and the constant is right.
         with torch.inference_mode():
             torch.onnx.export(_wrapper(model), args, str(fp32), input_names=names,
-                              output_names=["logits", "embeddings"], dynamic_axes=dyn, opset_version=opset,
+                              output_names=["logits", "embeddings", "layer_embeddings"], dynamic_axes=dyn, opset_version=opset,
                               do_constant_folding=True, dynamo=False)
         int8 = None
         if quantize:

@@ -23,6 +23,9 @@ Promises:
 - Never a 500 because of the teacher: when it is down, slow (``teacher_timeout_s``), refuses our key or
   answers something unparseable, the student's answer goes out with ``degraded: true`` and the input is
   queued with reason 'degraded'.
+- Never a 500 because of the router: if scoring a batch fails, every text of it goes to the teacher (route
+  reason ``router_error``), and the student's answer is the degraded reply if the teacher fails too. A router
+  file that does not belong to the served weights (``distill.serve.router.fingerprint``) is refused at startup.
 - Routed requests reuse the project's teacher cache: the prompt is rendered and keyed exactly as the
   labeller does (``render_messages`` + ``cache_key``), a key already in ``teacher_calls`` is answered from
   the store for free, and a paid call is recorded in ``teacher_calls`` in one transaction, so spend shows up
@@ -153,7 +156,9 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
     @asynccontextmanager
     async def lifespan(app):
         async with serving(project_dir, cfg, metrics, state, background, teacher):
-            state["batcher"] = MicroBatcher(pred.logits_and_embeddings, cfg.batch_size, cfg.batch_wait_ms)
+            # the student's one forward pass, with the features the router's OOD score reads
+            state["batcher"] = MicroBatcher(lambda texts: router.student_features(pred, texts),
+                                            cfg.batch_size, cfg.batch_wait_ms)
             log.info("serving %s: model %s (%s, from %s); router %s; shadow %.3f", spec.name, chosen.describe(),
                      type(pred).__name__, pred.path, "calibrated" if calibrated else "pass-through", cfg.shadow_rate)
             try:
@@ -187,7 +192,17 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         """The whole pipeline for a batch of texts; queue entries are committed before it returns."""
         t0 = time.perf_counter()
         logits, feats = await state["batcher"].submit(texts)
-        decisions = router.decide(logits, feats)
+        try:
+            if router.config.needs_frozen:     # a second encoder pass (kNN): off the event loop
+                full = await asyncio.to_thread(router.features, feats, texts)
+            else:
+                full = router.features(feats, texts)
+            decisions = router.decide(logits, full)
+        except Exception:
+            # a failing router never fails the request: everything goes to the teacher (and the student's answer
+            # is the degraded reply if the teacher fails too); counted as route reason 'router_error'
+            log.exception("router failed on a batch of %d; sending it to the teacher", len(texts))
+            decisions = router.fallback(logits)
         gate: TeacherGate = state["gate"]
         routed = [i for i, d in enumerate(decisions) if d.routed_to == "teacher"]
         answers = await asyncio.gather(*(gate.answer(texts[i]) for i in routed))

@@ -42,6 +42,10 @@ class EncoderPredictor(Protocol):
         """([N, L] logits, [N, H] mean-pooled last hidden states) in input order."""
         ...
 
+    def logits_and_layers(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """([N, L] logits, [N, layers + 1, H] mean-pooled hidden states of every layer) in input order."""
+        ...
+
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """[N, L] probabilities."""
         ...
@@ -95,6 +99,26 @@ class EncoderTorchPredictor:
         if not logits:
             return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(logits), np.concatenate(embs)
+
+    def logits_and_layers(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [N, L], masked mean of every hidden state [N, layers + 1, H]; index 0 = embedding layer)."""
+        import torch
+
+        s = self.student
+        s.model.eval()
+        logits, layers = [], []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = s.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
+                                  max_length=s.max_length, return_tensors="pt").to(s.device)
+                out = s.model(**enc, output_hidden_states=True)
+                hs = torch.stack(out.hidden_states, 1).float()
+                mask = enc["attention_mask"][:, None, :, None].to(hs.dtype)
+                layers.append(((hs * mask).sum(2) / mask.sum(2).clamp(min=1.0)).cpu().numpy())
+                logits.append(out.logits.float().cpu().numpy())
+        if not logits:
+            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0, 0), np.float32)
+        return np.concatenate(logits), np.concatenate(layers)
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return self.student.predict_proba(list(texts), batch_size=batch_size)
@@ -178,6 +202,24 @@ class OnnxPredictor:
         if not logits:
             return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(logits), np.concatenate(embs)
+
+    def logits_and_layers(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [N, L], masked mean of every hidden state [N, layers + 1, H]), as the torch predictor."""
+        if "layer_embeddings" not in {o.name for o in self.session.get_outputs()}:
+            raise DistillError(f"{self.path}: this ONNX export has no per-layer features (an export from before per-layer "
+                               "features were added); the multi-layer Mahalanobis router needs them",
+                               hint="re-export: `distill export PROJECT --format onnx`, then `distill route calibrate`")
+        logits, layers = [], []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="np")
+            feed = {n: enc[n].astype(np.int64) for n in self.input_names}
+            lo, la = self.session.run(["logits", "layer_embeddings"], feed)
+            logits.append(lo)
+            layers.append(la)
+        if not logits:
+            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0, 0), np.float32)
+        return np.concatenate(logits), np.concatenate(layers)
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         logits, _ = self.logits_and_embeddings(texts, batch_size)
