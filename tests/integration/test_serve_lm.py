@@ -390,6 +390,22 @@ def test_teacher_failure_degrades_to_the_student_and_is_queued(world):
         s.stop()
 
 
+def test_a_failing_router_sends_the_request_to_the_teacher_never_a_500(world):
+    class Broken(RouteAll):
+        def decide(self, res):
+            raise RuntimeError("boom")
+
+    s = start(world, router=Broken(), teacher=StandInTeacher())
+    try:
+        r = httpx.post(s.url + "/v1/chat/completions", headers=H(world), timeout=60,
+                       json={"messages": user("router error: weather in oslo"), "max_tokens": 40})
+        assert r.status_code == 200, r.text
+        d = r.json()["distill"]
+        assert d["routed_to"] == "teacher" and d["reason"] == "router_error" and not d["degraded"]
+    finally:
+        s.stop()
+
+
 def test_teacher_answer_must_fit_the_clients_schema(world, routed):
     """Routed with a client schema the teacher's (task) answer does not fit: degraded, the student's answer
     (which does fit: constrained decoding) is served."""

@@ -329,3 +329,17 @@ def test_cli_dispatches_on_the_task_kind(tmp_path):
     assert r.exit_code == 2 and "GGUF" in r.output
     r = runner.invoke(app, ["route", "calibrate", str(tmp_path / "e")])          # no trained model, no GGUF export
     assert r.exit_code == 2 and "model" in r.output
+
+
+def test_load_refuses_a_router_calibrated_on_another_gguf(tmp_path):
+    (tmp_path / "student.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    cfg = LMRouterConfig(kind="extract", schema=SCHEMA,
+                         model={"folder": str(tmp_path), "gguf_file": "student.gguf", "bytes": 64, "mtime": 0.0})
+    LMRouter(cfg).save(tmp_path)
+    assert LMRouter.load(tmp_path).config == cfg
+    (tmp_path / "student.gguf").write_bytes(b"GGUF" + b"\0" * 99)         # re-exported: another file
+    with pytest.raises(DistillError, match="not the file beside it"):
+        LMRouter.load(tmp_path)
+    (tmp_path / "student.gguf").unlink()
+    with pytest.raises(DistillError, match="missing"):
+        LMRouter.load(tmp_path)

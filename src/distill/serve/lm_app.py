@@ -107,7 +107,7 @@ from distill.serve.common import (
     last_user_text,
     serving,
 )
-from distill.serve.lm_router import LM_ROUTER_FILE, LMRouter
+from distill.serve.lm_router import LM_ROUTER_FILE, LMDecision, LMRouter
 from distill.serve.metrics import Metrics
 from distill.students.gguf_engine import (
     ContextLengthError,
@@ -318,7 +318,12 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
     async def decide(text: str, res: GenResult, fmt: _Format, mode: str | None, t0: float) -> dict[str, Any]:
         """Route the student's answer, ask the teacher when routed, commit the queue entries. Returns the
         served content and the ``distill`` object."""
-        d = router.decide(res)
+        try:
+            d = router.decide(res)
+        except Exception:
+            # a failing router never fails the request: the teacher answers (route reason 'router_error')
+            log.exception("LM router failed; sending the request to the teacher")
+            d = LMDecision("teacher", "router_error", {})
         student_answer, valid = fmt.parse(res.text)
         conf = _confidence(res)
         routed_to, reason = d.routed_to, d.reason

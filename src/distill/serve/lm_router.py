@@ -75,7 +75,7 @@ from distill.fsutil import write_atomic, write_text_atomic
 from distill.serve.conformal import (  # noqa: F401
     _deltas, binom_sf, guarantee_index, min_n_for_guarantee, ood_rank, order_stat_upper,
 )
-from distill.serve.router import read_thresholds
+from distill.serve.router import _finite, read_thresholds
 
 if TYPE_CHECKING:
     from distill.students.gguf_engine import GenResult
@@ -185,17 +185,6 @@ class LMRouterConfig:
     @classmethod
     def from_json(cls, text: str, where: str = LM_ROUTER_FILE) -> "LMRouterConfig":
         return cls(**read_thresholds(cls, text, where))
-
-
-def _finite(x: Any) -> Any:
-    """inf/nan -> None, recursively (JSON has neither)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
 
 
 @dataclass
@@ -311,6 +300,15 @@ class LMRouter:
             raise DistillError(f"{f}: no LM router calibration next to the model",
                                hint="run `distill route calibrate PROJECT --coverage 0.9` first")
         cfg = LMRouterConfig.from_json(f.read_text(encoding="utf-8"), where=str(f))
+        # the router belongs to the .gguf it was calibrated on: another file (a re-export, another quantisation)
+        # beside it would be routed with thresholds that are not its own
+        gguf = cfg.model.get("gguf_file")
+        if gguf:
+            g = folder / gguf
+            if not g.is_file() or g.stat().st_size != cfg.model.get("bytes"):
+                raise DistillError(f"{f}: calibrated on {gguf} ({cfg.model.get('bytes')} bytes), which is not the "
+                                   f"file beside it now" + ("" if g.is_file() else " (missing)"),
+                                   hint="re-run `distill route calibrate PROJECT` for the GGUF export you serve")
         knn = folder / LM_KNN_FILE
         ref = np.load(knn).astype(np.float32) if knn.exists() else None
         return cls(cfg, ref)

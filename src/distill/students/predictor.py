@@ -82,23 +82,8 @@ class EncoderTorchPredictor:
         self.path = Path(path)
 
     def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        s = self.student
-        s.model.eval()
-        logits, embs = [], []
-        with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                enc = s.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                                  max_length=s.max_length, return_tensors="pt").to(s.device)
-                out = s.model(**enc, output_hidden_states=True)
-                h = out.hidden_states[-1].float()
-                mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-                embs.append(((h * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy())
-                logits.append(out.logits.float().cpu().numpy())
-        if not logits:
-            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(embs)
+        logits, layers = self.logits_and_layers(texts, batch_size)
+        return logits, (layers[:, -1] if layers.size else np.zeros((0, 0), np.float32))
 
     def logits_and_layers(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """(logits [N, L], masked mean of every hidden state [N, layers + 1, H]; index 0 = embedding layer)."""
@@ -190,36 +175,31 @@ class OnnxPredictor:
     def size_bytes(self) -> int:
         return (self.path / ("model.int8.onnx" if self.int8 else "model.onnx")).stat().st_size
 
-    def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        logits, embs = [], []
+    def _run(self, texts: Sequence[str], batch_size: int, second: str, empty: tuple[int, ...]
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, the graph output ``second``) over ``texts`` in batches."""
+        logits, other = [], []
         for i in range(0, len(texts), batch_size):
             enc = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="np")
             feed = {n: enc[n].astype(np.int64) for n in self.input_names}
-            lo, em = self.session.run(["logits", "embeddings"], feed)
+            lo, x = self.session.run(["logits", second], feed)
             logits.append(lo)
-            embs.append(em)
+            other.append(x)
         if not logits:
-            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(embs)
+            return np.zeros((0, len(self.labels)), np.float32), np.zeros(empty, np.float32)
+        return np.concatenate(logits), np.concatenate(other)
+
+    def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        return self._run(texts, batch_size, "embeddings", (0, 0))
 
     def logits_and_layers(self, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """(logits [N, L], masked mean of every hidden state [N, layers + 1, H]), as the torch predictor."""
         if "layer_embeddings" not in {o.name for o in self.session.get_outputs()}:
-            raise DistillError(f"{self.path}: this ONNX export has no per-layer features (an export from before per-layer "
-                               "features were added); the multi-layer Mahalanobis router needs them",
+            raise DistillError(f"{self.path}: this ONNX export has no per-layer features (an export from before "
+                               "per-layer features were added); the multi-layer Mahalanobis router needs them",
                                hint="re-export: `distill export PROJECT --format onnx`, then `distill route calibrate`")
-        logits, layers = [], []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="np")
-            feed = {n: enc[n].astype(np.int64) for n in self.input_names}
-            lo, la = self.session.run(["logits", "layer_embeddings"], feed)
-            logits.append(lo)
-            layers.append(la)
-        if not logits:
-            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(layers)
+        return self._run(texts, batch_size, "layer_embeddings", (0, 0, 0))
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         logits, _ = self.logits_and_embeddings(texts, batch_size)
