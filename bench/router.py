@@ -310,6 +310,60 @@ def one_student(name: str, st: dict, sets: dict[str, list[str]], latency_n: int)
     return out
 
 
+def lm_student(project_dir: Path, cap: int) -> dict:
+    """An extract/generate project's served GGUF student with its calibrated LM router (lm_router.json, as `distill
+    route calibrate` wrote it): the share routed of its own test inputs and of the SNIPS student's OOD sets (the
+    slot-filling task is SNIPS), each input generated as the service does (schema grammar, answer log-probs, the
+    prompt's hidden state for the kNN signal)."""
+    from distill.dataset import rows
+    from distill.errors import DistillError
+    from distill.project import Project
+    from distill.serve.lm_router import LMRouter, gguf_folder
+    from distill.students.gguf_engine import GGUFStudent
+    from distill.task import render_messages
+
+    project = Project.open(project_dir)
+    try:
+        spec = project.spec
+        try:
+            folder = gguf_folder(project)
+        except DistillError:
+            # no serving model (e.g. never evaluated): the newest GGUF export that has a calibrated router
+            cands = sorted((d for d in (project_dir / "exports").glob("*") if (d / "lm_router.json").is_file()),
+                           key=lambda d: d.stat().st_mtime)
+            if not cands:
+                raise
+            folder = cands[-1]
+        router = LMRouter.load(folder)
+        tspec = spec.get_teacher()
+        test = [r.text for r in rows(project, tspec.name, splits=("test",))]
+    finally:
+        project.close()
+    schema = spec.json_schema if spec.kind == "extract" else None
+    max_tokens = router.config.max_tokens or tspec.max_tokens
+    sets, notes = ood_sets("snips", cap)
+    student = GGUFStudent(folder, max_batch=4)
+    out: dict = {"project": str(project_dir), "gguf": str(folder), "router": {
+        k: getattr(router.config, k) for k in ("coverage", "threshold_rule", "achieved_coverage", "n_validation",
+                                               "n_reference", "signals", "ood_keep", "k", "confidence",
+                                               "ood_source", "embedder")},
+        "ood_notes": notes, "sets": {}}
+    try:
+        for name, texts in {"in_domain_test": test, **sets}.items():
+            futs = [student.engine.submit(student.request(render_messages(spec, t), max_tokens, schema=schema,
+                                                          want_embedding=router.needs_embedding)) for t in texts]
+            reasons: dict[str, int] = {}
+            for t, f in zip(texts, futs):
+                d = router.decide(f.result(), t) if router.needs_text else router.decide(f.result())
+                reasons[d.reason] = reasons.get(d.reason, 0) + 1
+            routed = sum(v for k, v in reasons.items() if k != "confident")
+            out["sets"][name] = {"n": len(texts), "routed": routed / max(len(texts), 1), "reasons": reasons}
+            print(f"[lm] {name}: routed {routed / max(len(texts), 1):.3f} {reasons}", file=sys.stderr)
+    finally:
+        student.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -317,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--students", default="snips,banking77,clinc150")
     ap.add_argument("--latency-samples", type=int, default=200)
+    ap.add_argument("--lm-project", type=Path, help="also measure an extract/generate project's GGUF student and its "
+                                                    "calibrated LM router (SNIPS slots: its OOD sets are the SNIPS "
+                                                    "student's), e.g. the lm-serve suite's project")
+    ap.add_argument("--lm-cap", type=int, default=300, help="OOD texts per set for the LM student (generation is slow)")
     a = ap.parse_args(argv)
 
     from distill.runinfo import bench_result, environment, target, write_json_atomic
@@ -334,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"student_run": st["run_id"], "teacher": st["teacher"], "ood_notes": notes[name],
                          **one_student(name, st, sets, 20 if a.smoke else a.latency_samples)}
 
+    lm = lm_student(a.lm_project, a.lm_cap) if a.lm_project else None
     default = RouterConfig()
     dsig = {"mahalanobis": "mahalanobis" if default.layers is None else "mahalanobis_last_layer"}.get(default.ood, default.ood)
     dsig = {"knn": "knn_frozen_minilm"}.get(dsig, dsig)
@@ -354,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios[f"{name}.{sig}.near_oos_recall"] = s["ood"]["near_clinc150_oos"]["recall"]
             ratios[f"{name}.{sig}.achieved_coverage"] = s["achieved_coverage"]
             ratios[f"{name}.{sig}.routed_over_teacher_accuracy"] = s.get("routed_over_teacher_accuracy")
+    if lm:
+        for set_name, v in lm["sets"].items():
+            ratios[f"lm_student.{set_name}.routed"] = v["routed"]
     targets = [
         target(f"far-OOD recall at coverage 0.9, every student and far set (default signal: {dsig})",
                ratios["far_ood_recall_at_0.9_min"], ">=", 0.95),
@@ -370,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                     k: getattr(default, k) for k in ("ood", "layers", "ood_keep", "delta", "guarantee", "k", "embedder",
                                                      "confidence")},
                 "signals": SIGNALS, "ood_cap": cap, "exclusions": {f"{a_}->{b_}": v for (a_, b_), v in EXCLUDE.items()}},
-        results=results, ratios=ratios, targets=targets)
+        results={**results, **({"lm_student": lm} if lm else {})}, ratios=ratios, targets=targets)
     write_json_atomic(out, result)
     for t in targets:
         print(f"{t['name']}: {t['measured']} ({t['target']}) {'met' if t['met'] else 'MISSED'}", file=sys.stderr)

@@ -643,8 +643,12 @@ def route_calibrate(
     teacher: Optional[str] = typer.Option(None, help="Teacher whose validation labels define 'right'."),
     k: int = typer.Option(10, help="k of the k-th-nearest-neighbour OOD distance (classify --ood knn/combined; "
                                    "extract/generate)."),
-    embedder: str = typer.Option("all-minilm-l6-v2", help="classify --ood knn/combined: the frozen sentence encoder "
-                                                          "(a packaged name or a local folder)."),
+    embedder: str = typer.Option("all-minilm-l6-v2", help="The frozen sentence encoder of the kNN OOD score "
+                                                          "(classify --ood knn/combined; extract/generate with "
+                                                          "--ood-source text): a packaged name or a local folder."),
+    ood_source: str = typer.Option("text", help="extract/generate: what the kNN OOD score reads: text (a frozen "
+                                                "sentence encoder's embedding of the input) | hidden (the prompt's "
+                                                "mean hidden state in the engine)."),
     max_tokens: Optional[int] = typer.Option(None, help="extract/generate: answer tokens per validation input "
                                                         "(default: the teacher's max_tokens, as `distill serve`)."),
     n_ctx: int = typer.Option(2048, help="extract/generate: engine context per sequence; longer inputs are left out."),
@@ -723,7 +727,8 @@ def route_calibrate(
                                    ood_keep=1.0 if ood == Ood.none else (0.99 if ood_keep is None else ood_keep),
                                    route_invalid=route_invalid,
                                    delta=delta, guarantee=guarantee, teacher=teacher, k=k, max_tokens=max_tokens,
-                                   max_reference=max_reference, n_ctx=n_ctx, n_threads=threads)
+                                   max_reference=max_reference, n_ctx=n_ctx, n_threads=threads,
+                                   ood_source=ood_source, embedder=embedder)
         m = cfg.metric
         t = Table(title=f"coverage → {m} (validation, n={cfg.n_validation}): student = the inputs it answers, "
                         "system = student + teacher on the rows the teacher answered")
@@ -740,7 +745,7 @@ def route_calibrate(
         def thr(x):
             return "none" if x is None or x in (float("inf"), float("-inf")) else f"{x:.4f}"
         cuts = (["invalid before constraints"] if cfg.route_invalid else []) + \
-            ([f"ood > {thr(cfg.ood_threshold)} (k={cfg.k}, {cfg.n_reference} train prompts)"]
+            ([f"ood > {thr(cfg.ood_threshold)} (k={cfg.k}, {cfg.n_reference} train inputs, {cfg.ood_source})"]
              if cfg.ood_threshold != float("inf") else []) + [f"{cfg.confidence} < {thr(cfg.conf_threshold)}"]
         out.print(f"served ({cfg.threshold_rule} threshold): to the teacher when " + " or ".join(cuts))
         out.print(f"achieved coverage {cfg.achieved_coverage:.3f} on validation (target {cfg.coverage})")

@@ -116,12 +116,14 @@ def test_route_calibrate_lm_project(gguf_folder, tmp_path):
     assert "only 20 validation rows" in out and "right = vs teacher 'rec'" in out
     assert f"wrote {gguf_folder / LM_ROUTER_FILE}" in out
 
-    # written next to the .gguf that is served, with its kNN reference of the 20 train prompts
+    # written next to the .gguf that is served, with its kNN reference of the 20 train inputs (frozen MiniLM
+    # embeddings of their text, the default ood_source)
     assert (gguf_folder / LM_ROUTER_FILE).exists() and (gguf_folder / LM_KNN_FILE).exists()
     assert np.load(gguf_folder / LM_KNN_FILE).shape[0] == 20
     router = LMRouter.load(gguf_folder)
     cfg = router.config
-    assert router.calibrated and router.needs_embedding
+    assert router.calibrated and router.needs_text and not router.needs_embedding
+    assert np.load(gguf_folder / LM_KNN_FILE).shape[1] == 384 and cfg.ood_source == "text"
     assert cfg.kind == "extract" and cfg.n_validation == 20 and cfg.n_reference == 20 and cfg.k == 5
     assert cfg.n_vs_teacher == 12 and cfg.n_vs_gold == 8 and "else vs gold" in cfg.right
     assert cfg.max_tokens == 32 and cfg.model["gguf_file"].endswith(".gguf") and cfg.created_at > 0
@@ -144,8 +146,8 @@ def test_route_calibrate_lm_project(gguf_folder, tmp_path):
                  "def f(x): return [i**2 for i in range(x)]"]
         futures = [student.engine.submit(student.request(render_messages(spec, t), 32, schema=spec.json_schema,
                                                          want_embedding=router.needs_embedding)) for t in texts]
-        for f in futures:
-            d = router.decide(f.result())
+        for t, f in zip(texts, futures):
+            d = router.decide(f.result(), t)
             assert d.reason == expected_reason(d.signals, cfg)
             assert d.routed_to == ("student" if d.reason == "confident" else "teacher")
             assert d.signals["ood"] is not None and d.signals["ood"] >= -1e-6

@@ -224,7 +224,8 @@ def test_knn_distance_scores_in_distribution_lower_than_far_points():
 
 
 def router(tmp_path=None, **kw) -> LMRouter:
-    cfg = LMRouterConfig(kind="extract", schema=SCHEMA, conf_threshold=-1.0, ood_threshold=0.5, k=1, **kw)
+    cfg = LMRouterConfig(kind="extract", schema=SCHEMA, conf_threshold=-1.0, ood_threshold=0.5, k=1,
+                         **{"ood_source": "hidden", **kw})
     return LMRouter(cfg, l2_normalise(np.eye(4)))
 
 
@@ -250,7 +251,7 @@ def test_decisions_follow_the_thresholds_in_reason_order():
 
 
 def test_min_logprob_router_and_invalid_not_routed():
-    cfg = LMRouterConfig(kind="extract", schema=SCHEMA, confidence="min_logprob", conf_threshold=-1.0,
+    cfg = LMRouterConfig(kind="extract", schema=SCHEMA, ood_source="hidden", confidence="min_logprob", conf_threshold=-1.0,
                          route_invalid=False)
     r = LMRouter(cfg)
     assert not r.needs_embedding
@@ -279,7 +280,8 @@ def test_pass_through_routes_nothing():
 def test_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(4)
     mean, mn, inv, ood = synthetic(300, rng)
-    cfg = calibrate_lm(mean, mn, inv, ood, coverage=0.9, settings=LMRouterConfig(kind="extract", schema=SCHEMA, k=3))
+    cfg = calibrate_lm(mean, mn, inv, ood, coverage=0.9,
+                       settings=LMRouterConfig(kind="extract", schema=SCHEMA, k=3, ood_source="hidden"))
     ref = l2_normalise(rng.normal(0, 1, (50, 8)))
     path = LMRouter(cfg, ref).save(tmp_path)
     assert path == tmp_path / LM_ROUTER_FILE and (tmp_path / LM_KNN_FILE).exists()
@@ -343,3 +345,26 @@ def test_load_refuses_a_router_calibrated_on_another_gguf(tmp_path):
     (tmp_path / "student.gguf").unlink()
     with pytest.raises(DistillError, match="missing"):
         LMRouter.load(tmp_path)
+
+
+def test_text_ood_source_embeds_the_input_and_old_files_read_as_hidden(tmp_path):
+    """ood_source 'text': the kNN reads a frozen encoder's embedding of the input text, not the engine's hidden
+    state; a lm_router.json from before the field existed is read as 'hidden' (what it was calibrated on)."""
+    seen = []
+
+    def embed(texts):
+        seen.extend(texts)
+        return np.array([[1.0, 0.0, 0.0, 0.0] if "near" in t else [-1.0, -1.0, 0.0, 0.0] for t in texts])
+
+    cfg = LMRouterConfig(kind="extract", schema=SCHEMA, conf_threshold=-1.0, ood_threshold=0.5, k=1)
+    assert cfg.ood_source == "text"
+    r = LMRouter(cfg, l2_normalise(np.eye(4)), embed=embed)
+    assert r.needs_text and not r.needs_embedding
+    assert r.decide(result(), "near: book a table").reason == "confident"
+    assert r.decide(result(), "far: my card was declined").reason == "ood"
+    assert seen == ["near: book a table", "far: my card was declined"]
+    with pytest.raises(DistillError, match="input text"):
+        r.decide(result())
+    d = json.loads(cfg.to_json())
+    d.pop("ood_source")
+    assert LMRouterConfig.from_json(json.dumps(d)).ood_source == "hidden"

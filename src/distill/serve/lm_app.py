@@ -319,7 +319,10 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
         """Route the student's answer, ask the teacher when routed, commit the queue entries. Returns the
         served content and the ``distill`` object."""
         try:
-            d = router.decide(res)
+            if getattr(router, "needs_text", False):     # the OOD signal embeds the input (a frozen encoder pass)
+                d = await asyncio.to_thread(router.decide, res, text)
+            else:
+                d = router.decide(res)
         except Exception:
             # a failing router never fails the request: the teacher answers (route reason 'router_error')
             log.exception("LM router failed; sending the request to the teacher")

@@ -17,12 +17,16 @@ Signals, all read from the one generation the service runs anyway (``distill.stu
                             the grammar overrode the greedy token somewhere (``interventions > 0``), or the text
                             fails the task's parser/schema (``task.parse_answer``, as the labeller and ``distill
                             eval`` parse). The constrained answer is then valid JSON the model did not mean.
-``ood``                     cosine distance from the prompt's mean final hidden state to its k-th nearest neighbour
-                            among the **train split's** prompts (Sun et al. 2022, "Out-of-Distribution Detection with
-                            Deep Nearest Neighbors", ICML, arXiv 2204.06507: L2-normalised features, k-th NN distance;
-                            their ablation of the sampling ratio shows a random subset of the training set works
-                            almost as well, hence ``max_reference``). Higher = less like anything the student was trained on. The reference
-                            embeddings are computed by the same engine at calibration and saved as lm_router_knn.npy.
+``ood``                     cosine distance from the input's embedding to its k-th nearest neighbour among the **train
+                            split's** inputs (Sun et al. 2022, "Out-of-Distribution Detection with Deep Nearest
+                            Neighbors", ICML, arXiv 2204.06507: L2-normalised features, k-th NN distance; their
+                            ablation of the sampling ratio shows a random subset of the training set works almost as
+                            well, hence ``max_reference``). Higher = less like anything the student was trained on.
+                            The embedding (``ood_source``): ``text`` (default), a frozen sentence encoder's (packaged
+                            all-MiniLM-L6-v2) embedding of the input text; ``hidden``, the prompt's mean final hidden
+                            state in the engine — averaged over the long shared instructions it hardly tells topics
+                            apart (bench/router.py measured 0.39 of BANKING77 questions routed for a SNIPS slot
+                            student). The reference is saved as lm_router_knn.npy.
 ==========================  =================================================================================
 
 The rule: route to the teacher when ``route_invalid and invalid_unconstrained``, or ``ood > ood_threshold``, or
@@ -65,7 +69,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -137,6 +141,10 @@ class LMRouterConfig:
     ood_keep: float = 0.99                                  # share of validation inputs the OOD cut keeps (1 = no cut)
     k: int = 10                                             # k of the k-th nearest neighbour (Sun et al. use 50-1000
                                                             #   on 50k-1.2M images; small train sets need a small k)
+    ood_source: str = "text"                                # kNN on: "text" = a frozen sentence encoder's embedding
+                                                            #   of the input; "hidden" = the prompt's mean final
+                                                            #   hidden state in the engine (bench/router.py)
+    embedder: str = "all-minilm-l6-v2"                      # ood_source "text": the frozen encoder
     route_invalid: bool = True                              # route answers invalid before the grammar constrained them
     conf_threshold: float = float("-inf")                   # served: student answers when confidence >= this ...
     ood_threshold: float = float("inf")                     # ... and ood <= this (and the answer was valid)
@@ -175,6 +183,8 @@ class LMRouterConfig:
             raise DistillError(f"router confidence {self.confidence!r} is not one of mean_logprob, min_logprob")
         if self.kind not in ("extract", "generate"):
             raise DistillError(f"the LM router routes extract/generate students, not '{self.kind}'")
+        if self.ood_source not in ("text", "hidden"):
+            raise DistillError(f"router ood_source {self.ood_source!r} is not one of text, hidden")
 
     def metric_name(self) -> str:
         return "field_f1" if self.kind == "extract" else "token_f1"
@@ -184,7 +194,9 @@ class LMRouterConfig:
 
     @classmethod
     def from_json(cls, text: str, where: str = LM_ROUTER_FILE) -> "LMRouterConfig":
-        return cls(**read_thresholds(cls, text, where))
+        d = read_thresholds(cls, text, where)
+        d.setdefault("ood_source", "hidden")      # files written before the text source existed used hidden states
+        return cls(**d)
 
 
 @dataclass
@@ -214,14 +226,16 @@ def answer_valid(kind: str, schema: dict | None, text: str) -> bool:
 
 
 def result_signals(result: "GenResult", kind: str | None, schema: dict | None, reference: np.ndarray | None,
-                   k: int) -> dict[str, float | bool | None]:
+                   k: int, embedding: np.ndarray | None = None) -> dict[str, float | bool | None]:
     """The four signals of one generation (module docstring). ``kind`` None: validity from the engine's
-    interventions only; ``reference`` None: no OOD score."""
+    interventions only; ``reference`` None: no OOD score; ``embedding``: the input's embedding for the kNN
+    (default: the engine's prompt hidden state, ``result.embedding``)."""
     mean_lp, min_lp = logprob_confidence(result.token_logprobs)
     invalid = bool(result.interventions > 0) or (kind is not None and not answer_valid(kind, schema, result.text))
     ood = None
-    if reference is not None and result.embedding is not None:
-        ood = float(knn_distance(result.embedding, reference, k)[0])
+    emb = result.embedding if embedding is None else embedding
+    if reference is not None and emb is not None:
+        ood = float(knn_distance(emb, reference, k)[0])
     return {"mean_logprob": mean_lp, "min_logprob": min_lp, "invalid_unconstrained": invalid, "ood": ood}
 
 
@@ -230,9 +244,11 @@ class LMRouter:
 
     ``LMRouter.pass_through()`` (no calibration) serves every answer and still reports the log-prob signals."""
 
-    def __init__(self, config: LMRouterConfig | None, reference: np.ndarray | None = None):
+    def __init__(self, config: LMRouterConfig | None, reference: np.ndarray | None = None,
+                 embed: Callable[[Sequence[str]], np.ndarray] | None = None):
         self.config = config
         self.reference = None if reference is None else np.asarray(reference, dtype=np.float32)
+        self._embed = embed
         if config is not None and math.isfinite(config.ood_threshold) and self.reference is None:
             raise DistillError("the LM router has an OOD threshold but no reference embeddings",
                                hint=f"re-run `distill route calibrate`; it writes {LM_KNN_FILE} beside "
@@ -247,21 +263,41 @@ class LMRouter:
         return self.config is not None
 
     @property
-    def needs_embedding(self) -> bool:
-        """True when requests must be generated with ``want_embedding=True`` (the OOD signal reads it)."""
+    def _ood_on(self) -> bool:
         return self.config is not None and self.reference is not None and math.isfinite(self.config.ood_threshold)
 
-    def signals(self, result: "GenResult") -> dict[str, float | bool | None]:
+    @property
+    def needs_embedding(self) -> bool:
+        """True when requests must be generated with ``want_embedding=True`` (the hidden-state OOD signal reads it)."""
+        return self._ood_on and self.config.ood_source == "hidden"
+
+    @property
+    def needs_text(self) -> bool:
+        """True when ``decide`` needs the input text (the text OOD signal embeds it with a frozen encoder)."""
+        return self._ood_on and self.config.ood_source == "text"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self._embed is None:
+            from distill.fewshot import Embedder
+
+            self._embed = Embedder(self.config.embedder)
+        return self._embed(list(texts))
+
+    def signals(self, result: "GenResult", text: str | None = None) -> dict[str, float | bool | None]:
         cfg = self.config
         if cfg is None:     # pass-through: no schema and no reference, only what the engine itself reports
             return result_signals(result, None, None, None, 1)
         if self.needs_embedding and result.embedding is None:
             raise DistillError("the LM router needs the prompt embedding of every request",
                                hint="generate with want_embedding=True when router.needs_embedding")
+        if self.needs_text:
+            if text is None:
+                raise DistillError("the LM router's OOD signal embeds the input text: pass it to decide()")
+            return result_signals(result, cfg.kind, cfg.schema, self.reference, cfg.k, embedding=self.embed([text]))
         return result_signals(result, cfg.kind, cfg.schema, self.reference if self.needs_embedding else None, cfg.k)
 
-    def decide(self, result: "GenResult") -> LMDecision:
-        sig = self.signals(result)
+    def decide(self, result: "GenResult", text: str | None = None) -> LMDecision:
+        sig = self.signals(result, text)
         cfg = self.config
         if cfg is None:
             return LMDecision("student", "pass_through", sig)
@@ -512,7 +548,8 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
                          route_invalid: bool | None = None, delta: float = 0.05, guarantee: bool = True,
                          teacher: str | None = None, k: int = 10, max_tokens: int | None = None,
                          max_reference: int = DEFAULT_MAX_REFERENCE, n_ctx: int = 2048, n_threads: int | None = None,
-                         max_batch: int = 4, progress: bool = True) -> LMRouterConfig:
+                         max_batch: int = 4, progress: bool = True, ood_source: str = "text",
+                         embedder: str = "all-minilm-l6-v2") -> LMRouterConfig:
     """Fit the LM router of an extract/generate project and save it next to the served .gguf.
 
     1. The served GGUF folder (``gguf_folder``) and the validation + train inputs (all of them: the thresholds
@@ -568,9 +605,14 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
         say(f"route calibrate: {folder} ({len(val)} validation inputs, {len(train) if use_ood else 0} train "
             f"prompts for the OOD reference, at most {max_tokens} answer tokens)")
         student = GGUFStudent(folder, n_ctx_per_seq=n_ctx, n_threads=n_threads, max_batch=max_batch)
+        text_router = LMRouter(LMRouterConfig(kind=spec.kind, embedder=embedder))
         try:
             ref = None
-            if use_ood:
+            if use_ood and ood_source == "text":
+                # a frozen sentence encoder's embeddings of the train inputs (bench/router.py: the engine's
+                # prompt hidden state, averaged over the long shared instructions, hardly tells topics apart)
+                ref = l2_normalise(text_router.embed([r.text for r in train]))
+            elif use_ood:
                 emb = _run_all(student, lambda r: GenRequest(student.prompt_tokens(msgs(r)), 0, want_embedding=True),
                                train, say, "train embeddings")
                 emb = [e.embedding for e in emb if e is not None]
@@ -580,8 +622,8 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
                     notes.append("no train prompt fits the engine's context: the OOD signal is off")
                     use_ood = False
             results = _run_all(student, lambda r: student.request(msgs(r), max_tokens, schema=schema,
-                                                                  want_embedding=use_ood), val, say,
-                               "validation answers")
+                                                                  want_embedding=use_ood and ood_source == "hidden"),
+                               val, say, "validation answers")
             gguf_file = student.gguf_file
         finally:
             student.close()
@@ -597,8 +639,13 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
                 raise DistillError("no validation input fits the engine's context", hint="raise --n-ctx")
         # signals, exactly as the served router computes them
         k = min(k, len(ref)) if ref is not None else k
-        settings = LMRouterConfig(kind=spec.kind, schema=schema, k=k, max_tokens=max_tokens, notes=notes)
-        sig = [result_signals(res, spec.kind, schema, ref, k) for res in results]
+        settings = LMRouterConfig(kind=spec.kind, schema=schema, k=k, max_tokens=max_tokens, notes=notes,
+                                  ood_source=ood_source, embedder=embedder)
+        if use_ood and ood_source == "text":
+            val_emb = text_router.embed([r.text for r in val])
+            sig = [result_signals(res, spec.kind, schema, ref, k, embedding=e) for res, e in zip(results, val_emb)]
+        else:
+            sig = [result_signals(res, spec.kind, schema, ref, k) for res in results]
 
         # "right": the teacher's validation answer (or a human correction), else gold
         refs = [r.answer if r.answer is not None else r.gold for r in val]
