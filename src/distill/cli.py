@@ -634,8 +634,8 @@ def route_calibrate(
                                                  "mahalanobis over every hidden layer (default) | knn on a frozen "
                                                  "sentence encoder | combined | energy | none; extract/generate: the "
                                                  "kNN distance to the train prompts (default) | none."),
-    ood_keep: Optional[float] = typer.Option(None, help="Share of in-domain validation inputs the OOD cut keeps "
-                                                        "(default: 0.95 classify, 0.99 extract/generate)."),
+    ood_keep: float = typer.Option(0.95, help="Share of in-domain validation inputs the OOD cut keeps (the rest of "
+                                              "the routing budget goes to the confidence cut; bench/router.py)."),
     model: Optional[Path] = typer.Option(None, help="Pin a student folder (default: the serving model; "
                                                     "extract/generate: its GGUF export)."),
     backend: Backend = typer.Option(Backend.auto, help="Thresholds are backend-specific: calibrate what you serve "
@@ -678,7 +678,7 @@ def route_calibrate(
                                    f"{', '.join(c.value for c in Confidence)}")
             cfg = calibrate_project(project, model_path=model, coverage=coverage, confidence_kind=conf_kind,
                                     ood=(ood or Ood.mahalanobis).value,
-                                    ood_keep=0.95 if ood_keep is None else ood_keep, delta=delta,
+                                    ood_keep=ood_keep, delta=delta,
                                     guarantee=guarantee, k=k, embedder=embedder, teacher=teacher,
                                     backend=backend.value)
             t = Table(title=f"coverage → quality (validation, {cfg.n_validation} in-domain rows"
@@ -724,7 +724,7 @@ def route_calibrate(
             raise DistillError(f"--backend is for classify students; an {kind} student is calibrated on its GGUF "
                                "export (the engine that serves it)")
         cfg = calibrate_lm_project(project, model_path=model, coverage=coverage, confidence=conf_kind,
-                                   ood_keep=1.0 if ood == Ood.none else (0.99 if ood_keep is None else ood_keep),
+                                   ood_keep=1.0 if ood == Ood.none else ood_keep,
                                    route_invalid=route_invalid,
                                    delta=delta, guarantee=guarantee, teacher=teacher, k=k, max_tokens=max_tokens,
                                    max_reference=max_reference, n_ctx=n_ctx, n_threads=threads,

@@ -68,7 +68,7 @@ def synthetic(n: int, rng: np.random.Generator, p_invalid: float = 0.03):
 def test_plain_threshold_meets_coverage_and_guaranteed_answers_more():
     rng = np.random.default_rng(0)
     mean, mn, inv, ood = synthetic(500, rng)
-    cfg = calibrate_lm(mean, mn, inv, ood, coverage=0.8, delta=0.05)
+    cfg = calibrate_lm(mean, mn, inv, ood, coverage=0.8, delta=0.05, ood_keep=0.99)
     assert cfg.n_validation == 500 and cfg.route_invalid is True
     assert cfg.signals == ["invalid_unconstrained", "ood", "mean_logprob"]
     covered = ~inv & (ood <= cfg.ood_threshold) & (mean >= cfg.plain_conf_threshold)
@@ -109,7 +109,7 @@ def test_conformal_guarantee_holds_in_simulation():
         conf = rng.normal(0, 1, n)
         inv = rng.random(n) < p_inv
         ood = rng.normal(0, 1, n)
-        cfg = calibrate_lm(conf, conf, inv, ood, coverage=c, delta=delta)
+        cfg = calibrate_lm(conf, conf, inv, ood, coverage=c, delta=delta, ood_keep=0.99)
         assert cfg.threshold_rule == "guaranteed"
 
         def true_cov(t: float, cfg=cfg) -> float:   # independent signals: P(valid) P(ood <= t_ood) P(conf >= t)

@@ -138,7 +138,7 @@ class LMRouterConfig:
     confidence: ConfidenceKind = "mean_logprob"             # which log-prob signal is thresholded
     coverage: float = 0.9                                   # target share the student answers
     delta: float = 0.05                                     # the coverage promise holds with probability >= 1 - delta
-    ood_keep: float = 0.99                                  # share of validation inputs the OOD cut keeps (1 = no cut)
+    ood_keep: float = 0.95                                  # share of validation inputs the OOD cut keeps (1 = no cut)
     k: int = 10                                             # k of the k-th nearest neighbour (Sun et al. use 50-1000
                                                             #   on 50k-1.2M images; small train sets need a small k)
     ood_source: str = "text"                                # kNN on: "text" = a frozen sentence encoder's embedding
@@ -382,7 +382,7 @@ def _system_scores(student: dict[str, np.ndarray], teacher: dict[str, np.ndarray
 def calibrate_lm(mean_logprob: Sequence[float | None], min_logprob: Sequence[float | None],
                  invalid: Sequence[bool], ood: Sequence[float] | None = None, *, coverage: float = 0.9,
                  confidence: ConfidenceKind = "mean_logprob", route_invalid: bool | None = None,
-                 ood_keep: float = 0.99, delta: float = 0.05, guarantee: bool = True, kind: str = "extract",
+                 ood_keep: float = 0.95, delta: float = 0.05, guarantee: bool = True, kind: str = "extract",
                  student_scores: dict[str, np.ndarray] | None = None,
                  teacher_scores: dict[str, np.ndarray] | None = None, has_reference: Sequence[bool] | None = None,
                  has_teacher: Sequence[bool] | None = None, levels: Sequence[float] = CURVE_LEVELS,
@@ -544,7 +544,7 @@ def _run_all(student, make_requests, rows: list, say, what: str) -> list:
 
 
 def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | None = None, coverage: float = 0.9,
-                         confidence: ConfidenceKind = "mean_logprob", ood_keep: float = 0.99,
+                         confidence: ConfidenceKind = "mean_logprob", ood_keep: float = 0.95,
                          route_invalid: bool | None = None, delta: float = 0.05, guarantee: bool = True,
                          teacher: str | None = None, k: int = 10, max_tokens: int | None = None,
                          max_reference: int = DEFAULT_MAX_REFERENCE, n_ctx: int = 2048, n_threads: int | None = None,
