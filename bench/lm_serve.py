@@ -155,7 +155,7 @@ def test_curve(student, router, spec, texts, gold, teacher_pred, thresholds, max
     futs = [student.engine.submit(student.request(render_messages(spec, t), max_tokens, schema=spec.json_schema,
                                                   want_embedding=router.needs_embedding)) for t in texts]
     res = [f.result() for f in futs]
-    sig = [router.signals(r) for r in res]
+    sig = [router.signals(r, t) for r, t in zip(res, texts)]
     ans = []
     for r in res:
         try:
@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     # the trade-off on test: each validation threshold of the curve, applied to the test split
     g_texts = [texts[i] for i in has_gold]
     curve = test_curve(student, LMRouter.load(gdir), spec, g_texts, [gold[i] for i in has_gold],
-                       [teacher_pred[i] for i in has_gold], [(c["target"], c["threshold"]) for c in rcfg.curve],
+                       [teacher_pred[i] for i in has_gold],
+                       # a null threshold in the curve is "no cut" (JSON has no infinities)
+                       [(c["target"], float("-inf") if c["threshold"] is None else c["threshold"]) for c in rcfg.curve],
                        max_tokens, teacher_usd, student_usd, field_f1)
     student.close()
 

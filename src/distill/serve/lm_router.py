@@ -292,7 +292,7 @@ class LMRouter:
                                hint="generate with want_embedding=True when router.needs_embedding")
         if self.needs_text:
             if text is None:
-                raise DistillError("the LM router's OOD signal embeds the input text: pass it to decide()")
+                raise DistillError("the LM router's OOD signal embeds the input text: pass it to decide() / signals()")
             return result_signals(result, cfg.kind, cfg.schema, self.reference, cfg.k, embedding=self.embed([text]))
         return result_signals(result, cfg.kind, cfg.schema, self.reference if self.needs_embedding else None, cfg.k)
 
