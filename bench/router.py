@@ -234,7 +234,7 @@ def one_student(name: str, st: dict, sets: dict[str, list[str]], latency_n: int)
         # the plain cut (meets the target on validation only), for comparison with the guaranteed one served
         plain_kept = conf_test >= cal.plain_conf_threshold
         if cal.ood != "none":
-            plain_kept &= router.scores(student["test"][0], feats["test"])[2] <= cal.ood_threshold
+            plain_kept &= sc_test <= cal.ood_threshold
         final = np.where(r_test & has_t, t_test, s_test)
         res = {
             "threshold_rule": cal.threshold_rule, "conf_threshold": cal.conf_threshold,
@@ -394,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
 
     lm = lm_student(a.lm_project, a.lm_cap) if a.lm_project else None
     default = RouterConfig()
-    dsig = {"mahalanobis": "mahalanobis" if default.layers is None else "mahalanobis_last_layer"}.get(default.ood, default.ood)
-    dsig = {"knn": "knn_frozen_minilm"}.get(dsig, dsig)
+    # the SIGNALS entry whose settings are the library's defaults
+    dsig = next(name for name, settings in SIGNALS.items()
+                if all(getattr(default, k) == v for k, v in settings.items())
+                and (default.layers is None) == ("layers" not in settings))
     far = [v["recall"] for r in results.values() for s, v in r["signals"][dsig]["ood"].items() if s.startswith("far_")]
     cov = [r["signals"][dsig]["achieved_coverage"] for r in results.values()]
     clinc_oos = (results.get("clinc150") or {}).get("signals", {}).get(dsig, {}).get("ood", {}).get("near_clinc150_oos")

@@ -7,7 +7,7 @@ import pytest
 
 from distill.errors import DistillError
 from distill.serve.router import (
-    Mahalanobis, Router, RouterConfig, calibrate, confidence, energy, fit_mahalanobis, softmax,
+    Mahalanobis, OodStats, Router, RouterConfig, calibrate, confidence, energy, fit_mahalanobis, softmax,
 )
 
 LABELS = ["a", "b", "c"]
@@ -124,10 +124,10 @@ def test_bad_coverage_is_a_distill_error():
 def test_save_load_round_trip_with_mahalanobis(tmp_path):
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(90, 4))
-    maha = fit_mahalanobis(feats, [i % 3 for i in range(90)], 3)
+    maha = OodStats(layers=[-1], maha=[fit_mahalanobis(feats, [i % 3 for i in range(90)], 3)])
     logits, teacher = _synthetic(90, seed=3)
     cfg = calibrate(None, feats, teacher, 0.8, val_logits=logits, labels=LABELS,
-                    settings=RouterConfig(ood="mahalanobis", confidence="margin"), mahalanobis=maha)
+                    settings=RouterConfig(ood="mahalanobis", layers=[-1], confidence="margin"), stats=maha)
     Router(cfg, maha).save(tmp_path)
     back = Router.load(tmp_path)
     assert back.config == cfg

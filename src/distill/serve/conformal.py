@@ -95,3 +95,11 @@ def min_n_for_guarantee(coverage: float, delta: float, ood_keep: float | None, l
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
     return hi
+
+
+def no_promise_note(coverage: float, delta: float, why: str, n: int, most: float | None) -> str:
+    """What a router says when no cut can promise ``coverage`` with 1-delta and the plain cut is served instead."""
+    return (f"no threshold can promise coverage >= {coverage:.0%} with probability {1 - delta:.0%}: {why}. "
+            f"Served: the plain threshold, which meets the target on these {n} validation rows only (on new "
+            "inputs its coverage falls below the target about half the time)"
+            + (f"; the most that can be promised at this n is coverage >= {most:.1%}" if most and most > 0 else ""))

@@ -77,9 +77,9 @@ from distill.errors import DistillError
 from distill.fsutil import write_atomic, write_text_atomic
 # the finite-sample bounds are shared with the encoder router; re-exported here for callers and tests
 from distill.serve.conformal import (  # noqa: F401
-    _deltas, binom_sf, guarantee_index, min_n_for_guarantee, ood_rank, order_stat_upper,
+    _deltas, binom_sf, guarantee_index, min_n_for_guarantee, no_promise_note, ood_rank, order_stat_upper,
 )
-from distill.serve.router import _finite, read_thresholds
+from distill.serve.router import _finite, _threshold_for, read_thresholds
 
 if TYPE_CHECKING:
     from distill.students.gguf_engine import GenResult
@@ -354,15 +354,6 @@ class LMRouter:
 # calibration (pure: arrays in, config out)
 
 
-def _plain_threshold(conf: np.ndarray, passing: np.ndarray, k: int) -> float:
-    """The confidence cut that lets the ``k`` most confident passing items through (ties included); -inf when
-    fewer than k pass (the target is not reachable)."""
-    if k <= 0:
-        return float("inf")
-    c = np.sort(conf[passing])[::-1]
-    return float(c[k - 1]) if k <= len(c) else float("-inf")
-
-
 def _quality(kind: str, scores: dict[str, np.ndarray] | None, idx: np.ndarray) -> float | None:
     """Micro field F1 (extract) or mean token F1 (generate) over rows ``idx`` of row_scores-shaped arrays."""
     if scores is None or len(idx) == 0:
@@ -435,7 +426,7 @@ def calibrate_lm(mean_logprob: Sequence[float | None], min_logprob: Sequence[flo
     cfg.signals = (["invalid_unconstrained"] if route_invalid else []) + (["ood"] if ood_cut else []) + [confidence]
 
     # 3a. plain cut: meets the target on validation
-    t_plain = _plain_threshold(conf, passing, k_target)
+    t_plain = _threshold_for(conf, passing, k_target)
     cfg.plain_conf_threshold = t_plain
     cfg.plain_coverage = float((passing & (conf >= t_plain)).mean())
     if t_plain == float("-inf"):
@@ -461,12 +452,7 @@ def calibrate_lm(mean_logprob: Sequence[float | None], min_logprob: Sequence[flo
             why = ("an invalid or empty answer sits at the cut" if j1 >= 1 else
                    f"n={n} validation rows are too few (needs about {cfg.n_for_guarantee})"
                    if cfg.n_for_guarantee else "the OOD cut alone may route too much")
-            most = cfg.max_guaranteed_coverage
-            cfg.notes.append(
-                f"no threshold can promise coverage >= {coverage:.0%} with probability {1 - delta:.0%}: {why}. "
-                f"Served: the plain threshold, which meets the target on these {n} validation rows only (on new "
-                f"inputs its coverage falls below the target about half the time)"
-                + (f"; the most that can be promised at this n is coverage >= {most:.1%}" if most and most > 0 else ""))
+            cfg.notes.append(no_promise_note(coverage, delta, why, n, cfg.max_guaranteed_coverage))
     cfg.achieved_coverage = float((passing & (conf >= cfg.conf_threshold)).mean())
     cfg.n_validation = n
 
@@ -475,7 +461,7 @@ def calibrate_lm(mean_logprob: Sequence[float | None], min_logprob: Sequence[flo
     has_t = np.zeros(n, bool) if has_teacher is None or teacher_scores is None else np.asarray(has_teacher, bool)
     cfg.curve = []
     for lev in sorted(set(levels) | {coverage}):
-        t = _plain_threshold(conf, passing, math.ceil(lev * n - 1e-9))
+        t = _threshold_for(conf, passing, math.ceil(lev * n - 1e-9))
         covered = passing & (conf >= t)
         pt: dict[str, Any] = {
             "target": float(lev), "coverage": float(covered.mean()), "threshold": t,
@@ -604,14 +590,18 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
 
         say(f"route calibrate: {folder} ({len(val)} validation inputs, {len(train) if use_ood else 0} train "
             f"prompts for the OOD reference, at most {max_tokens} answer tokens)")
+        text_ood = use_ood and ood_source == "text"
+        if text_ood:
+            from distill.fewshot import Embedder
+
+            embed = Embedder(embedder)
         student = GGUFStudent(folder, n_ctx_per_seq=n_ctx, n_threads=n_threads, max_batch=max_batch)
-        text_router = LMRouter(LMRouterConfig(kind=spec.kind, embedder=embedder))
         try:
             ref = None
-            if use_ood and ood_source == "text":
+            if text_ood:
                 # a frozen sentence encoder's embeddings of the train inputs (bench/router.py: the engine's
                 # prompt hidden state, averaged over the long shared instructions, hardly tells topics apart)
-                ref = l2_normalise(text_router.embed([r.text for r in train]))
+                ref = l2_normalise(embed([r.text for r in train]))
             elif use_ood:
                 emb = _run_all(student, lambda r: GenRequest(student.prompt_tokens(msgs(r)), 0, want_embedding=True),
                                train, say, "train embeddings")
@@ -622,7 +612,7 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
                     notes.append("no train prompt fits the engine's context: the OOD signal is off")
                     use_ood = False
             results = _run_all(student, lambda r: student.request(msgs(r), max_tokens, schema=schema,
-                                                                  want_embedding=use_ood and ood_source == "hidden"),
+                                                                  want_embedding=use_ood and not text_ood),
                                val, say, "validation answers")
             gguf_file = student.gguf_file
         finally:
@@ -641,8 +631,8 @@ def calibrate_lm_project(project_dir: str | Path, *, model_path: str | Path | No
         k = min(k, len(ref)) if ref is not None else k
         settings = LMRouterConfig(kind=spec.kind, schema=schema, k=k, max_tokens=max_tokens, notes=notes,
                                   ood_source=ood_source, embedder=embedder)
-        if use_ood and ood_source == "text":
-            val_emb = text_router.embed([r.text for r in val])
+        if text_ood:
+            val_emb = embed([r.text for r in val])
             sig = [result_signals(res, spec.kind, schema, ref, k, embedding=e) for res, e in zip(results, val_emb)]
         else:
             sig = [result_signals(res, spec.kind, schema, ref, k) for res in results]

@@ -66,7 +66,9 @@ import numpy as np
 
 from distill.errors import DistillError
 from distill.fsutil import write_atomic, write_text_atomic
-from distill.serve.conformal import guarantee_index, min_n_for_guarantee, ood_rank, order_stat_upper
+from distill.serve.conformal import (
+    guarantee_index, min_n_for_guarantee, no_promise_note, ood_rank, order_stat_upper,
+)
 
 ConfidenceKind = Literal["max_prob", "margin", "entropy"]
 OodKind = Literal["mahalanobis", "knn", "energy", "combined", "none"]
@@ -408,11 +410,9 @@ def ood_scores(cfg: RouterConfig, logits: np.ndarray | None, feats: np.ndarray |
 
 
 def _maha(stats: OodStats, feats) -> np.ndarray:
-    """Sum over the scored layers of each layer's Mahalanobis score: one batched matmul over the layers (what keeps
-    six layers' scoring well under a millisecond at batch 1), or a loop for statistics given as other objects."""
+    """Sum over the scored layers of each layer's Mahalanobis score, in one batched matmul over the layers (what
+    keeps six layers' scoring well under a millisecond at batch 1)."""
     zs = layer_features(feats, stats.layers)
-    if not all(isinstance(m, Mahalanobis) for m in stats.maha):
-        return sum(m.score(z) for m, z in zip(stats.maha, zs))
     p, mp, mm = stats.stacked()
     z = np.stack(zs).astype(np.float32)                                 # [K, N, D]
     zp = np.matmul(z, p)                                                # [K, N, D]
@@ -497,10 +497,8 @@ class Router:
     """Scores a batch and decides per input. ``embed`` (texts -> frozen embeddings) is loaded from
     ``config.embedder`` when the OOD score needs it and none is given."""
 
-    def __init__(self, config: RouterConfig, stats: OodStats | Mahalanobis | None = None,
+    def __init__(self, config: RouterConfig, stats: OodStats | None = None,
                  embed: Callable[[Sequence[str]], np.ndarray] | None = None):
-        if isinstance(stats, Mahalanobis):           # one last-layer Mahalanobis, as older callers build it
-            stats = OodStats(layers=[-1], maha=[stats])
         if config.ood in ("mahalanobis", "knn", "combined") and stats is None:
             raise DistillError(f"router uses ood: {config.ood} but no train-split statistics were given",
                                hint=f"re-run `distill route calibrate`; it writes {STATS_FILE} next to router.json")
@@ -628,8 +626,7 @@ def _point(conf, passing, correct, t_conf) -> dict[str, float]:
 def calibrate(val_probs: np.ndarray | None, val_features: np.ndarray | Features | None,
               val_labels_teacher: Sequence[Any], coverage: float = 0.9, *, val_logits: np.ndarray | None = None,
               labels: list[str] | None = None, settings: RouterConfig | None = None,
-              stats: OodStats | Mahalanobis | None = None, mahalanobis: Mahalanobis | None = None,
-              oos: Sequence[bool] | None = None, grid: Sequence[float] | None = None) -> RouterConfig:
+              stats: OodStats | None = None, oos: Sequence[bool] | None = None, grid: Sequence[float] | None = None) -> RouterConfig:
     """Fit the router's thresholds on the validation split.
 
     Inputs (N validation rows, L labels):
@@ -648,8 +645,6 @@ def calibrate(val_probs: np.ndarray | None, val_features: np.ndarray | Features 
     of them routed."""
     base = settings or RouterConfig()
     cfg = RouterConfig(**{**asdict(base), "coverage": coverage, "notes": []})   # re-validates coverage
-    if isinstance(stats, Mahalanobis) or (stats is None and mahalanobis is not None):
-        stats = OodStats(layers=[-1], maha=[stats if isinstance(stats, Mahalanobis) else mahalanobis])
     if labels is not None:
         cfg.labels = list(labels)
     if val_logits is not None:
@@ -727,12 +722,7 @@ def calibrate(val_probs: np.ndarray | None, val_features: np.ndarray | Features 
         if cfg.guarantee:
             why = (f"the OOD cut routes {int(first - 1)} of the {n_b} rows that would set it"
                    if j1 >= 1 else f"n={n} in-domain validation rows are too few (needs about {cfg.n_for_guarantee})")
-            cfg.notes.append(
-                f"no threshold can promise coverage >= {coverage:.0%} with probability {1 - cfg.delta:.0%}: {why}. "
-                f"Served: the plain threshold, which meets the target on these {n} validation rows only (on new "
-                "inputs its coverage falls below the target about half the time)"
-                + (f"; the most that can be promised at this n is {cfg.max_guaranteed_coverage:.1%}"
-                   if cfg.max_guaranteed_coverage > 0 else ""))
+            cfg.notes.append(no_promise_note(coverage, cfg.delta, why, n, cfg.max_guaranteed_coverage))
     cfg.achieved_coverage = float((passing & (conf >= cfg.conf_threshold)).mean())
     cfg.n_validation = n
 
