@@ -550,13 +550,29 @@ def serve(
     max_texts: int = typer.Option(64, help="Texts per /v1/classify request."),
     max_body_bytes: int = typer.Option(1_000_000, help="Larger request bodies get 413."),
     batch_size: int = typer.Option(32, help="Micro-batch size."),
-    batch_wait_ms: float = typer.Option(5.0, help="Longest wait for a micro-batch to fill."),
+    batch_wait_ms: float = typer.Option(0.0, help="Fixed wait for a micro-batch to fill (0: none, the batch is what "
+                                        "arrived during the previous model call)."),
     max_tokens: Optional[int] = typer.Option(None, help="extract/generate: most tokens per answer (default: the "
                                              "teacher's max_tokens)."),
     n_ctx: int = typer.Option(2048, help="extract/generate: context per sequence, prompt + answer (longer prompts: 400)."),
     max_batch: int = typer.Option(8, help="extract/generate: sequences decoded together; more requests wait in line."),
-    threads: Optional[int] = typer.Option(None, help="extract/generate: engine CPU threads (default: all cores; on a "
-                                          "machine shared with other jobs 1 can be several times faster)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per worker: onnxruntime's (classify) or the engine's "
+                                          "(extract/generate); default: all cores. With --workers N, cores / N "
+                                          "(bench/README.md, serving)."),
+    workers: int = typer.Option(1, help="Processes sharing the port, each with its own model copy; the store (SQLite "
+                                "WAL) is their shared state."),
+    candidate: Optional[str] = typer.Option(None, help="classify: a run id (or model folder) served beside the "
+                                            "promoted model as a canary, rolled back on its own when it does worse."),
+    canary: float = typer.Option(0.1, help="Share of requests sampled for the candidate."),
+    candidate_shadow: bool = typer.Option(False, "--candidate-shadow", help="The candidate only sees copies of the "
+                                          "sampled requests (the promoted model answers everything)."),
+    promote_after: Optional[int] = typer.Option(None, help="Promote the candidate on its own after this many "
+                                                "teacher-checked texts within bounds (default: only when asked)."),
+    max_disagreement_increase: float = typer.Option(0.05, help="Roll back when the candidate disagrees with the "
+                                                    "teacher this much more often than the promoted model."),
+    max_p95_ratio: float = typer.Option(1.5, help="Roll back when the candidate's p95 latency passes this multiple of "
+                                        "the promoted model's."),
+    min_compared: int = typer.Option(200, help="Teacher-checked texts before any verdict on the candidate."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve without API keys (loopback only)."),
 ):
     """Serve the student behind the router: /v1/classify (classify), OpenAI-compatible /v1/chat/completions
@@ -571,7 +587,73 @@ def serve(
                           batch_size=batch_size, batch_wait_ms=batch_wait_ms, max_tokens=max_tokens,
                           n_ctx_per_seq=n_ctx, max_batch=max_batch, n_threads=threads)
         cfg.check()
-        run(project, host=host, port=port, config=cfg)
+        from distill.serve.rollout import RolloutConfig
+
+        ro = None
+        if candidate:
+            ro = RolloutConfig(candidate=candidate, mode="shadow" if candidate_shadow else "canary", share=canary,
+                               promote_after=promote_after, max_disagreement_increase=max_disagreement_increase,
+                               max_p95_ratio=max_p95_ratio, min_compared=min_compared, seed=seed)
+            ro.check()
+        run(project, host=host, port=port, config=cfg, rollout=ro, workers=workers)
+
+    _run(go)
+
+
+rollout_app = typer.Typer(help="The canary of `distill serve --candidate`: see it, promote it, roll it back "
+                          "(every worker follows the store within a second).", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("status")
+def rollout_status(project: Path = typer.Argument(...)):
+    """The serving model and the latest rollout verdict (workers' live figures: GET /v1/rollout)."""
+    def go():
+        from distill.serve.rollout import read_state
+
+        p = _open(project)
+        try:
+            st = read_state(p.store)
+            out.print(f"serving: {p.serving_model().describe()}", highlight=False)
+            out.print("rollout: none" if st is None else f"rollout: {st['candidate']} {st['state']}"
+                      + (f" -- {st['why']}" if st.get("why") else ""), highlight=False)
+        finally:
+            p.close()
+
+    _run(go)
+
+
+@rollout_app.command("promote")
+def rollout_promote(project: Path = typer.Argument(...), candidate: str = typer.Argument(..., help="Run id.")):
+    """Promote the candidate: every `distill serve` of the project swaps to it without dropping a request."""
+    def go():
+        from distill.serve.rollout import write_state
+
+        p = _open(project)
+        try:
+            p.promote(candidate, "promoted with `distill rollout promote`")
+            write_state(p.store, candidate, "promoted", "distill rollout promote")
+            out.print(f"promoted {candidate}; running servers swap to it within a second", highlight=False)
+        finally:
+            p.close()
+
+    _run(go)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(project: Path = typer.Argument(...), candidate: str = typer.Argument(..., help="Run id."),
+                     why: str = typer.Option("rolled back with `distill rollout rollback`", help="Recorded reason.")):
+    """Stop the canary: the candidate takes no more traffic in any worker."""
+    def go():
+        from distill.serve.rollout import write_state
+
+        p = _open(project)
+        try:
+            write_state(p.store, candidate, "rolled_back", why)
+            out.print(f"rolled back {candidate}; running servers stop sending it traffic within a second",
+                      highlight=False)
+        finally:
+            p.close()
 
     _run(go)
 

@@ -259,8 +259,9 @@ def test_metrics_are_prometheus_text(world, routed):
     assert float(lines["distill_routed_share"]) == 1.0
     assert float(lines['distill_teacher_calls_total{result="ok"}']) >= 1
     assert float(lines["distill_teacher_spend_usd_total"]) > 0
-    assert float(lines['distill_request_latency_seconds_count{endpoint="/v1/classify"}']) >= 1
-    assert 'distill_requests_total{endpoint="/v1/classify",code="401"}' in lines
+    # latency by endpoint and by the model that answered (the promoted run; a canary's candidate has its own)
+    assert float(lines['distill_request_latency_seconds_count{endpoint="/v1/classify",model="r1"}']) >= 1
+    assert 'distill_requests_total{code="401",endpoint="/v1/classify"}' in lines
     assert httpx.get(routed.url + "/metrics").status_code == 401
 
 
@@ -276,7 +277,7 @@ def test_teacher_down_degrades_to_the_student_with_200(world):
         assert [x["label"] for x in res] == [LABELS[i] for i in world["student"].predict_proba(texts).argmax(1)]
         assert {e.text for e in queue(world, "degraded")} >= set(texts)
         m = httpx.get(s.url + "/metrics", headers=H(world)).text
-        assert "distill_degraded_total 2" in m
+        assert "distill_degraded_total 2.0" in m
     finally:
         s.stop()
 
@@ -418,7 +419,7 @@ def test_a_failing_router_sends_the_batch_to_the_teacher_never_a_500(world):
         assert r.status_code == 200
         res = r.json()["results"][0]
         assert res["routed_to"] == "teacher" and res["reason"] == "router_error" and res["label"] in LABELS
-        assert 'distill_route_reason_total{reason="router_error"} 1' in httpx.get(s.url + "/metrics", headers=H(world)).text
+        assert 'distill_route_reason_total{reason="router_error"} 1.0' in httpx.get(s.url + "/metrics", headers=H(world)).text
     finally:
         s.stop()
     s = Server(create_app(world["root"], router=broken, config=ServeConfig(teacher="down", teacher_timeout_s=5)))
@@ -445,19 +446,50 @@ def test_micro_batcher_merges_concurrent_requests():
 
     def fn(texts):
         calls.append(len(texts))
-        x = np.array([[len(t), 0.0] for t in texts])
-        return x, x
+        return [(len(t), 0.0) for t in texts]
 
     async def main():
-        b = MicroBatcher(fn, max_batch=8, max_wait_ms=50)
+        b = MicroBatcher(fn, max_batch=8)
         outs = await asyncio.gather(*(b.submit(["a" * i, "b"]) for i in range(1, 5)))
         await b.close()
         return outs
 
     outs = asyncio.run(main())
-    assert calls == [8]                      # four requests of two texts -> one model call
-    for i, (logits, _) in enumerate(outs, start=1):
-        assert logits[:, 0].tolist() == [i, 1]   # each request gets its own rows back
+    assert calls == [8]                      # four requests of two texts -> one model call, with no wait at all
+    for i, rows in enumerate(outs, start=1):
+        assert [r[0] for r in rows] == [i, 1]   # each request gets its own rows back
+
+
+def test_micro_batcher_adapts_to_load_and_drains():
+    """No timer: a lone request runs at once; what arrives during a model call is the next batch; drain() waits
+    for every submitted request (a hot swap relies on it)."""
+    import threading
+
+    calls, gate = [], threading.Event()
+
+    def fn(texts):
+        calls.append(list(texts))
+        if texts == ["first"]:
+            gate.wait(5)            # the model is busy with the first request while others arrive
+        return texts
+
+    async def main():
+        b = MicroBatcher(fn, max_batch=32)
+        first = asyncio.ensure_future(b.submit(["first"]))
+        while not calls:            # the first request is in the model before anyone else arrives
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b.submit([f"t{i}"])) for i in range(5)]
+        await asyncio.sleep(0.05)
+        assert not await b.drain(timeout_s=0.01)       # six requests outstanding
+        gate.set()
+        assert await b.drain(timeout_s=5)
+        assert all(f.done() for f in [first, *rest])
+        await b.close()
+        return await first, [await f for f in rest]
+
+    first, rest = asyncio.run(main())
+    assert calls == [["first"], [f"t{i}" for i in range(5)]]
+    assert first == ["first"] and rest == [[f"t{i}"] for i in range(5)]
 
 
 def test_accepted_feedback_survives_kill_9(world, routed):

@@ -35,7 +35,8 @@ from distill.serve.app import create_app
 MAX_EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 OPERATIONS = [("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/classify"),
-              ("POST", "/v1/chat/completions"), ("POST", "/v1/feedback")]
+              ("POST", "/v1/chat/completions"), ("POST", "/v1/feedback"), ("GET", "/v1/rollout"),
+              ("POST", "/v1/rollout/promote"), ("POST", "/v1/rollout/rollback")]
 # positive: requests the schema allows; negative: requests it does not (wrong types, missing fields, ...)
 RUNS = [(m, p, "positive") for m, p in OPERATIONS] + [(m, p, "negative") for m, p in OPERATIONS if m == "POST"]
 SEEN: Counter = Counter()            # (method path, mode, status) -> cases

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -312,6 +313,13 @@ class DeadlineH11Protocol(H11Protocol):
         if self.conn.trailing_data[0]:
             self.transport.write(_raw_408(self.header_timeout_s))   # part of a request came: say why
         self.transport.close()
+
+
+class EnvDeadlineH11Protocol(DeadlineH11Protocol):
+    """The protocol of ``serve --workers N`` processes (uvicorn imports it by name in each worker, so it cannot be
+    made per app): the header deadline from ``DISTILL_HEADER_TIMEOUT_S``, set by ``serve``."""
+
+    header_timeout_s = float(os.environ.get("DISTILL_HEADER_TIMEOUT_S", "10"))
 
 
 def deadline_protocol(header_timeout_s: float) -> type[DeadlineH11Protocol]:

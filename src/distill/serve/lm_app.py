@@ -108,7 +108,7 @@ from distill.serve.common import (
     serving,
 )
 from distill.serve.lm_router import LM_ROUTER_FILE, LMDecision, LMRouter
-from distill.serve.metrics import Metrics
+from distill.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from distill.students.gguf_engine import (
     ContextLengthError,
     GenRequest,
@@ -364,11 +364,9 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
              "student_finish_reason": res.finish_reason, "valid": fmt.parse(content)[1] if by_teacher else valid,
              "format": fmt.kind, "streamed": mode, "interventions": res.interventions,
              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
-        metrics.route_reasons[reason] += 1
-        metrics.degraded += degraded
-        metrics.inputs["teacher" if by_teacher else "student"] += 1
-        metrics.tokens["prompt"] += res.prompt_tokens
-        metrics.tokens["completion"] += completion
+        metrics.answered("teacher" if by_teacher else "student", reason, degraded)
+        metrics.tokens("prompt", res.prompt_tokens)
+        metrics.tokens("completion", completion)
         recent[rid] = {"text": text, "answer": teacher_ans if by_teacher else student_answer, "conf": conf}
         while len(recent) > cfg.recent_ids:
             recent.popitem(last=False)
@@ -387,9 +385,8 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
         if ans is None:
             log.info("shadow %s: no teacher answer (%s)", rid, outcome)
             return
-        metrics.shadow += 1
+        metrics.shadow(answer_key(spec, ans) != answer_key(spec, student_answer))
         if answer_key(spec, ans) != answer_key(spec, student_answer):
-            metrics.shadow_disagreements += 1
             try:
                 await state["writer"].run(fq.enqueue, text, "shadow_disagreement", student_answer=student_answer,
                                           student_conf=conf, teacher_answer=ans, note=f"result {rid}")
@@ -488,7 +485,7 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
                                              "a chat completion's distill.id")
         qid = await state["writer"].run(fq.enqueue, text, "feedback", student_answer=student, student_conf=conf,
                                         teacher_answer=answer, note=body.note)
-        metrics.feedback += 1
+        metrics.feedback()
         return {"queued": qid}
 
     @app.get("/healthz", responses={200: {"model": LMHealthOut}})
@@ -509,8 +506,8 @@ def create_lm_app(project_dir: str | Path, cfg: ServeConfig, *, teacher=None, ro
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
         **_lm_errors(401)})
     async def metrics_endpoint():
-        return PlainTextResponse(metrics.render(fq.counts(state["project"].store), engine.stats()),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(fq.counts(state["project"].store), engine.stats()),
+                        media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_lm_errors(401)})
     async def models():

@@ -1,98 +1,167 @@
-"""Prometheus text exposition (format 0.0.4) for the service, without a client library.
+"""The service's metrics, with ``prometheus_client`` (the library every Prometheus scraper expects).
 
-A handful of counters and one latency histogram are all we expose, so a 60-line writer is simpler than a
-dependency. All updates happen on the event loop thread, so no locking is needed.
+Each app gets its own ``CollectorRegistry`` (tests build many apps in one process). With several worker
+processes (``distill serve --workers N``) the counters and histograms live in prometheus_client's multiprocess
+files (``PROMETHEUS_MULTIPROC_DIR``, set by ``serve`` before the workers start) and /metrics, whichever worker
+answers it, adds up every worker's values (``MultiProcessCollector``).
+
+Names are stable (dashboards depend on them): ``distill_requests_total{endpoint,code}``,
+``distill_request_latency_seconds{endpoint,model}``, ``distill_inputs_total{routed_to}``,
+``distill_route_reason_total{reason}``, ``distill_routed_share``, ``distill_teacher_calls_total{result}``,
+``distill_teacher_spend_usd_total``, ``distill_degraded_total``, ``distill_shadow_total``,
+``distill_shadow_disagreements_total``, ``distill_feedback_total``, ``distill_batch_size``,
+``distill_batch_queue``, ``distill_failure_queue_new{reason}``, ``distill_tokens_total{kind}`` (LM),
+``distill_engine_*`` (LM engine gauges), ``distill_rollout_*`` (canary: ``distill.serve.rollout``).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily
 
 # Request latency buckets (seconds): the student answers in milliseconds, the teacher in seconds.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+QUEUE_REASONS = ("routed", "shadow_disagreement", "feedback", "degraded")
+
+# no ``*_created`` series: the multiprocess mode (``--workers``) has none, so one process should not either
+disable_created_metrics()
 
 
-class Histogram:
-    def __init__(self, buckets=LATENCY_BUCKETS):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, v: float) -> None:
-        self.total += 1
-        self.sum += v
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
-        lab = f"{{{labels}}}" if labels else ""
-        out += [f"{name}_sum{lab} {self.sum}", f"{name}_count{lab} {self.total}"]
-        return out
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
     def __init__(self):
-        self.requests = defaultdict(int)          # (endpoint, status code) -> n
-        self.inputs = defaultdict(int)            # routed_to -> n (texts, not requests)
-        self.route_reasons = defaultdict(int)     # confident | low_confidence | ood -> n
-        self.teacher_calls = defaultdict(int)     # ok | cache_hit | parse_error | error | timeout -> n
-        self.teacher_spend = 0.0                  # USD of calls made by this process (cache hits are free)
-        self.degraded = 0                         # texts answered by the student because the teacher failed
-        self.shadow = 0                           # shadow comparisons finished
-        self.shadow_disagreements = 0
-        self.feedback = 0
-        self.latency = defaultdict(Histogram)     # endpoint -> request latency
-        self.tokens = defaultdict(int)            # LM: prompt | completion -> tokens the student read / wrote
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter("distill_requests", "HTTP requests by endpoint and status code.",
+                                 ("endpoint", "code"), registry=r)
+        self._latency = Histogram("distill_request_latency_seconds", "Request latency by endpoint and serving model "
+                                  "(promoted or candidate run).", ("endpoint", "model"), buckets=LATENCY_BUCKETS,
+                                  registry=r)
+        self._inputs = Counter("distill_inputs", "Texts answered, by who answered them.", ("routed_to",), registry=r)
+        self._reasons = Counter("distill_route_reason", "Router decisions by reason.", ("reason",), registry=r)
+        self._teacher = Counter("distill_teacher_calls", "Teacher look-ups by result (cache_hit = answered from the "
+                                "store).", ("result",), registry=r)
+        self._spend = Counter("distill_teacher_spend_usd", "Teacher spend of calls made by this server (USD).",
+                              registry=r)
+        self._degraded = Counter("distill_degraded", "Texts the teacher should have answered but could not (the "
+                                 "student answered).", registry=r)
+        self._shadow = Counter("distill_shadow", "Shadow comparisons (the teacher re-checked a student answer).",
+                               registry=r)
+        self._shadow_dis = Counter("distill_shadow_disagreements", "Shadow comparisons where teacher and student "
+                                   "differed.", registry=r)
+        self._feedback = Counter("distill_feedback", "Feedback entries received.", registry=r)
+        self._batch = Histogram("distill_batch_size", "Texts per model call (micro-batch).", ("model",),
+                                buckets=BATCH_BUCKETS, registry=r)
+        self._tokens = Counter("distill_tokens", "LM tokens: prompt (read by the student) and completion (written).",
+                               ("kind",), registry=r)
+        # totals this process keeps for its own decisions (routed share of /healthz, the LM's engine view)
+        self.inputs = {"student": 0, "teacher": 0}
+        for k in ("student", "teacher"):            # present from the start, so a dashboard sees 0, not no data
+            self._inputs.labels(k)
+
+    # -- updates (all on the event loop thread) -------------------------------------------------------
+    def request(self, endpoint: str, code: int, seconds: float | None = None, model: str = "") -> None:
+        self._requests.labels(endpoint, str(code)).inc()
+        if seconds is not None:
+            self._latency.labels(endpoint, model).observe(seconds)
+
+    def answered(self, routed_to: str, reason: str, degraded: bool = False) -> None:
+        """One text: who answered it (a degraded text was answered by the student) and the router's reason."""
+        who = "teacher" if routed_to == "teacher" and not degraded else "student"
+        self.inputs[who] += 1
+        self._inputs.labels(who).inc()
+        self._reasons.labels(reason).inc()
+        if degraded:
+            self._degraded.inc()
+
+    def teacher_call(self, result: str, cost: float = 0.0) -> None:
+        self._teacher.labels(result).inc()
+        if cost:
+            self._spend.inc(cost)
+
+    def shadow(self, disagreed: bool) -> None:
+        self._shadow.inc()
+        if disagreed:
+            self._shadow_dis.inc()
+
+    def feedback(self) -> None:
+        self._feedback.inc()
+
+    def batch(self, size: int, model: str = "") -> None:
+        self._batch.labels(model).observe(size)
+
+    def tokens(self, kind: str, n: int) -> None:
+        self._tokens.labels(kind).inc(n)
 
     def routed_share(self) -> float:
         n = sum(self.inputs.values())
-        return self.inputs.get("teacher", 0) / n if n else 0.0
+        return self.inputs["teacher"] / n if n else 0.0
 
-    def render(self, queue_counts: dict[str, int] | None = None, engine_stats: dict | None = None) -> str:
-        """``engine_stats``: the LM engine's ``stats()`` (numbers only are shown, as gauges ``distill_engine_*``)."""
-        L: list[str] = []
-
-        def block(name: str, kind: str, help_: str, rows: list[str]) -> None:
-            L.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *rows])
-
-        block("distill_requests_total", "counter", "HTTP requests by endpoint and status code.",
-              [f'distill_requests_total{{endpoint="{e}",code="{c}"}} {n}' for (e, c), n in sorted(self.requests.items())])
-        block("distill_inputs_total", "counter", "Texts answered, by who answered them.",
-              [f'distill_inputs_total{{routed_to="{k}"}} {self.inputs.get(k, 0)}' for k in ("student", "teacher")])
-        block("distill_route_reason_total", "counter", "Router decisions by reason.",
-              [f'distill_route_reason_total{{reason="{k}"}} {n}' for k, n in sorted(self.route_reasons.items())])
-        block("distill_routed_share", "gauge", "Share of texts the router sent to the teacher since start.",
-              [f"distill_routed_share {self.routed_share()}"])
-        block("distill_teacher_calls_total", "counter", "Teacher look-ups by result (cache_hit = answered from the store).",
-              [f'distill_teacher_calls_total{{result="{k}"}} {n}' for k, n in sorted(self.teacher_calls.items())])
-        block("distill_teacher_spend_usd_total", "counter", "Teacher spend of calls made by this server (USD).",
-              [f"distill_teacher_spend_usd_total {self.teacher_spend}"])
-        block("distill_degraded_total", "counter", "Texts the teacher should have answered but could not (student answered).",
-              [f"distill_degraded_total {self.degraded}"])
-        block("distill_shadow_total", "counter", "Shadow comparisons (teacher re-checked a student answer).",
-              [f"distill_shadow_total {self.shadow}"])
-        block("distill_shadow_disagreements_total", "counter", "Shadow comparisons where teacher and student differed.",
-              [f"distill_shadow_disagreements_total {self.shadow_disagreements}"])
-        block("distill_feedback_total", "counter", "Feedback entries received.", [f"distill_feedback_total {self.feedback}"])
-        rows: list[str] = []
-        for ep, h in sorted(self.latency.items()):
-            rows += h.lines("distill_request_latency_seconds", f'endpoint="{ep}"')
-        block("distill_request_latency_seconds", "histogram", "Request latency by endpoint.", rows)
-        if self.tokens or engine_stats is not None:
-            block("distill_tokens_total", "counter", "LM tokens: prompt (read by the student) and completion (written).",
-                  [f'distill_tokens_total{{kind="{k}"}} {self.tokens.get(k, 0)}' for k in ("prompt", "completion")])
+    # -- the exposition ---------------------------------------------------------------------------------
+    def render(self, queue_counts: dict[str, int] | None = None, engine_stats: dict | None = None,
+               gauges: Iterable[tuple[str, str, float, dict[str, str] | None]] = ()) -> bytes:
+        """Prometheus text: every counter and histogram (every worker's, added up, under ``--workers``), then the
+        gauges read now: the routed share, the failure queue (``queue_counts``), LM engine numbers
+        (``engine_stats``) and ``gauges`` = (name, help, value, labels) of the caller."""
+        if multiprocess_dir():
+            reg = CollectorRegistry()
+            multiprocess.MultiProcessCollector(reg)
+        else:
+            reg = self.registry
+        body = generate_latest(reg)
+        now = CollectorRegistry(auto_describe=False)
+        fams: list[GaugeMetricFamily] = []
+        inputs = _sum_by_label(reg, "distill_inputs", "routed_to")
+        n = sum(inputs.values())
+        fams.append(GaugeMetricFamily("distill_routed_share", "Share of texts the teacher answered since start (all "
+                                      "workers).", value=inputs.get("teacher", 0.0) / n if n else 0.0))
+        if queue_counts is not None:
+            g = GaugeMetricFamily("distill_failure_queue_new", "Failure-queue entries waiting for the next round.",
+                                  labels=("reason",))
+            for k in QUEUE_REASONS:
+                g.add_metric((k,), queue_counts.get(k, 0))
+            fams.append(g)
         for k, v in sorted((engine_stats or {}).items()):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 name = "distill_engine_" + "".join(ch if ch.isalnum() else "_" for ch in str(k)).lower()
-                block(name, "gauge", f"LM engine: {k} (since start, or now for queue and slot counts).",
-                      [f"{name} {v}"])
-        if queue_counts is not None:
-            block("distill_failure_queue_new", "gauge", "Failure-queue entries waiting for the next round.",
-                  [f'distill_failure_queue_new{{reason="{k}"}} {queue_counts.get(k, 0)}'
-                   for k in ("routed", "shadow_disagreement", "feedback", "degraded")])
-        return "\n".join(L) + "\n"
+                fams.append(GaugeMetricFamily(name, f"LM engine: {k} (since start, or now for queue and slot counts; "
+                                              "this worker).", value=v))
+        by_name: dict[str, GaugeMetricFamily] = {}
+        for name, help_, value, labels in gauges:
+            if name not in by_name:
+                by_name[name] = GaugeMetricFamily(name, help_, labels=tuple(labels or ()))
+            by_name[name].add_metric(tuple((labels or {}).values()), value)
+        fams += list(by_name.values())
+        now.register(_Fixed(fams))
+        return body + generate_latest(now)
+
+
+class _Fixed:
+    """A collector that yields metric families computed at scrape time."""
+
+    def __init__(self, fams):
+        self.fams = fams
+
+    def collect(self):
+        return iter(self.fams)
+
+
+def _sum_by_label(reg: CollectorRegistry, name: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fam in reg.collect():
+        if fam.name == name:
+            for s in fam.samples:
+                if s.name == name + "_total":
+                    k = s.labels.get(label, "")
+                    out[k] = out.get(k, 0.0) + s.value
+    return out
