@@ -72,6 +72,9 @@ SUITES: tuple[Suite, ...] = (
     Suite("lm-pair", "bench/lm_pair.py", "lm_pair.json",
           "Qwen2.5-Coder-0.5B + LoRA distilled from Qwen2.5-Coder-1.5B (8-shot) on SNIPS slots: SFT vs sparse "
           "top-k KD vs the untuned base vs the teacher, field F1 with CIs"),
+    Suite("serve", "bench/serve.py", "serve.json",
+          "distill serve (demo student, int8 ONNX, calibrated router) under autocannon at 1/4/16/64 connections vs "
+          "raw onnxruntime in-process vs a FastAPI + transformers.pipeline server; soak at 80% of peak: errors, RSS"),
     Suite("cost", "bench/cost.py", "cost.json",
           "cost per 1M requests: teacher only vs routed vs student only, from this run's measurements"),
 )

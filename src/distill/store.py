@@ -17,6 +17,7 @@ Tables (JSON columns hold JSON text):
 - ``failure_queue``   serve: routed / shadow-disagreement / feedback / degraded inputs for the next round.
 - ``api_keys``        serve: salted hashes of the service's API keys.
 - ``label_history``   relabel: superseded labels (old answer + old call key) for audit.
+- ``teacher_claims``  serve: the worker paying for a teacher call now (one payer per text across workers).
 - ``teacher_checks``  `distill teacher check`: one teacher's scores on a gold sample, its verdict (``distill label``
                       warns when the latest one failed).
 """
@@ -121,6 +122,9 @@ CREATE TABLE IF NOT EXISTS teacher_checks(
   id INTEGER PRIMARY KEY, teacher TEXT NOT NULL, created_at REAL NOT NULL, sample_ids_hash TEXT NOT NULL,
   fingerprint TEXT NOT NULL, verdict TEXT NOT NULL, summary TEXT NOT NULL, result TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS teacher_checks_teacher ON teacher_checks(teacher);
+-- serve: which worker process is paying for a teacher call right now (several `serve --workers` processes never
+-- pay twice for one text); deleted when the call is recorded or fails, taken over when stale
+CREATE TABLE IF NOT EXISTS teacher_claims(key TEXT PRIMARY KEY, owner TEXT NOT NULL, at REAL NOT NULL);
 """
 
 

@@ -315,7 +315,7 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
             results.append({"id": "res-" + uuid.uuid4().hex[:16], "label": out_label, "probs": d.probs,
                             "confidence": d.confidence, "ood_score": d.ood_score, "routed_to": d.routed_to,
                             "reason": d.reason, "degraded": degraded, "student_label": d.label,
-                            "teacher": teacher_outcome})
+                            "teacher": teacher_outcome, "served_by": answering.name})
         if entries:
             # one transaction for the request's entries, committed before the response exists
             await state["writer"].run(fq.enqueue_many, entries)
@@ -402,7 +402,7 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         (promoted by another worker, `distill rollout promote` or `distill iterate`)."""
         store = state["project"].store
         while True:
-            await asyncio.sleep(rollout.poll_s if rollout is not None else 2.0)
+            await asyncio.sleep(cfg.poll_s)
             try:
                 ro: Rollout | None = state["rollout"]
                 if ro is not None and ro.active:
@@ -459,7 +459,7 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
                      "teacher": None if gate is None or gate.tspec is None else gate.tspec.name,
                      "teacher_problem": None if gate is None else gate.problem, "shadow_rate": cfg.shadow_rate,
                      "candidate": None if ro is None else ro.candidate_run,
-                     "rollout": None if ro is None else ro.state})
+                     "rollout": None if ro is None else ro.state, "worker_pid": os.getpid()})
         return body
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
@@ -618,6 +618,7 @@ class ClassifyResult(BaseModel):
     degraded: bool                 # routed to the teacher, which failed: the student answered
     student_label: str
     teacher: str | None            # the teacher's outcome: ok | cache_hit | parse_error | timeout | error | no_teacher
+    served_by: str                 # run id of the student model that answered (the promoted one, or a canary)
     latency_ms: float
 
 
@@ -674,6 +675,7 @@ class HealthOut(BaseModel):
     shadow_rate: float | None = None
     candidate: str | None = None
     rollout: str | None = None
+    worker_pid: int | None = None  # the process that answered (serve --workers N runs N)
 
 
 def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars: int) -> None:

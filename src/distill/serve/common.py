@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,8 @@ class ServeConfig:
                                            # what queued during the previous call, see distill.serve.batcher)
     spin: bool = False                     # onnxruntime pool threads busy-wait between runs (faster batch-1 on an
                                            # idle machine, but the cycles are the event loop's: see bench/serve.py)
+    poll_s: float = 1.0                    # how often a server reads the store for a new serving model or a rollout
+                                           # verdict (hot swap; every worker of --workers follows within this)
     recent_ids: int = 10_000               # results remembered so /v1/feedback can refer to them by id
     # extract / generate (distill.serve.lm_app): the GGUF student and its engine
     max_tokens: int | None = None          # cap on a completion's tokens; default: the teacher's max_tokens (256)
@@ -79,8 +82,8 @@ class ServeConfig:
             raise DistillError(f"teacher timeout must be > 0 s, got {self.teacher_timeout_s}")
         if self.max_texts < 1 or self.max_body_bytes < 1 or self.batch_size < 1 or self.batch_wait_ms < 0:
             raise DistillError("max_texts, max_body_bytes and batch_size must be >= 1 and batch_wait_ms >= 0")
-        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise DistillError("header and body timeouts must be > 0 s")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.poll_s <= 0:
+            raise DistillError("header and body timeouts and poll_s must be > 0 s")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise DistillError(f"max tokens must be >= 1, got {self.max_tokens}", hint="e.g. --max-tokens 256")
         if self.n_ctx_per_seq < 64 or self.max_batch < 1 or (self.n_threads is not None and self.n_threads < 1):
@@ -132,7 +135,28 @@ class StoreWriter:
 def _record_served_call(store: Store, tspec, key: str, msgs: list[dict], reply, status: str, error: str | None) -> float:
     with store.tx() as c:
         # OR IGNORE: a labeller in another process may have recorded the same key meanwhile
-        return record_call(c, tspec, key, 0, msgs, reply, status, error, source="serve", or_ignore=True)
+        cost = record_call(c, tspec, key, 0, msgs, reply, status, error, source="serve", or_ignore=True)
+        c.execute("DELETE FROM teacher_claims WHERE key=?", (key,))
+        return cost
+
+
+def _claim(store: Store, key: str, owner: str, ttl_s: float) -> bool:
+    """Take the claim to pay for ``key``: False when it is already answered, or another live worker holds the
+    claim. A claim older than ``ttl_s`` belongs to a worker that died mid-call and is taken over."""
+    now = time.time()
+    with store.tx() as c:
+        if c.execute("SELECT 1 FROM teacher_calls WHERE key=?", (key,)).fetchone():
+            return False
+        row = c.execute("SELECT owner, at FROM teacher_claims WHERE key=?", (key,)).fetchone()
+        if row is not None and row["owner"] != owner and row["at"] > now - ttl_s:
+            return False
+        c.execute("INSERT OR REPLACE INTO teacher_claims(key, owner, at) VALUES(?, ?, ?)", (key, owner, now))
+        return True
+
+
+def _release(store: Store, key: str, owner: str) -> None:
+    with store.tx() as c:
+        c.execute("DELETE FROM teacher_claims WHERE key=? AND owner=?", (key, owner))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,6 +176,8 @@ class TeacherGate:
         self.teacher = teacher
         self.problem: str | None = None          # why there is no teacher (shown by /healthz)
         self.inflight: dict[str, asyncio.Future] = {}
+        self.owner = f"{os.getpid()}-{id(self):x}"     # who holds a claim in teacher_claims (this process, this app)
+        self.claim_ttl_s = 2 * self.timeout + 5.0       # older claims: their worker died mid-call
         self.fewshot = None
         try:
             self.tspec = project.spec.get_teacher(cfg.teacher)
@@ -181,12 +207,9 @@ class TeacherGate:
         tp = self.fewshot.prompt(text, None, None, demos)
         return tp.messages, tp.labels
 
-    async def answer(self, text: str) -> tuple[Any, str]:
-        """(answer or None, outcome) with outcome in ok | cache_hit | parse_error | timeout | error | no_teacher."""
-        if self.teacher is None or self.tspec is None:
-            return None, "no_teacher"
-        msgs, labels = await self.prompt(text)
-        identity = self.tspec.identity()
+    def _cached(self, identity: str, msgs: list[dict]) -> tuple[Any, str] | None:
+        """The answer already in the store (any attempt that parsed), (None, 'parse_error') when every cached
+        attempt failed to parse, or None when nothing is cached."""
         # the labeller re-asks with attempt 1, 2, ... when an answer did not parse: any of them may be cached
         for attempt in range(self.tspec.parse_retries + 1):
             row = self.project.store.get_call(cache_key(identity, msgs, attempt))
@@ -199,12 +222,23 @@ class TeacherGate:
                 continue
             self.metrics.teacher_call("cache_hit")
             return answer, "cache_hit"
-        key = cache_key(identity, msgs, 0)
-        if self.project.store.get_call(key) is not None:
+        if self.project.store.get_call(cache_key(identity, msgs, 0)) is not None:
             # cached, but no attempt parsed: asking again under the same key would only replay it
             self.metrics.teacher_call("parse_error")
             return None, "parse_error"
-        if key in self.inflight:     # the same text is being asked right now: share that call
+        return None
+
+    async def answer(self, text: str) -> tuple[Any, str]:
+        """(answer or None, outcome) with outcome in ok | cache_hit | parse_error | timeout | error | no_teacher."""
+        if self.teacher is None or self.tspec is None:
+            return None, "no_teacher"
+        msgs, labels = await self.prompt(text)
+        identity = self.tspec.identity()
+        hit = self._cached(identity, msgs)
+        if hit is not None:
+            return hit
+        key = cache_key(identity, msgs, 0)
+        if key in self.inflight:     # the same text is being asked right now in this process: share that call
             try:
                 return await asyncio.shield(self.inflight[key])
             except Exception:
@@ -212,8 +246,13 @@ class TeacherGate:
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            req = TeacherRequest(key=key, messages=msgs, kind=self.spec.kind, labels=labels)
-            result = await self._call(key, msgs, req)
+            # ... and across worker processes: one claim per key in the store, so two workers never pay for the
+            # same text (the loser reads the winner's answer from the store when it lands)
+            if await self.writer.run(_claim, key, self.owner, self.claim_ttl_s):
+                req = TeacherRequest(key=key, messages=msgs, kind=self.spec.kind, labels=labels)
+                result = await self._call(key, msgs, req)
+            else:
+                result = await self._await_other(identity, msgs)
             fut.set_result(result)
             return result
         finally:
@@ -221,15 +260,28 @@ class TeacherGate:
             if not fut.done():
                 fut.set_result((None, "error"))
 
+    async def _await_other(self, identity: str, msgs: list[dict]) -> tuple[Any, str]:
+        """Another worker holds the claim on this text: its answer, read from the store, within our deadline."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            hit = self._cached(identity, msgs)
+            if hit is not None:
+                return hit
+        self.metrics.teacher_call("timeout")
+        return None, "timeout"
+
     async def _call(self, key: str, msgs: list[dict], req: TeacherRequest) -> tuple[Any, str]:
         try:
             reply = await asyncio.wait_for(self.teacher.ask(req), self.timeout)
         except TimeoutError:
             self.metrics.teacher_call("timeout")
             log.warning("teacher '%s' did not answer within %.1fs", self.tspec.name, self.timeout)
+            await self._release(key)
             return None, "timeout"
         except Exception as e:  # noqa: BLE001 - any teacher failure degrades, it never fails the request
             self.metrics.teacher_call("error")
+            await self._release(key)
             # the class name and our own message only: teacher messages never carry the API key
             log.warning("teacher '%s' failed: %s: %s", self.tspec.name, type(e).__name__, redact(str(e)).splitlines()[0][:200] if str(e) else "")
             return None, "error"
@@ -240,6 +292,13 @@ class TeacherGate:
         cost = await self.writer.run(_record_served_call, self.tspec, key, msgs, reply, status, error)
         self.metrics.teacher_call(status, cost)
         return answer, status
+
+    async def _release(self, key: str) -> None:
+        """Give the claim back after a failed call, so the next request (any worker) may try again."""
+        try:
+            await self.writer.run(_release, key, self.owner)
+        except DistillError as e:       # the claim then expires after claim_ttl_s
+            log.error("could not release the teacher claim: %s", e.message)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ promote without dropping a request.
   ``max_p95_ratio`` x the promoted model's (after ``min_latency_samples`` requests each). The verdict is written to
   the store (``meta.rollout``), so every worker process and a restart see it; the candidate stops answering at once.
 - **Promotion** (``promote_after`` compared texts within bounds, or asked for): ``runs.promote`` in the store, then a
-  hot swap. Every worker polls the store (``poll_s``) and swaps to whatever the project's serving model is now --
+  hot swap. Every worker polls the store (``ServeConfig.poll_s``) and swaps to whatever the project's serving model is now --
   so `distill iterate` promoting a new model is picked up live too. A swap sends new requests to the new model and
   lets the old one finish what it holds (``MicroBatcher.drain``): no request is dropped or failed.
 
@@ -55,7 +55,6 @@ class RolloutConfig:
     min_latency_samples: int = 50           # requests of each model before any verdict on latency
     promote_after: int | None = None        # promote on its own after this many teacher-checked texts within bounds
     seed: int = 0
-    poll_s: float = 1.0                     # how often a worker reads the store for promotions and rollbacks
 
     def check(self) -> None:
         if self.mode not in ("canary", "shadow"):
@@ -63,8 +62,8 @@ class RolloutConfig:
         if not 0.0 < self.share <= 1.0 or not 0.0 <= self.teacher_check_rate <= 1.0:
             raise DistillError(f"canary share must be in (0, 1] (got {self.share}) and teacher check rate in [0, 1] "
                                f"(got {self.teacher_check_rate})", hint="e.g. --canary 0.1")
-        if self.min_compared < 1 or self.min_latency_samples < 1 or self.max_p95_ratio <= 0 or self.poll_s <= 0:
-            raise DistillError("min_compared and min_latency_samples must be >= 1, max_p95_ratio and poll_s > 0")
+        if self.min_compared < 1 or self.min_latency_samples < 1 or self.max_p95_ratio <= 0:
+            raise DistillError("min_compared and min_latency_samples must be >= 1, max_p95_ratio > 0")
         if self.promote_after is not None and self.promote_after < self.min_compared:
             raise DistillError(f"--promote-after {self.promote_after} is below min_compared {self.min_compared}: a "
                                "candidate would be promoted before it could be judged")
