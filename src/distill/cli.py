@@ -559,6 +559,8 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="CPU threads per worker: onnxruntime's (classify) or the engine's "
                                           "(extract/generate); default: all cores. With --workers N, cores / N "
                                           "(bench/README.md, serving)."),
+    spin: bool = typer.Option(False, "--spin/--no-spin", help="classify: onnxruntime threads busy-wait between batches "
+                              "(lower latency on an idle machine; burns the cycles the HTTP side needs under load)."),
     workers: int = typer.Option(1, help="Processes sharing the port, each with its own model copy; the store (SQLite "
                                 "WAL) is their shared state."),
     candidate: Optional[str] = typer.Option(None, help="classify: a run id (or model folder) served beside the "
@@ -585,7 +587,7 @@ def serve(
                           shadow_rate=shadow, seed=seed, require_key=not no_auth, teacher=teacher,
                           teacher_timeout_s=teacher_timeout, max_texts=max_texts, max_body_bytes=max_body_bytes,
                           batch_size=batch_size, batch_wait_ms=batch_wait_ms, max_tokens=max_tokens,
-                          n_ctx_per_seq=n_ctx, max_batch=max_batch, n_threads=threads)
+                          n_ctx_per_seq=n_ctx, max_batch=max_batch, n_threads=threads, spin=spin)
         cfg.check()
         from distill.serve.rollout import RolloutConfig
 

@@ -63,14 +63,14 @@ class InProcessServer:
     """``app`` under uvicorn in a thread of this process, configured by ``distill.serve.app.uvicorn_config``
     (what `distill serve` runs: the header-deadline protocol, keep-alive, no access log)."""
 
-    def __init__(self, app, timeout: float = 60.0):
+    def __init__(self, app, timeout: float = 60.0, http: str = "auto"):
         import uvicorn
 
         from distill.serve.app import uvicorn_config
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, log_level="warning", http=http))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout

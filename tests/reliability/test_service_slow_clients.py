@@ -17,10 +17,12 @@ DEADLINE_S = 2.0
 BOUND_S = DEADLINE_S + 4.0          # generous: CI machines are noisy; without deadlines nothing happens at all
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["auto", "h11"])
+def served(tmp_path_factory, request):
+    """Both HTTP protocols carry the deadline: httptools (the default) and h11 (where httptools is missing)."""
     root, key = served_project(tmp_path_factory.mktemp("slow"))
-    s = InProcessServer(create_app(root, config=ServeConfig(header_timeout_s=DEADLINE_S, body_timeout_s=DEADLINE_S)))
+    s = InProcessServer(create_app(root, config=ServeConfig(header_timeout_s=DEADLINE_S, body_timeout_s=DEADLINE_S)),
+                        http=request.param)
     yield {"port": s.port, "url": s.url, "key": key}
     s.stop()
 
@@ -102,3 +104,6 @@ def test_serve_uses_the_deadlines_by_default(tmp_path):
 
     uc = uvicorn_config(App(), "127.0.0.1", 1)
     assert uc.http.header_timeout_s == 10.0 and uc.timeout_keep_alive == 5
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert issubclass(uc.http, HttpToolsProtocol)       # the C parser, where it is installed (a dependency)

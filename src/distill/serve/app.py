@@ -54,7 +54,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -158,6 +157,16 @@ class Slot:
             await self.batcher.close()
 
 
+def _ids():
+    """Result ids: a random 32-bit prefix per process and a counter -- unique across workers and restarts with
+    high probability, and no ``os.urandom`` syscall per result (uuid4 was ~4% of the event loop's time)."""
+    prefix = f"res-{random.SystemRandom().getrandbits(32):08x}"
+    n = 0
+    while True:
+        n += 1
+        yield f"{prefix}{n:08x}"
+
+
 def load_slot(ref: ModelRef, cfg: ServeConfig, router: Router | None = None) -> Slot:
     pred = load_predictor(ref.path, cfg.backend, cfg.device, threads=cfg.n_threads, spin=cfg.spin)
     if router is not None:
@@ -223,6 +232,7 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
     recent: OrderedDict[str, dict] = OrderedDict()
     rng = random.Random(cfg.seed)
     background: set[asyncio.Task] = set()
+    next_id = _ids().__next__
     follow_store = cfg.model_path is None       # a pinned --model is never swapped
 
     def spawn(coro) -> None:
@@ -312,7 +322,7 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
                     out_label = ans
                     entries.append({"text": text, "reason": "routed", "student_answer": d.label,
                                     "student_conf": d.confidence, "teacher_answer": ans, "note": f"router: {d.reason}"})
-            results.append({"id": "res-" + uuid.uuid4().hex[:16], "label": out_label, "probs": d.probs,
+            results.append({"id": next_id(), "label": out_label, "probs": d.probs,
                             "confidence": d.confidence, "ood_score": d.ood_score, "routed_to": d.routed_to,
                             "reason": d.reason, "degraded": degraded, "student_label": d.label,
                             "teacher": teacher_outcome, "served_by": answering.name})
@@ -706,17 +716,17 @@ def _document_limits(schemas: dict, labels: list[str], max_texts: int, max_chars
         t.update(text)
 
 
-def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info"):
-    """How ``serve`` runs ``app`` with uvicorn (tests run the same): the h11 protocol with the header
-    deadline (``guard.DeadlineH11Protocol``; h11 even where httptools is installed, because the deadline lives
-    in the protocol), uvicorn's 5 s keep-alive, no access log (it would print client
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", http: str = "auto"):
+    """How ``serve`` runs ``app`` with uvicorn (tests run the same): httptools (h11 where it is not installed, or
+    with ``http="h11"``) with the header deadline (``guard.deadline_protocol``: uvicorn has none of its own), uvloop
+    when installed (uvicorn's "auto" loop), uvicorn's 5 s keep-alive, no access log (it would print client
     addresses and paths for every request; our own log lines carry request ids and outcomes, never headers,
     so never a key)."""
     import uvicorn
 
     cfg: ServeConfig = app.state.config
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          http=deadline_protocol(cfg.header_timeout_s), timeout_keep_alive=5)
+                          http=deadline_protocol(cfg.header_timeout_s, http), timeout_keep_alive=5)
 
 
 def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
@@ -771,7 +781,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     try:
         uvicorn.run("distill.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
                     log_level=log_level, access_log=False, timeout_keep_alive=5,
-                    http="distill.serve.guard:EnvDeadlineH11Protocol")
+                    http="distill.serve.guard:EnvDeadlineProtocol")
     finally:
         shutil.rmtree(mp_dir, ignore_errors=True)
 
