@@ -494,12 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         m = prepare(source, a.smoke, work)
         notes += m["notes"]
         phase("prepare: copy, export, calibrate")
-        if a.threads:
-            from distill.students.predictor import OnnxPredictor
-
-            pred = OnnxPredictor(m["onnx_dir"], int8=True, threads=a.threads)
-        else:
-            pred = load_predictor(m["model"], "onnx", "cpu")   # what `distill serve` builds (default threads)
+        # Two references: onnxruntime's defaults (its pool threads spin between runs: the fastest batch-1 in a tight
+        # loop), and the session exactly as `distill serve` builds it (spinning off: measured faster in the server,
+        # where those cycles are the event loop's). Overhead targets are against the second (the same model call),
+        # throughput against the better of the two.
+        pred = load_predictor(m["model"], "onnx", "cpu", threads=a.threads)
+        pred_served = load_predictor(m["model"], "onnx", "cpu", threads=a.threads, spin=False)
         router = Router.load(pred.path)
         texts, text_counts = student_texts(m, pred, router)
         if not texts:
@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         # 1. the reference, before
         raw_before = measure_raw(pred, router, texts, raw_seconds)
         print(f"raw onnxruntime (before): {json.dumps(raw_summary(raw_before))}", flush=True)
+        served_before = measure_raw(pred_served, router, texts, raw_seconds)
+        print(f"raw onnxruntime as served (before): {json.dumps(raw_summary(served_before))}", flush=True)
         phase("raw before")
 
         # 2. distill serve at 1/4/16/64 connections
@@ -545,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the runs (a text near the router's cut, in another batch mix): not all student path")
 
             # 3. the reference, after (the server idles meanwhile)
+            served_after = measure_raw(pred_served, router, texts, raw_seconds)
+            print(f"raw onnxruntime as served (after): {json.dumps(raw_summary(served_after))}", flush=True)
             raw_after = measure_raw(pred, router, texts, raw_seconds)
             print(f"raw onnxruntime (after): {json.dumps(raw_summary(raw_after))}", flush=True)
             phase("raw after")
@@ -627,6 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_summary(raw_before, raw_after)
     raw["before"], raw["after"] = raw_summary(raw_before), raw_summary(raw_after)
     raw["intra_op_threads"] = pred.session.get_session_options().intra_op_num_threads or "onnxruntime default"
+    raw["spinning"] = "onnxruntime default (on)"
+    served_raw = raw_summary(served_before, served_after)
+    served_raw["before"], served_raw["after"] = raw_summary(served_before), raw_summary(served_after)
+    served_raw["spinning"] = "off (session.intra_op.allow_spinning=0, as distill serve builds it)"
+    raw["as_served"] = served_raw
+    best_raw = max(raw["batch32_texts_per_s"], served_raw["batch32_texts_per_s"])
 
     def ratio(x, y):
         return None if x is None or not y else x / y
@@ -634,12 +644,15 @@ def main(argv: list[str] | None = None) -> int:
     best_c = max((c for c in ("16", "64") if c in runs), key=lambda c: runs[c]["requests_per_s"], default=None)
     best = runs[best_c]["requests_per_s"] if best_c else None
     c1 = runs.get("1")
-    overhead = None if c1 is None else c1["latency_ms"]["p50"] - raw["batch1_p50_ms"]
+    # what serving adds to the same model call: HTTP, JSON, the hop to the model thread and the router's scoring
+    overhead = None if c1 is None else c1["latency_ms"]["p50"] - served_raw["batch1_p50_ms"]
+    overhead_default = None if c1 is None else c1["latency_ms"]["p50"] - raw["batch1_p50_ms"]
     hf16 = hf["runs"].get("16", {}).get("requests_per_s")
     ratios = {
-        "http_over_raw_throughput": ratio(best, raw["batch32_texts_per_s"]),
-        **{f"http_c{c}_over_raw_batch32_throughput": ratio(r["requests_per_s"], raw["batch32_texts_per_s"])
-           for c, r in runs.items()},
+        "http_over_raw_throughput": ratio(best, best_raw),
+        **{f"http_c{c}_over_raw_batch32_throughput": ratio(r["requests_per_s"], best_raw) for c, r in runs.items()},
+        "raw_as_served_over_default_batch32": ratio(served_raw["batch32_texts_per_s"], raw["batch32_texts_per_s"]),
+        "raw_as_served_over_default_batch1_p50": ratio(served_raw["batch1_p50_ms"], raw["batch1_p50_ms"]),
         "over_hf_pipeline_throughput": ratio((runs.get("16") or {}).get("requests_per_s"), hf16),
         "over_hf_pipeline_throughput_c1": ratio((runs.get("1") or {}).get("requests_per_s"),
                                                 hf["runs"].get("1", {}).get("requests_per_s")),
@@ -651,8 +664,11 @@ def main(argv: list[str] | None = None) -> int:
     soak_note = "" if soak_seconds >= 600 else f" (this run's soak: {soak_seconds:.0f} s, not the issue's 10 minutes)"
     targets = [
         target("http_over_raw_throughput: best HTTP requests/s at 16 or 64 connections / raw onnxruntime texts/s at "
-               "batch 32", ratios["http_over_raw_throughput"], ">=", 0.8),
-        target("http_p50_overhead_ms: 1-connection HTTP p50 - in-process batch-1 p50", overhead, "<=", 1.0),
+               "batch 32 (the better of its default and the served session)", ratios["http_over_raw_throughput"], ">=", 0.8),
+        target("http_p50_overhead_ms: 1-connection HTTP p50 - in-process batch-1 p50 of the same session (spinning "
+               "off, as served)", overhead, "<=", 1.0,
+               why="the same model call on both sides; against onnxruntime's spinning default see "
+                   "results.http_p50_overhead_vs_ort_default_ms"),
         target("over_hf_pipeline_throughput: distill serve / FastAPI + transformers.pipeline requests/s, 16 connections",
                ratios["over_hf_pipeline_throughput"], ">=", 5.0),
         target("soak_errors at 80% of peak" + soak_note, soak.get("errors"), "<=", 0),
@@ -669,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         "texts": text_counts,
         "raw_onnxruntime": raw,
         "http_p50_overhead_ms": overhead,
+        "http_p50_overhead_vs_ort_default_ms": overhead_default,
         "distill_serve": distill,
         "hf_pipeline_server": hf,
         "soak": soak,
