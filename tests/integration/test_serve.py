@@ -261,6 +261,10 @@ def test_metrics_are_prometheus_text(world, routed):
     assert float(lines["distill_teacher_spend_usd_total"]) > 0
     # latency by endpoint and by the model that answered (the promoted run; a canary's candidate has its own)
     assert float(lines['distill_request_latency_seconds_count{endpoint="/v1/classify",model="r1"}']) >= 1
+    assert float(lines['distill_batch_size_count{model="r1"}']) >= 1              # micro-batches and their sizes
+    assert float(lines['distill_model_busy_seconds_total{model="r1"}']) > 0       # model-thread time
+    assert 'distill_batch_queue{model="r1",role="promoted"}' in lines            # requests waiting for the model
+    assert not [k for k in lines if k.endswith("_created") or "_created{" in k]  # as under --workers: no *_created
     assert 'distill_requests_total{code="401",endpoint="/v1/classify"}' in lines
     assert httpx.get(routed.url + "/metrics").status_code == 401
 

@@ -13,8 +13,10 @@ response schemas, is for key holders too):
   assistant's reply, ``model`` is the project name. The ``openai`` client works against it unchanged;
   ``stream: true`` sends the label as one chunk (server-sent events); ``usage`` counts the input's tokens
   as the student's tokenizer reads them, and one completion token (the label).
-- ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
+- ``GET /v1/models``, ``GET /healthz``, ``GET /metrics`` (Prometheus text, ``distill.serve.metrics``).
 - ``POST /v1/feedback`` ``{"id" | "text", "label", "note"}`` -> the failure queue.
+- ``GET /v1/rollout``, ``POST /v1/rollout/promote``, ``POST /v1/rollout/rollback`` ``{"why": ...}``: the canary of
+  ``--candidate`` (``distill.serve.rollout``).
 
 Extract and generate projects are served by ``distill.serve.lm_app`` (the GGUF export of the model behind the
 same guard, keys, teacher gate, queue and metrics; ``create_app`` hands them over).
@@ -38,12 +40,23 @@ Promises:
   before anything about the body is said, 413 / 408 / 415 / 400 for the body's size, pace, type and JSON,
   then 422 from the request models. Slow clients are cut off (header and body deadlines).
 
-Concurrency model: one event loop, two helper threads. The loop's store connection only reads (API keys,
-the teacher cache, queue counts): in WAL mode a reader never waits for a writer. Every write (queue
-entries, paid teacher calls) runs on ``StoreWriter``'s thread and connection, and the request awaits its
-commit: so while another process (``distill import``, ``label``) holds the write lock, only the requests
-that write wait for it, and a 2xx still means committed. The model runs in a worker thread behind the
-micro-batcher.
+Concurrency model: one event loop, two helper threads per process. The loop does HTTP only (httptools on uvloop).
+The model runs in its own thread behind the micro-batcher (``distill.serve.batcher``: no batching window; what
+queues during one model call is the next batch), with the router's scoring in the same call. The loop's store
+connection only reads (API keys, the teacher cache, queue counts): in WAL mode a reader never waits for a writer.
+Every write (queue entries, paid teacher calls) runs on ``StoreWriter``'s thread and connection, and the request
+awaits its commit: so while another process (``distill import``, ``label``) holds the write lock, only the requests
+that write wait for it, and a 2xx still means committed.
+
+``--workers N``: N such processes share the port (uvicorn's supervisor; a worker that dies is replaced). They
+share the store: keys are read per request, the queue and the ledger are written in transactions, and a routed text
+is paid for by one worker only (a claim per cache key in ``teacher_claims``; the others read its answer). Each
+worker loads its own model copy and reads the store every ``poll_s`` for a new serving model or a rollout verdict.
+
+Measured where the milliseconds went (py-spy on the demo student, batch 1): a fixed 5 ms micro-batch window was
+more than half of a lone request's latency; onnxruntime's spinning pool threads burnt ~20 ms of CPU per request
+that the event loop needed; Starlette's ``BaseHTTPMiddleware``, FastAPI's response encoding, h11 and ``uuid4`` were
+most of the rest (bench/README.md, serving).
 """
 
 from __future__ import annotations
@@ -143,8 +156,11 @@ class Slot:
         name = self.name
 
         def run(texts: list[str]) -> list[RouterDecision]:
-            metrics.batch(len(texts), name)
-            return self.infer(texts)
+            t0 = time.perf_counter()
+            out = self.infer(texts)
+            # model-thread busy time: near 1 s per second means the model is the bottleneck, well below it the HTTP side
+            metrics.batch(len(texts), name, time.perf_counter() - t0)
+            return out
 
         self.batcher = MicroBatcher(run, cfg.batch_size, cfg.batch_wait_ms)
         return self
@@ -252,6 +268,8 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
                                                                                                  "promoted"):
                     # another worker (or an earlier run of this server) already judged this candidate
                     ro.state, ro.why = prior["state"], prior.get("why")
+                    state["candidate"] = None
+                    await candidate.stop()
                 state["rollout"] = ro
             log.info("serving %s: model %s (%s, from %s); router %s; shadow %.3f%s", spec.name, chosen.describe(),
                      type(pred).__name__, pred.path, "calibrated" if promoted.calibrated else "pass-through",
@@ -380,7 +398,15 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
         ro.state, ro.why = "rolled_back", why
         log.error("rollout: candidate %s rolled back: %s", ro.candidate_run, why)
         await state["writer"].run(rollout_mod.write_state, ro.candidate_run, "rolled_back", why, **ro.stats.summary())
-        return ro.status()
+        status = ro.status()
+        await unload_candidate()
+        return status
+
+    async def unload_candidate() -> None:
+        """A judged candidate takes no traffic: free its model (what it holds is finished first)."""
+        cand, state["candidate"] = state["candidate"], None
+        if cand is not None and cand is not state["slot"]:
+            await cand.stop()
 
     async def promote(why: str) -> dict:
         ro: Rollout | None = state["rollout"]
@@ -420,6 +446,8 @@ def create_app(project_dir: str | Path, *, model_path: str | Path | None = None,
                     if st and st.get("candidate") == ro.candidate_run and st.get("state") in ("rolled_back", "promoted"):
                         ro.state, ro.why = st["state"], st.get("why")
                         log.warning("rollout: candidate %s %s elsewhere: %s", ro.candidate_run, ro.state, ro.why)
+                        if ro.state == "rolled_back":
+                            await unload_candidate()
                 if not follow_store:
                     continue
                 run_id = store.get_meta(runs.SERVING_KEY)
@@ -773,7 +801,9 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     import tempfile
     from dataclasses import asdict
 
-    mp_dir = tempfile.mkdtemp(prefix="distill-metrics-")
+    # the workers' metric files are memory-mapped and written on every update: in RAM where the OS offers it
+    shm = Path("/dev/shm")
+    mp_dir = tempfile.mkdtemp(prefix="distill-metrics-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir          # read by prometheus_client in each worker
     os.environ[WORKER_ENV] = json.dumps({"project": str(Path(project_dir).resolve()), "config": asdict(cfg),
                                          "rollout": None if ro is None else asdict(ro)})

@@ -273,6 +273,52 @@ def _raw_408(seconds: float) -> bytes:
             + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
+class _CorkedTransport:
+    """A transport whose writes made in one event-loop step go out in one ``send()``. uvicorn writes a response's
+    head and its body with two ``transport.write`` calls, so two syscalls per response: on the demo student at 16
+    connections those writes were a fifth of the event loop's time (py-spy). The buffer is flushed at the end of the
+    step (``call_soon``) and before a close; everything else is the real transport's."""
+
+    __slots__ = ("_t", "_loop", "_buf")
+
+    def __init__(self, transport, loop):
+        self._t, self._loop, self._buf = transport, loop, []
+
+    def write(self, data) -> None:
+        if not self._buf:
+            self._loop.call_soon(self._flush)
+        self._buf.append(bytes(data))
+
+    def writelines(self, lines) -> None:
+        for x in lines:
+            self.write(x)
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
+            self._buf.clear()
+            if not self._t.is_closing():
+                self._t.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._t.write_eof()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        self._t.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._t.get_write_buffer_size() + sum(len(b) for b in self._buf)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
 class _HeaderDeadline:
     """A header deadline for uvicorn's HTTP protocols: between the connection opening (or the previous response)
     and the next request's complete headers at most ``header_timeout_s`` may pass. While the app handles a request
@@ -280,10 +326,11 @@ class _HeaderDeadline:
     trickling body bytes after its response went out. ``_partial()``: whether part of a next request arrived."""
 
     header_timeout_s = 10.0
+    cork = True                 # _CorkedTransport: one send() per response (measured +2-5% requests/s)
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(_CorkedTransport(transport, self.loop) if self.cork else transport)
         self._arm_header_timer()
 
     def on_response_complete(self) -> None:

@@ -9,7 +9,8 @@ Names are stable (dashboards depend on them): ``distill_requests_total{endpoint,
 ``distill_request_latency_seconds{endpoint,model}``, ``distill_inputs_total{routed_to}``,
 ``distill_route_reason_total{reason}``, ``distill_routed_share``, ``distill_teacher_calls_total{result}``,
 ``distill_teacher_spend_usd_total``, ``distill_degraded_total``, ``distill_shadow_total``,
-``distill_shadow_disagreements_total``, ``distill_feedback_total``, ``distill_batch_size``,
+``distill_shadow_disagreements_total``, ``distill_feedback_total``, ``distill_batch_size{model}``,
+``distill_model_busy_seconds_total{model}``,
 ``distill_batch_queue``, ``distill_failure_queue_new{reason}``, ``distill_tokens_total{kind}`` (LM),
 ``distill_engine_*`` (LM engine gauges), ``distill_rollout_*`` (canary: ``distill.serve.rollout``).
 """
@@ -62,6 +63,8 @@ class Metrics:
         self._feedback = Counter("distill_feedback", "Feedback entries received.", registry=r)
         self._batch = Histogram("distill_batch_size", "Texts per model call (micro-batch).", ("model",),
                                 buckets=BATCH_BUCKETS, registry=r)
+        self._busy = Counter("distill_model_busy_seconds", "Seconds the model thread spent in forward passes and router "
+                             "scoring (rate ~1 per worker: the model is the bottleneck).", ("model",), registry=r)
         self._tokens = Counter("distill_tokens", "LM tokens: prompt (read by the student) and completion (written).",
                                ("kind",), registry=r)
         # totals this process keeps for its own decisions (routed share of /healthz, the LM's engine view)
@@ -97,8 +100,10 @@ class Metrics:
     def feedback(self) -> None:
         self._feedback.inc()
 
-    def batch(self, size: int, model: str = "") -> None:
+    def batch(self, size: int, model: str = "", seconds: float | None = None) -> None:
         self._batch.labels(model).observe(size)
+        if seconds is not None:
+            self._busy.labels(model).inc(seconds)
 
     def tokens(self, kind: str, n: int) -> None:
         self._tokens.labels(kind).inc(n)
