@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                     for c in (16, 64):
                         r = autocannon(g.url, bodies, c, seconds, work, cpus=plan["client"], server_pid=g.pid)
                         res[str(c)] = {k: r[k] for k in ("requests_per_s", "latency_ms", "failed", "server_cpu_seconds",
-                                                         "server_rss_mb_after", "client_cpu_seconds")}
+                                                         "server_rss_mb_after", "client_cpu_seconds", "model_busy_share")}
                         print(f"grid {point}, {c} connections: {r['requests_per_s']:.1f} requests/s", flush=True)
                     grid["points"][point] = res
         phase("workers grid")
@@ -720,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
         "http_c1_p50_over_raw_batch1_p50": ratio(c1 and c1["latency_ms"]["p50"], raw["batch1_p50_ms"]),
         "raw_after_over_before_batch32": ratio(raw["after"]["batch32_texts_per_s"], raw["before"]["batch32_texts_per_s"]),
         "soak_achieved_over_rate": soak.get("achieved_over_rate"),
+        # each grid point against W in-process sessions of T threads (what its workers' models could do alone)
+        **{f"grid_{pt}_over_raw_same_threads": ratio(
+            max(v["16"]["requests_per_s"], v["64"]["requests_per_s"]),
+            v["workers"] * scaling[str(v["threads"])]["batch32_texts_per_s"] if str(v["threads"]) in scaling else None)
+           for pt, v in grid.get("points", {}).items()},
         **{f"after_over_before_c{c}_throughput": ratio(p["after"]["requests_per_s"], p["before"]["requests_per_s"])
            for c, p in before_after.items()},
         **{f"before_over_after_c{c}_p50": ratio(p["before"]["latency_ms"]["p50"], p["after"]["latency_ms"]["p50"])
