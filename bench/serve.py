@@ -121,13 +121,11 @@ def cpu_seconds(root: int) -> float:
 
 
 def slope_mb_per_min(samples: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (seconds, MB) samples, in MB/min (as bench/load_serve.py)."""
-    if len(samples) < 3:
-        return None
+    """Least-squares slope of (seconds, MB) samples, in MB/min."""
     ts, ys = [t for t, _ in samples], [y for _, y in samples]
-    mt, my = statistics.fmean(ts), statistics.fmean(ys)
-    den = sum((t - mt) ** 2 for t in ts)
-    return None if den == 0 else sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / den * 60
+    if len(samples) < 3 or len(set(ts)) < 2:
+        return None
+    return statistics.linear_regression(ts, ys).slope * 60
 
 
 def pct(values: list[float], q: float) -> float | None:
