@@ -18,6 +18,8 @@ Tables (JSON columns hold JSON text):
 - ``api_keys``        serve: salted hashes of the service's API keys.
 - ``label_history``   relabel: superseded labels (old answer + old call key) for audit.
 - ``teacher_claims``  serve: the worker paying for a teacher call now (one payer per text across workers).
+- ``review_decisions`` / ``review_leases``   `distill review`: each human decision (reviewer, time, queue, what it
+                      replaced) and who holds which item now.
 - ``teacher_checks``  `distill teacher check`: one teacher's scores on a gold sample, its verdict (``distill label``
                       warns when the latest one failed).
 """
@@ -125,6 +127,14 @@ CREATE INDEX IF NOT EXISTS teacher_checks_teacher ON teacher_checks(teacher);
 -- serve: which worker process is paying for a teacher call right now (several `serve --workers` processes never
 -- pay twice for one text); deleted when the call is recorded or fails, taken over when stale
 CREATE TABLE IF NOT EXISTS teacher_claims(key TEXT PRIMARY KEY, owner TEXT NOT NULL, at REAL NOT NULL);
+-- review (distill.review): every human decision with its provenance, and who holds which item right now
+CREATE TABLE IF NOT EXISTS review_decisions(
+  id INTEGER PRIMARY KEY, item TEXT NOT NULL, queue TEXT NOT NULL, reviewer TEXT NOT NULL,
+  action TEXT NOT NULL CHECK (action IN ('accept','correct','oos','skip')),
+  answer TEXT, teacher_answer TEXT, prior_correction TEXT, prior_source TEXT, note TEXT,
+  created_at REAL NOT NULL, undone_at REAL);
+CREATE INDEX IF NOT EXISTS review_decisions_item ON review_decisions(item);
+CREATE TABLE IF NOT EXISTS review_leases(item TEXT PRIMARY KEY, reviewer TEXT NOT NULL, expires_at REAL NOT NULL);
 """
 
 

@@ -1,0 +1,267 @@
+"""Human review of teacher labels: queues to work through, one item at a time, decisions with provenance.
+
+    distill review PROJECT            # the web page (distill.review_app); this module is what it stands on
+
+Queues, each in the order a reviewer's minute is worth most (train and validation examples only: the test split's
+labels are never touched):
+
+- ``suspect``: labels the noise filter flagged as probably wrong without gold (confident learning,
+  ``filters.suspect_labels``), in the filter's review rank;
+- ``low_confidence``: teacher labels by their margin, p(top1) - p(top2), smallest first (the confidence when the
+  teacher gave no distribution);
+- ``audit``: a seeded random sample of the teacher's labels -- the unbiased estimate of the teacher's accuracy
+  (``stats``), which the other queues cannot give (they are chosen for being doubtful).
+
+Decisions: ``accept`` (the teacher is right), ``correct`` (another answer), ``oos`` (the input is out of scope:
+no label of the task fits), ``skip``. Accept and correct write a correction (``corrections``: it overrides the
+teacher everywhere, ``distill.dataset.rows``) whose source names the queue and the reviewer; every decision is a
+row of ``review_decisions`` with the reviewer, time, queue, the teacher's answer and the correction it replaced,
+so ``undo`` restores exactly what was there. Two reviewers never get the same item: ``next_item`` takes a lease
+(``review_leases``, expiring after ``lease_s``) in the same transaction that picks the item; a decision is one
+transaction, committed before the page hears "done", so a kill -9 of the server loses no submitted decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill.dataset import latest_filter_run
+from distill.errors import DistillError
+from distill.project import Project
+
+QUEUES = ("suspect", "low_confidence", "audit")
+ACTIONS = ("accept", "correct", "oos", "skip")
+LEASE_S = 300.0          # an item a reviewer opened is theirs for this long (then it goes back to the queue)
+AUDIT_SEED = "audit-0"
+
+
+@dataclass
+class Item:
+    item: str                        # "example:<id>"
+    queue: str
+    example_id: str
+    text: str
+    split: str
+    teacher_answer: Any              # None when the teacher failed on it
+    probs: dict[str, float] | None
+    confidence: float | None
+    gold: Any
+    rationale: str | None
+    correction: Any                  # the current correction, if any
+    why: str                         # why it is in this queue (rank, margin)
+    neighbours: list[dict] = field(default_factory=list)   # near-duplicates already labelled
+
+
+def _margin(probs: dict | None, confidence: float | None) -> float:
+    if probs:
+        top = sorted(probs.values(), reverse=True)
+        return top[0] - (top[1] if len(top) > 1 else 0.0)
+    return confidence if confidence is not None else 1.0
+
+
+def queue_order(project: Project, queue: str) -> list[tuple[str, str]]:
+    """(example id, why) of every item of ``queue``, in review order."""
+    if queue not in QUEUES:
+        raise DistillError(f"unknown review queue {queue!r}", hint="one of: " + ", ".join(QUEUES))
+    store, teacher = project.store, project.spec.get_teacher().name
+    if queue == "suspect":
+        run_id = latest_filter_run(project, teacher)
+        if run_id is None:
+            return []
+        rows = store.q("""SELECT fd.example_id, fd.detail FROM filter_decisions fd JOIN examples e ON e.id = fd.example_id
+                          WHERE fd.run_id=? AND fd.reason='suspect_label' AND e.split != 'test'""", (run_id,))
+
+        def rank(r) -> float:
+            try:
+                return float(json.loads(r["detail"]).get("rank", math.inf))
+            except (TypeError, ValueError, AttributeError):
+                return math.inf
+
+        return [(r["example_id"], f"flagged by the noise filter (rank {rank(r):g})")
+                for r in sorted(rows, key=lambda r: (rank(r), r["example_id"]))]
+    rows = store.q("""SELECT e.id, l.probs, l.confidence FROM examples e
+                      JOIN labels l ON l.example_id = e.id AND l.teacher = ? AND l.status = 'ok'
+                      WHERE e.split != 'test'""", (teacher,))
+    if queue == "low_confidence":
+        scored = [(_margin(json.loads(r["probs"]) if r["probs"] else None, r["confidence"]), r["id"]) for r in rows]
+        return [(i, f"teacher margin {m:.3f}") for m, i in sorted(scored)]
+    # audit: a fixed pseudo-random order (the same for every reviewer and every restart)
+    keyed = sorted(rows, key=lambda r: hashlib.sha256(f"{AUDIT_SEED}:{r['id']}".encode()).hexdigest())
+    return [(r["id"], "random audit sample") for r in keyed]
+
+
+def _decided(store) -> dict[str, set[str]]:
+    """item -> reviewers with a live decision on it (skips included)."""
+    out: dict[str, set[str]] = {}
+    for r in store.q("SELECT item, reviewer, action FROM review_decisions WHERE undone_at IS NULL"):
+        out.setdefault(r["item"], set()).add(r["reviewer"] if r["action"] == "skip" else "*")
+    return out
+
+
+def next_item(project: Project, queue: str, reviewer: str, *, lease_s: float = LEASE_S) -> Item | None:
+    """The first item of ``queue`` nobody has decided (and this reviewer has not skipped) and nobody else holds,
+    leased to ``reviewer``; None when the queue is done."""
+    reviewer = _reviewer(reviewer)
+    order = queue_order(project, queue)
+    store = project.store
+    now = time.time()
+    with store.tx() as c:
+        decided = {}
+        for r in c.execute("SELECT item, reviewer, action FROM review_decisions WHERE undone_at IS NULL"):
+            decided.setdefault(r["item"], set()).add(r["reviewer"] if r["action"] == "skip" else "*")
+        leases = {r["item"]: (r["reviewer"], r["expires_at"]) for r in c.execute("SELECT * FROM review_leases")}
+        for ex_id, why in order:
+            key = f"example:{ex_id}"
+            who = decided.get(key, set())
+            if "*" in who or reviewer in who:
+                continue
+            holder = leases.get(key)
+            if holder is not None and holder[0] != reviewer and holder[1] > now:
+                continue
+            # one lease per reviewer at a time: opening the next item gives the previous one back
+            c.execute("DELETE FROM review_leases WHERE reviewer=?", (reviewer,))
+            c.execute("INSERT OR REPLACE INTO review_leases(item, reviewer, expires_at) VALUES(?,?,?)",
+                      (key, reviewer, now + lease_s))
+            break
+        else:
+            return None
+    return item_detail(project, ex_id, queue, why)
+
+
+def item_detail(project: Project, ex_id: str, queue: str, why: str = "") -> Item:
+    teacher = project.spec.get_teacher().name
+    r = project.store.q("""SELECT e.id, e.text, e.split, e.gold, l.status, l.answer, l.probs, l.confidence, l.rationale,
+                                  c.answer AS canswer
+                           FROM examples e LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ?
+                           LEFT JOIN corrections c ON c.example_id = e.id WHERE e.id = ?""", (teacher, ex_id))
+    if not r:
+        raise DistillError(f"no example {ex_id!r} in this project")
+    r = r[0]
+
+    def j(x):
+        return None if x is None else json.loads(x)
+
+    return Item(item=f"example:{ex_id}", queue=queue, example_id=ex_id, text=r["text"], split=r["split"],
+                teacher_answer=j(r["answer"]) if r["status"] == "ok" else None, probs=j(r["probs"]),
+                confidence=r["confidence"], gold=j(r["gold"]), rationale=r["rationale"], correction=j(r["canswer"]),
+                why=why)
+
+
+def decide(project: Project, item: str, queue: str, reviewer: str, action: str, answer: Any = None,
+           note: str | None = None) -> int:
+    """Record one decision (and for accept/correct, the correction) in one transaction; returns its id."""
+    reviewer = _reviewer(reviewer)
+    if action not in ACTIONS:
+        raise DistillError(f"unknown review action {action!r}", hint="one of: " + ", ".join(ACTIONS))
+    if queue not in QUEUES:
+        raise DistillError(f"unknown review queue {queue!r}", hint="one of: " + ", ".join(QUEUES))
+    kind, _, ex_id = item.partition(":")
+    if kind != "example" or not ex_id:
+        raise DistillError(f"unknown review item {item!r}")
+    d = item_detail(project, ex_id, queue)
+    if d.split == "test":
+        raise DistillError("test-split labels are never reviewed here: the test split is locked")
+    if action == "accept":
+        if d.teacher_answer is None:
+            raise DistillError("the teacher has no answer for this input to accept", hint="correct it instead")
+        answer = d.teacher_answer
+    elif action == "correct":
+        answer = _valid_answer(project, answer)
+    else:
+        answer = None
+    now = time.time()
+    with project.store.tx() as c:
+        prior = c.execute("SELECT answer, source FROM corrections WHERE example_id=?", (ex_id,)).fetchone()
+        cur = c.execute(
+            """INSERT INTO review_decisions(item, queue, reviewer, action, answer, teacher_answer, prior_correction,
+               prior_source, note, created_at) VALUES(?,?,?,?,?,?,?,?,?,?)""",
+            (item, queue, reviewer, action, None if answer is None else json.dumps(answer),
+             None if d.teacher_answer is None else json.dumps(d.teacher_answer),
+             None if prior is None else prior["answer"], None if prior is None else prior["source"], note, now))
+        if action in ("accept", "correct"):
+            c.execute("INSERT OR REPLACE INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)",
+                      (ex_id, json.dumps(answer), f"review:{queue}:{reviewer}", note, now))
+        c.execute("DELETE FROM review_leases WHERE item=? AND reviewer=?", (item, reviewer))
+        return int(cur.lastrowid)
+
+
+def undo(project: Project, reviewer: str) -> dict | None:
+    """Take back ``reviewer``'s latest live decision: the correction it wrote is replaced by the one it replaced (or
+    removed), and the item goes back to its queue. Returns the undone decision, None when there is nothing to undo."""
+    reviewer = _reviewer(reviewer)
+    with project.store.tx() as c:
+        r = c.execute("""SELECT * FROM review_decisions WHERE reviewer=? AND undone_at IS NULL
+                         ORDER BY id DESC LIMIT 1""", (reviewer,)).fetchone()
+        if r is None:
+            return None
+        c.execute("UPDATE review_decisions SET undone_at=? WHERE id=?", (time.time(), r["id"]))
+        if r["action"] in ("accept", "correct"):
+            ex_id = r["item"].partition(":")[2]
+            if r["prior_correction"] is None:
+                c.execute("DELETE FROM corrections WHERE example_id=?", (ex_id,))
+            else:
+                c.execute("INSERT OR REPLACE INTO corrections(example_id, answer, source, note, created_at) "
+                          "VALUES(?,?,?,?,?)", (ex_id, r["prior_correction"], r["prior_source"], None, time.time()))
+        return dict(r)
+
+
+def stats(project: Project) -> dict[str, Any]:
+    """Queue sizes (left / done), the teacher's accuracy on the audit sample with a Wilson 95% interval, and each
+    label's error rate among the reviewed examples the teacher gave that label."""
+    store = project.store
+    decided = _decided(store)
+    sizes = {}
+    for q in QUEUES:
+        order = queue_order(project, q)
+        done = sum(1 for i, _ in order if "*" in decided.get(f"example:{i}", set()))
+        sizes[q] = {"total": len(order), "done": done, "left": len(order) - done}
+    rows = store.q("""SELECT queue, action, answer, teacher_answer FROM review_decisions
+                      WHERE undone_at IS NULL AND action != 'skip'""")
+    audit = [r for r in rows if r["queue"] == "audit"]
+    right = sum(1 for r in audit if r["action"] == "accept")
+    per_label: dict[str, dict[str, int]] = {}
+    for r in rows:
+        t = json.loads(r["teacher_answer"]) if r["teacher_answer"] else None
+        if not isinstance(t, str):
+            continue
+        s = per_label.setdefault(t, {"reviewed": 0, "wrong": 0})
+        s["reviewed"] += 1
+        s["wrong"] += r["action"] != "accept"
+    return {"queues": sizes, "audit": {"reviewed": len(audit), "teacher_right": right,
+                                       "accuracy": right / len(audit) if audit else None,
+                                       "ci95": wilson(right, len(audit))},
+            "per_label": {k: {**v, "error_rate": v["wrong"] / v["reviewed"]} for k, v in sorted(per_label.items())},
+            "decisions": len(rows)}
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """Wilson score interval for k successes of n (better than the normal one for small n or p near 0/1)."""
+    if n == 0:
+        return None
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def _reviewer(name: str) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 80:
+        raise DistillError("a review decision needs the reviewer's name (1-80 characters)",
+                           hint="enter your name on the review page")
+    return name
+
+
+def _valid_answer(project: Project, answer: Any) -> Any:
+    spec = project.spec
+    if spec.kind == "classify":
+        if answer not in spec.label_names:
+            raise DistillError(f"{answer!r} is not one of the task's labels", hint="pick a label from the list")
+        return answer
+    raise DistillError(f"reviewing {spec.kind} answers is not built yet", hint="correct them with `distill correct`")
