@@ -602,6 +602,23 @@ def serve(
     _run(go)
 
 
+@app.command("review")
+def review_cmd(
+    project: Path = typer.Argument(..., help="Project folder."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8010, help="Port."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No API key (loopback only)."),
+):
+    """The review page: work through the suspect, low-confidence and audit queues one item at a time with the
+    keyboard (a accept, c correct, s skip, o out of scope, u undo); decisions become corrections with provenance."""
+    def go():
+        from distill.serve.review_app import serve_review
+
+        serve_review(project, host=host, port=port, require_key=not no_auth)
+
+    _run(go)
+
+
 rollout_app = typer.Typer(help="The canary of `distill serve --candidate`: see it, promote it, roll it back "
                           "(every worker follows the store within a second).", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
