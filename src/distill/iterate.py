@@ -14,7 +14,8 @@ The round, top to bottom (``iterate``):
    then mark those queue entries consumed with round N. (Import first, mark after: a crash in between
    re-imports the same texts, which dedupe, instead of losing them.) Only the text is taken: a client's
    feedback label, the student's answer and the teacher's answer the service stored (for extract, JSON
-   text) are not trusted as gold; the teacher labels every new input. A queue text has no segment (the
+   text) are not trusted as gold; the teacher labels every new input. An entry a person reviewed in
+   `distill review` (accept or correct) is the exception: its answer becomes a correction (``apply_reviews``). A queue text has no segment (the
    service does not know it), so when the spec has ``segment_field`` those rows have segment None and are
    evaluated under '(none)';
 3. label with the teacher (``labeling.label``: cache and budget respected; a budget stop ends the round
@@ -79,6 +80,7 @@ class IterateReport:
     teacher: str
     resumed: bool = False
     queue_consumed: int = 0
+    reviewed_applied: int = 0          # reviewed queue entries whose answer became a correction (distill review)
     queue_by_reason: dict[str, int] = field(default_factory=dict)
     traffic: str | None = None
     imported: dict[str, Any] = field(default_factory=dict)       # source -> {added, by_split, dup_existing, ...}
@@ -171,6 +173,30 @@ def _take_queue(project: Project, round_no: int, round_dir: Path) -> tuple[Path 
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(f)
     return f, [e.id for e in new], by_reason
+
+
+def apply_reviews(project: Project, round_no: int) -> int:
+    """The round's queue entries a person reviewed (`distill review`, accept or correct): the reviewer's answer
+    becomes a correction of the example the entry's text was imported as, with the reviewer as its source, so it
+    overrides the teacher in this round's training. Train/validation only (an input that hashed to test keeps the
+    teacher's label: the test split's labels are never touched). Idempotent: a resumed round applies it again."""
+    from distill.data.importer import normalise
+
+    n = 0
+    with project.store.tx() as c:
+        for e in c.execute("SELECT id, text FROM failure_queue WHERE round=?", (round_no,)).fetchall():
+            d = c.execute("""SELECT answer, reviewer, created_at FROM review_decisions WHERE item=? AND undone_at IS NULL
+                             AND action IN ('accept', 'correct') ORDER BY id DESC LIMIT 1""", (f"queue:{e['id']}",)).fetchone()
+            if d is None:
+                continue
+            ex = c.execute("SELECT id, split FROM examples WHERE norm=?", (normalise(e["text"]),)).fetchone()
+            if ex is None or ex["split"] == "test":
+                continue
+            c.execute("INSERT OR REPLACE INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)",
+                      (ex["id"], d["answer"], f"review:failures:{d['reviewer']}", f"failure-queue entry {e['id']}",
+                       d["created_at"]))
+            n += 1
+    return n
 
 
 def _mark_consumed(project: Project, ids: list[int], round_no: int) -> None:
@@ -277,9 +303,10 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         if new_traffic is not None:
             _import(project, Path(new_traffic), report)
         _mark_consumed(project, ids, round_no)
+        report.reviewed_applied = apply_reviews(project, round_no)
         report.queue_by_reason = by_reason
         report.queue_consumed = sum(by_reason.values())
-        say(f"iterate: {report.queue_consumed} queue entries, "
+        say(f"iterate: {report.queue_consumed} queue entries ({report.reviewed_applied} reviewed), "
             f"{sum(v['added'] for v in report.imported.values())} new inputs")
 
     # 3. label + filter (the labeller takes the project lock itself) ------------------------------------

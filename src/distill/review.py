@@ -9,6 +9,9 @@ labels are never touched):
   ``filters.suspect_labels``), in the filter's review rank;
 - ``low_confidence``: teacher labels by their margin, p(top1) - p(top2), smallest first (the confidence when the
   teacher gave no distribution);
+- ``failures``: the serving failure queue's new entries (routed to the teacher, degraded, shadow disagreements,
+  user feedback), oldest first; a decision resolves the entry (it stays in the queue table for `iterate`, which
+  takes its text; the decision is kept with it);
 - ``audit``: a seeded random sample of the teacher's labels -- the unbiased estimate of the teacher's accuracy
   (``stats``), which the other queues cannot give (they are chosen for being doubtful).
 
@@ -34,7 +37,7 @@ from distill.dataset import latest_filter_run
 from distill.errors import DistillError
 from distill.project import Project
 
-QUEUES = ("suspect", "low_confidence", "audit")
+QUEUES = ("suspect", "low_confidence", "failures", "audit")
 ACTIONS = ("accept", "correct", "oos", "skip")
 LEASE_S = 300.0          # an item a reviewer opened is theirs for this long (then it goes back to the queue)
 AUDIT_SEED = "audit-0"
@@ -55,6 +58,10 @@ class Item:
     correction: Any                  # the current correction, if any
     why: str                         # why it is in this queue (rank, margin)
     neighbours: list[dict] = field(default_factory=list)   # near-duplicates already labelled
+    kind: str = "example"            # example | queue (a failure-queue entry: no stored example yet)
+    student_answer: Any = None       # queue entries: what the served student said, and how sure it was
+    student_conf: float | None = None
+    reason: str | None = None        # queue entries: routed | degraded | shadow_disagreement | feedback
 
 
 def _margin(probs: dict | None, confidence: float | None) -> float:
@@ -84,6 +91,9 @@ def queue_order(project: Project, queue: str) -> list[tuple[str, str]]:
 
         return [(r["example_id"], f"flagged by the noise filter (rank {rank(r):g})")
                 for r in sorted(rows, key=lambda r: (rank(r), r["example_id"]))]
+    if queue == "failures":
+        return [(f"queue:{r['id']}", f"{r['reason']} in serving") for r in
+                store.q("SELECT id, reason FROM failure_queue WHERE status='new' ORDER BY id")]
     rows = store.q("""SELECT e.id, l.probs, l.confidence FROM examples e
                       JOIN labels l ON l.example_id = e.id AND l.teacher = ? AND l.status = 'ok'
                       WHERE e.split != 'test'""", (teacher,))
@@ -116,7 +126,7 @@ def next_item(project: Project, queue: str, reviewer: str, *, lease_s: float = L
             decided.setdefault(r["item"], set()).add(r["reviewer"] if r["action"] == "skip" else "*")
         leases = {r["item"]: (r["reviewer"], r["expires_at"]) for r in c.execute("SELECT * FROM review_leases")}
         for ex_id, why in order:
-            key = f"example:{ex_id}"
+            key = _key(ex_id)
             who = decided.get(key, set())
             if "*" in who or reviewer in who:
                 continue
@@ -133,7 +143,29 @@ def next_item(project: Project, queue: str, reviewer: str, *, lease_s: float = L
     return item_detail(project, ex_id, queue, why)
 
 
+def _key(i: str) -> str:
+    """Queue order entries are example ids, or ``queue:<id>`` for failure-queue entries."""
+    return i if i.startswith("queue:") else f"example:{i}"
+
+
+def _queue_entry(project: Project, entry_id: str, queue: str, why: str) -> Item:
+    r = project.store.q("SELECT * FROM failure_queue WHERE id=?", (entry_id,))
+    if not r:
+        raise DistillError(f"no failure-queue entry {entry_id!r}")
+    r = r[0]
+
+    def j(x):
+        return None if x is None else json.loads(x)
+
+    return Item(item=f"queue:{entry_id}", queue=queue, example_id=f"queue:{entry_id}", text=r["text"], split="serving",
+                teacher_answer=j(r["teacher_answer"]), probs=None, confidence=None, gold=None, rationale=r["note"],
+                correction=None, why=why or f"{r['reason']} in serving", kind="queue",
+                student_answer=j(r["student_answer"]), student_conf=r["student_conf"], reason=r["reason"])
+
+
 def item_detail(project: Project, ex_id: str, queue: str, why: str = "") -> Item:
+    if ex_id.startswith("queue:"):
+        return _queue_entry(project, ex_id.partition(":")[2], queue, why)
     teacher = project.spec.get_teacher().name
     r = project.store.q("""SELECT e.id, e.text, e.split, e.gold, l.status, l.answer, l.probs, l.confidence, l.rationale,
                                   c.answer AS canswer
@@ -161,9 +193,9 @@ def decide(project: Project, item: str, queue: str, reviewer: str, action: str, 
     if queue not in QUEUES:
         raise DistillError(f"unknown review queue {queue!r}", hint="one of: " + ", ".join(QUEUES))
     kind, _, ex_id = item.partition(":")
-    if kind != "example" or not ex_id:
+    if kind not in ("example", "queue") or not ex_id:
         raise DistillError(f"unknown review item {item!r}")
-    d = item_detail(project, ex_id, queue)
+    d = item_detail(project, item if kind == "queue" else ex_id, queue)
     if d.split == "test":
         raise DistillError("test-split labels are never reviewed here: the test split is locked")
     if action == "accept":
@@ -183,7 +215,8 @@ def decide(project: Project, item: str, queue: str, reviewer: str, action: str, 
             (item, queue, reviewer, action, None if answer is None else json.dumps(answer),
              None if d.teacher_answer is None else json.dumps(d.teacher_answer),
              None if prior is None else prior["answer"], None if prior is None else prior["source"], note, now))
-        if action in ("accept", "correct"):
+        if action in ("accept", "correct") and kind == "example":
+            # a queue entry has no stored example yet: its decision waits in review_decisions for `iterate`
             c.execute("INSERT OR REPLACE INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)",
                       (ex_id, json.dumps(answer), f"review:{queue}:{reviewer}", note, now))
         c.execute("DELETE FROM review_leases WHERE item=? AND reviewer=?", (item, reviewer))
@@ -200,7 +233,7 @@ def undo(project: Project, reviewer: str) -> dict | None:
         if r is None:
             return None
         c.execute("UPDATE review_decisions SET undone_at=? WHERE id=?", (time.time(), r["id"]))
-        if r["action"] in ("accept", "correct"):
+        if r["action"] in ("accept", "correct") and r["item"].startswith("example:"):
             ex_id = r["item"].partition(":")[2]
             if r["prior_correction"] is None:
                 c.execute("DELETE FROM corrections WHERE example_id=?", (ex_id,))
@@ -218,7 +251,7 @@ def stats(project: Project) -> dict[str, Any]:
     sizes = {}
     for q in QUEUES:
         order = queue_order(project, q)
-        done = sum(1 for i, _ in order if "*" in decided.get(f"example:{i}", set()))
+        done = sum(1 for i, _ in order if "*" in decided.get(_key(i), set()))
         sizes[q] = {"total": len(order), "done": done, "left": len(order) - done}
     rows = store.q("""SELECT queue, action, answer, teacher_answer FROM review_decisions
                       WHERE undone_at IS NULL AND action != 'skip'""")

@@ -118,3 +118,60 @@ def test_bad_decisions_are_refused_and_change_nothing(proj):
     with pytest.raises(DistillError, match="reviewer"):
         review.decide(proj, f"example:{ex}", "audit", "  ", "accept")
     assert not proj.store.q("SELECT 1 FROM review_decisions") and not proj.store.q("SELECT 1 FROM corrections")
+
+
+def test_the_failure_queue_is_reviewed_and_resolved_not_deleted(proj):
+    from distill.serve import queue as fq
+
+    ids = fq.enqueue_many(proj.store, [
+        {"text": "routed text", "reason": "routed", "student_answer": "neutral", "student_conf": 0.4,
+         "teacher_answer": "negative"},
+        {"text": "the client disagrees", "reason": "feedback", "student_answer": "positive", "teacher_answer": "negative"},
+        {"text": "teacher was down", "reason": "degraded", "student_answer": "neutral"}])
+    order = [i for i, _ in review.queue_order(proj, "failures")]
+    assert order == [f"queue:{i}" for i in ids]                          # oldest first
+    it = review.next_item(proj, "failures", "ann")
+    assert (it.kind, it.text, it.student_answer, it.teacher_answer, it.reason) == \
+        ("queue", "routed text", "neutral", "negative", "routed")
+    review.decide(proj, it.item, "failures", "ann", "accept")              # the teacher was right
+    it2 = review.next_item(proj, "failures", "ann")
+    review.decide(proj, it2.item, "failures", "ann", "correct", "neutral")  # the client was wrong
+    it3 = review.next_item(proj, "failures", "ann")
+    with pytest.raises(DistillError, match="no answer"):
+        review.decide(proj, it3.item, "failures", "ann", "accept")         # degraded: nothing to accept
+    review.decide(proj, it3.item, "failures", "ann", "oos")
+    assert review.next_item(proj, "failures", "ann") is None
+    # resolved, not deleted: the entries are still there for `iterate`, each with its decision
+    assert [r["status"] for r in proj.store.q("SELECT status FROM failure_queue ORDER BY id")] == ["new"] * 3
+    got = {r["item"]: (r["action"], json.loads(r["answer"]) if r["answer"] else None)
+           for r in proj.store.q("SELECT item, action, answer FROM review_decisions")}
+    assert got == {f"queue:{ids[0]}": ("accept", "negative"), f"queue:{ids[1]}": ("correct", "neutral"),
+                   f"queue:{ids[2]}": ("oos", None)}
+    assert not proj.store.q("SELECT 1 FROM corrections")                  # no example yet to correct
+    assert review.stats(proj)["queues"]["failures"] == {"total": 3, "done": 3, "left": 0}
+
+
+def test_iterate_turns_reviewed_queue_entries_into_corrections(proj, tmp_path):
+    """What `iterate` does with a reviewed failure-queue entry once its text is imported: the reviewer's answer
+    overrides the teacher (train/validation), an unreviewed one does not, a test-split input is left alone."""
+    from distill.iterate import apply_reviews
+    from distill.serve import queue as fq
+
+    texts = [f"served text number {i}" for i in range(40)]
+    ids = fq.enqueue_many(proj.store, [{"text": t, "reason": "routed", "teacher_answer": "positive"} for t in texts])
+    for i in ids[:30]:
+        review.decide(proj, f"queue:{i}", "failures", "ann", "correct", "neutral")
+    f = tmp_path / "q.csv"
+    f.write_text("text\n" + "\n".join(texts) + "\n")
+    import_file(proj, f)
+    with proj.store.tx() as c:
+        c.executemany("UPDATE failure_queue SET status='consumed', round=1 WHERE id=?", [(i,) for i in ids])
+    split = {r["text"]: r["split"] for r in proj.store.q("SELECT text, split FROM examples")}
+    n = apply_reviews(proj, 1)
+    want = [t for t in texts[:30] if split[t] != "test"]
+    assert n == len(want) and 0 < n < 30                                    # some hashed to test: left alone
+    got = {r["text"]: (json.loads(r["answer"]), r["source"]) for r in proj.store.q(
+        "SELECT e.text, c.answer, c.source FROM corrections c JOIN examples e ON e.id = c.example_id")}
+    assert got == {t: ("neutral", "review:failures:ann") for t in want}
+    assert apply_reviews(proj, 1) == n                                      # a resumed round: the same, once
+    assert len(proj.store.q("SELECT 1 FROM corrections")) == n

@@ -222,7 +222,8 @@ function render() {
     `<div class="bar"><span style="width:150px">${esc(k)}</span><span class="b" style="width:${Math.round(200 * v)}px"></span>${v.toFixed(3)}</div>`).join("") : "";
   c.innerHTML = `<div class="why">${esc(item.why)} · ${esc(item.split)} · ${esc(item.example_id)}</div>
     <div class="text" id="text">${esc(item.text)}</div>
-    <div>teacher: <b id="teacher">${esc(item.teacher_answer ?? "(no answer)")}</b>${item.gold != null ? ` · gold: <b>${esc(item.gold)}</b>` : ""}${item.correction != null ? ` · corrected: <b>${esc(item.correction)}</b>` : ""}</div>
+    ${item.kind === "queue" ? `<div>served by the student: <b>${esc(item.student_answer ?? "?")}</b>${item.student_conf != null ? ` (${item.student_conf.toFixed(3)})` : ""}</div>` : ""}
+    <div>${item.reason === "feedback" ? "the client says" : "teacher"}: <b id="teacher">${esc(item.teacher_answer ?? "(no answer)")}</b>${item.gold != null ? ` · gold: <b>${esc(item.gold)}</b>` : ""}${item.correction != null ? ` · corrected: <b>${esc(item.correction)}</b>` : ""}</div>
     ${probs}${item.rationale ? `<div class="why">rationale: ${esc(item.rationale)}</div>` : ""}
     <div class="keys"><button id="b-accept"><kbd>a</kbd> accept</button><button id="b-correct"><kbd>c</kbd> correct</button>
     <button id="b-skip"><kbd>s</kbd> skip</button><button id="b-oos"><kbd>o</kbd> out of scope</button><button id="b-undo"><kbd>u</kbd> undo</button></div>
