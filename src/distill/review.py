@@ -292,9 +292,20 @@ def _reviewer(name: str) -> str:
 
 
 def _valid_answer(project: Project, answer: Any) -> Any:
+    """The corrected answer, checked as the teacher's would be: a label of the set (classify), a JSON object valid
+    against the task's schema (extract: the message says which field breaks which rule), non-empty text (generate)."""
+    from distill.task import ParseError, parse_answer
+
     spec = project.spec
     if spec.kind == "classify":
         if answer not in spec.label_names:
             raise DistillError(f"{answer!r} is not one of the task's labels", hint="pick a label from the list")
         return answer
-    raise DistillError(f"reviewing {spec.kind} answers is not built yet", hint="correct them with `distill correct`")
+    text = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+    if spec.kind == "extract" and not text.strip().startswith("{"):
+        raise DistillError("the answer is not a JSON object", hint="write the object, e.g. {\"field\": \"value\"}")
+    try:
+        return parse_answer(spec, text)
+    except ParseError as e:
+        raise DistillError(f"the answer is not valid for this task: {e.reason}: {e.detail}",
+                           hint="fix it to match the task's schema" if spec.kind == "extract" else None) from None

@@ -176,3 +176,64 @@ def test_a_write_without_the_review_header_or_key_is_refused(served):
     r = httpx.post(served["url"] + "api/next", json={"queue": "audit", "reviewer": "x"}, headers={"X-Distill-Review": "1"})
     assert r.status_code == 401                                  # no key
     assert not decisions(served)
+
+
+def test_extract_answers_are_edited_as_json_and_schema_invalid_ones_are_refused(tmp_path, browser):
+    import shutil
+    import socket
+
+    import uvicorn
+    import yaml
+
+    from distill.project import SPEC_FILE
+
+    root = tmp_path / "orders"
+    root.mkdir()
+    shutil.copy(ASSETS / "recording.jsonl", root)
+    (root / SPEC_FILE).write_text((ASSETS / "extract_spec.yaml").read_text())
+    p = Project.open(root)
+    import_file(p, ASSETS / "orders.jsonl", label="gold")
+    for r in p.store.q("SELECT id, gold FROM examples WHERE split != 'test'"):
+        put_label(p, r["id"], json.loads(r["gold"]))
+    p.close()
+    assert yaml.safe_load((root / SPEC_FILE).read_text())["kind"] == "extract"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_review_app(root, require_key=False), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.fill("#reviewer", "ann")
+        page.press("#reviewer", "Enter")
+        page.wait_for_selector("#text")
+        first = shown_id(page)
+        page.keyboard.press("c")                                 # the editor opens with the teacher's JSON
+        assert json.loads(page.input_value("#answer"))["intent"] in ("buy", "cancel", "ask")
+        page.fill("#answer", '{"intent": "return", "item": "scarf"}')      # not in the schema's enum
+        page.keyboard.press("Control+Enter")
+        page.wait_for_function("document.getElementById('status').textContent.includes('not valid')")
+        assert page.eval_on_selector("#status", "e => e.className") == "err"
+        msg = page.inner_text("#status")
+        assert "schema_violation" in msg and "intent" in msg, msg
+        page.screenshot(path=str(ARTIFACTS / "extract-invalid.png"))
+        assert shown_id(page) == first                           # nothing saved, still on the same item
+        page.fill("#answer", '{"intent": "cancel", "item": "scarf"}')
+        page.keyboard.press("Control+Enter")
+        moved_on(page, first)
+        p = Project.open(root)
+        try:
+            c = p.store.q("SELECT answer FROM corrections WHERE example_id=?", (first,))
+            assert json.loads(c[0]["answer"]) == {"intent": "cancel", "item": "scarf"}
+            assert len(p.store.q("SELECT 1 FROM review_decisions")) == 1
+        finally:
+            p.close()
+        page.close()
+    finally:
+        server.should_exit = True
+        t.join(10)

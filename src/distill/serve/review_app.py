@@ -97,7 +97,8 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
         return HTMLResponse(_PAGE.replace("__TITLE__", html.escape(spec.name))
                             .replace("__LABELS__", json.dumps(list(spec.label_names)))
                             .replace("__QUEUES__", json.dumps(list(review.QUEUES)))
-                            .replace("__AUTH__", "true" if require_key else "false"))
+                            .replace("__AUTH__", "true" if require_key else "false")
+                            .replace("__KIND__", json.dumps(spec.kind)))
 
     @app.post("/api/login")
     def login(body: LoginIn, request: Request):
@@ -186,7 +187,8 @@ _PAGE = r"""<!doctype html>
  <div id="status"></div>
 </main>
 <script>
-const LABELS = __LABELS__, QUEUES = __QUEUES__, AUTH = __AUTH__;
+const LABELS = __LABELS__, QUEUES = __QUEUES__, AUTH = __AUTH__, KIND = __KIND__;
+const show = (a) => a == null ? "(no answer)" : (typeof a === "string" ? a : JSON.stringify(a));
 let queue = QUEUES[0], item = null, picking = false;
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c]));
@@ -202,11 +204,10 @@ async function api(path, body) {
 }
 function say(msg, err) { $("status").textContent = msg; $("status").className = err ? "err" : ""; }
 function reviewer() { const r = $("reviewer").value.trim(); if (!r) { say("enter your name first", true); $("reviewer").focus(); } return r; }
-let chosen = false;     // until the reviewer picks a queue, start on the first one with items left
+let chosen = false;     // a queue was picked (by the reviewer, or the first with items left)
 async function stats() {
   try {
     const s = await api("/api/stats");
-    if (!chosen && !s.queues[queue].left) { const q = QUEUES.find((q) => s.queues[q].left); if (q) { queue = q; chosen = true; return load(); } }
     $("queues").innerHTML = QUEUES.map((q) => `<button data-q="${q}" class="${q === queue ? "on" : ""}">${q.replace("_", " ")}
       <b>${s.queues[q].left}</b>/${s.queues[q].total}</button>`).join("");
     document.querySelectorAll("#queues button").forEach((b) => b.onclick = () => { queue = b.dataset.q; chosen = true; load(); });
@@ -223,11 +224,13 @@ function render() {
   c.innerHTML = `<div class="why">${esc(item.why)} · ${esc(item.split)} · ${esc(item.example_id)}</div>
     <div class="text" id="text">${esc(item.text)}</div>
     ${item.kind === "queue" ? `<div>served by the student: <b>${esc(item.student_answer ?? "?")}</b>${item.student_conf != null ? ` (${item.student_conf.toFixed(3)})` : ""}</div>` : ""}
-    <div>${item.reason === "feedback" ? "the client says" : "teacher"}: <b id="teacher">${esc(item.teacher_answer ?? "(no answer)")}</b>${item.gold != null ? ` · gold: <b>${esc(item.gold)}</b>` : ""}${item.correction != null ? ` · corrected: <b>${esc(item.correction)}</b>` : ""}</div>
+    <div>${item.reason === "feedback" ? "the client says" : "teacher"}: <b id="teacher">${esc(show(item.teacher_answer))}</b>${item.gold != null ? ` · gold: <b>${esc(show(item.gold))}</b>` : ""}${item.correction != null ? ` · corrected: <b>${esc(show(item.correction))}</b>` : ""}</div>
     ${probs}${item.rationale ? `<div class="why">rationale: ${esc(item.rationale)}</div>` : ""}
     <div class="keys"><button id="b-accept"><kbd>a</kbd> accept</button><button id="b-correct"><kbd>c</kbd> correct</button>
     <button id="b-skip"><kbd>s</kbd> skip</button><button id="b-oos"><kbd>o</kbd> out of scope</button><button id="b-undo"><kbd>u</kbd> undo</button></div>
-    <div id="picker"><input id="search" placeholder="type to filter labels, Enter takes the first"><ul id="matches"></ul></div>`;
+    <div id="picker"><input id="search" placeholder="type to filter labels, Enter takes the first"><ul id="matches"></ul></div>
+    <div id="editor" style="display:none"><textarea id="answer" rows="8" style="width:100%;font:14px monospace"></textarea>
+    <div class="why">Ctrl+Enter saves (checked against the task's schema), Escape closes</div></div>`;
   $("b-accept").onclick = () => act("accept"); $("b-correct").onclick = openPicker; $("b-skip").onclick = () => act("skip");
   $("b-oos").onclick = () => act("oos"); $("b-undo").onclick = undo;
 }
@@ -239,18 +242,37 @@ function showMatches() {
   $("matches").innerHTML = matches().slice(0, 12).map((l, i) => `<li class="${i ? "" : "first"}" data-l="${esc(l)}">${esc(l)}</li>`).join("");
   document.querySelectorAll("#matches li").forEach((li) => li.onclick = () => act("correct", li.dataset.l));
 }
-function openPicker() { if (!item) return; picking = true; $("picker").style.display = "block"; $("search").value = "";
+function openPicker() {
+  if (!item) return; picking = true;
+  if (KIND !== "classify") {       // extract: the JSON object; generate: the text
+    $("editor").style.display = "block";
+    const a = item.correction ?? item.teacher_answer;
+    $("answer").value = a == null ? "" : (typeof a === "string" ? a : JSON.stringify(a, null, 2));
+    $("answer").focus(); return;
+  }
+  $("picker").style.display = "block"; $("search").value = "";
   showMatches(); $("search").focus(); $("search").oninput = showMatches; }
-async function load() {
-  const r = reviewer(); if (!r) return;
-  try { item = (await api("/api/next", {queue, reviewer: r})).item; picking = false; render(); await stats(); }
-  catch (e) { say(e.message, true); }
+let inflight = null;    // one load at a time: a second trigger (Enter and the change event) waits for the first
+function load() {
+  if (inflight) return inflight;
+  inflight = (async () => {
+    const r = reviewer(); if (!r) return;
+    try {
+      if (!chosen) {    // until the reviewer picks a queue, start on the first one with items left
+        const s = await api("/api/stats");
+        queue = QUEUES.find((q) => s.queues[q].left) || queue; chosen = true;
+      }
+      item = (await api("/api/next", {queue, reviewer: r})).item; picking = false; render(); await stats();
+    }
+    catch (e) { say(e.message, true); }
+  })().finally(() => { inflight = null; });
+  return inflight;
 }
 async function act(action, answer) {
   const r = reviewer(); if (!r || !item) return;
   try {
     await api("/api/decide", {item: item.item, queue, reviewer: r, action, answer: answer ?? null});
-    say(`saved: ${action}${answer ? " → " + answer : ""}`); await load();
+    say(`saved: ${action}${answer ? " → " + show(answer) : ""}`); await load();
   } catch (e) { say(e.message, true); }
 }
 async function undo() {
@@ -261,8 +283,9 @@ async function undo() {
 document.addEventListener("keydown", (e) => {
   if (e.target.id === "reviewer" || e.target.id === "key") { if (e.key === "Enter") e.target.blur(), load(); return; }
   if (picking) {
-    if (e.key === "Escape") { picking = false; $("picker").style.display = "none"; }
-    if (e.key === "Enter") { const m = matches(); if (m.length) act("correct", m[0]); }
+    if (e.key === "Escape") { picking = false; $("picker").style.display = "none"; $("editor").style.display = "none"; }
+    else if (KIND !== "classify") { if (e.key === "Enter" && e.ctrlKey) { e.preventDefault(); act("correct", $("answer").value); } }
+    else if (e.key === "Enter") { const m = matches(); if (m.length) act("correct", m[0]); }
     return;
   }
   const k = {a: () => act("accept"), c: openPicker, s: () => act("skip"), o: () => act("oos"), u: undo}[e.key];
