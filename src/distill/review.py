@@ -13,7 +13,9 @@ labels are never touched):
   user feedback), oldest first; a decision resolves the entry (it stays in the queue table for `iterate`, which
   takes its text; the decision is kept with it);
 - ``audit``: a seeded random sample of the teacher's labels -- the unbiased estimate of the teacher's accuracy
-  (``stats``), which the other queues cannot give (they are chosen for being doubtful).
+  (``stats``), which the other queues cannot give (they are chosen for being doubtful). Each audit item is
+  decided by ``AUDIT_REVIEWS`` (2) different people, one after the other: the second opinion gives the reviewers'
+  agreement (Cohen's kappa), i.e. how far a human label can be trusted.
 
 Decisions: ``accept`` (the teacher is right), ``correct`` (another answer), ``oos`` (the input is out of scope:
 no label of the task fits), ``skip``. Accept and correct write a correction (``corrections``: it overrides the
@@ -41,6 +43,7 @@ QUEUES = ("suspect", "low_confidence", "failures", "audit")
 ACTIONS = ("accept", "correct", "oos", "skip")
 LEASE_S = 300.0          # an item a reviewer opened is theirs for this long (then it goes back to the queue)
 AUDIT_SEED = "audit-0"
+AUDIT_REVIEWS = 2        # audit items are decided by two people: the second opinion measures reviewer agreement
 
 
 @dataclass
@@ -105,12 +108,21 @@ def queue_order(project: Project, queue: str) -> list[tuple[str, str]]:
     return [(r["id"], "random audit sample") for r in keyed]
 
 
-def _decided(store) -> dict[str, set[str]]:
-    """item -> reviewers with a live decision on it (skips included)."""
-    out: dict[str, set[str]] = {}
-    for r in store.q("SELECT item, reviewer, action FROM review_decisions WHERE undone_at IS NULL"):
-        out.setdefault(r["item"], set()).add(r["reviewer"] if r["action"] == "skip" else "*")
+def _decided(conn) -> dict[str, tuple[set[str], set[str]]]:
+    """item -> (reviewers with a live accept/correct/oos decision on it, reviewers who skipped it)."""
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    for r in conn.execute("SELECT item, reviewer, action FROM review_decisions WHERE undone_at IS NULL"):
+        done, skipped = out.setdefault(r["item"], (set(), set()))
+        (skipped if r["action"] == "skip" else done).add(r["reviewer"])
     return out
+
+
+def _open_for(queue: str, done: set[str], skipped: set[str], reviewer: str) -> bool:
+    """Whether ``reviewer`` may still be given an item: not decided by them, and (audit) fewer than
+    ``AUDIT_REVIEWS`` people decided it, (other queues) nobody did."""
+    if reviewer in done or reviewer in skipped:
+        return False
+    return len(done) < (AUDIT_REVIEWS if queue == "audit" else 1)
 
 
 def next_item(project: Project, queue: str, reviewer: str, *, lease_s: float = LEASE_S) -> Item | None:
@@ -121,14 +133,12 @@ def next_item(project: Project, queue: str, reviewer: str, *, lease_s: float = L
     store = project.store
     now = time.time()
     with store.tx() as c:
-        decided = {}
-        for r in c.execute("SELECT item, reviewer, action FROM review_decisions WHERE undone_at IS NULL"):
-            decided.setdefault(r["item"], set()).add(r["reviewer"] if r["action"] == "skip" else "*")
+        decided = _decided(c)
         leases = {r["item"]: (r["reviewer"], r["expires_at"]) for r in c.execute("SELECT * FROM review_leases")}
         for ex_id, why in order:
             key = _key(ex_id)
-            who = decided.get(key, set())
-            if "*" in who or reviewer in who:
+            done, skipped = decided.get(key, (set(), set()))
+            if not _open_for(queue, done, skipped, reviewer):
                 continue
             holder = leases.get(key)
             if holder is not None and holder[0] != reviewer and holder[1] > now:
@@ -140,7 +150,10 @@ def next_item(project: Project, queue: str, reviewer: str, *, lease_s: float = L
             break
         else:
             return None
-    return item_detail(project, ex_id, queue, why)
+    it = item_detail(project, ex_id, queue, why)
+    if queue == "audit":
+        it.correction = None        # a second reviewer judges on their own, not on the first one's answer
+    return it
 
 
 def _key(i: str) -> str:
@@ -244,21 +257,32 @@ def undo(project: Project, reviewer: str) -> dict | None:
 
 
 def stats(project: Project) -> dict[str, Any]:
-    """Queue sizes (left / done), the teacher's accuracy on the audit sample with a Wilson 95% interval, and each
+    """Queue sizes (left / done), the teacher's accuracy on the audit sample with a Wilson 95% interval (first
+    decision of each audit item), reviewer agreement on the doubly-reviewed audit items (Cohen's kappa), and each
     label's error rate among the reviewed examples the teacher gave that label."""
     store = project.store
-    decided = _decided(store)
+    decided = _decided(store.conn)
     sizes = {}
     for q in QUEUES:
         order = queue_order(project, q)
-        done = sum(1 for i, _ in order if "*" in decided.get(_key(i), set()))
+        need = AUDIT_REVIEWS if q == "audit" else 1
+        done = sum(1 for i, _ in order if len(decided.get(_key(i), (set(), set()))[0]) >= need)
         sizes[q] = {"total": len(order), "done": done, "left": len(order) - done}
-    rows = store.q("""SELECT queue, action, answer, teacher_answer FROM review_decisions
-                      WHERE undone_at IS NULL AND action != 'skip'""")
-    audit = [r for r in rows if r["queue"] == "audit"]
-    right = sum(1 for r in audit if r["action"] == "accept")
-    per_label: dict[str, dict[str, int]] = {}
+    rows = store.q("""SELECT id, item, queue, action, answer, teacher_answer FROM review_decisions
+                      WHERE undone_at IS NULL AND action != 'skip' ORDER BY id""")
+    by_item: dict[str, list] = {}
     for r in rows:
+        if r["queue"] == "audit":
+            by_item.setdefault(r["item"], []).append(r)
+    # the teacher's accuracy from each audit item's first decision (the second is for agreement only)
+    audit = [v[0] for v in by_item.values()]
+    right = sum(1 for r in audit if r["action"] == "accept")
+    pairs = [(_verdict(v[0]), _verdict(v[1])) for v in by_item.values() if len(v) >= 2]
+    per_label: dict[str, dict[str, int]] = {}
+    firsts = {id(v[0]) for v in by_item.values()}
+    for r in rows:
+        if r["queue"] == "audit" and id(r) not in firsts:
+            continue
         t = json.loads(r["teacher_answer"]) if r["teacher_answer"] else None
         if not isinstance(t, str):
             continue
@@ -268,8 +292,31 @@ def stats(project: Project) -> dict[str, Any]:
     return {"queues": sizes, "audit": {"reviewed": len(audit), "teacher_right": right,
                                        "accuracy": right / len(audit) if audit else None,
                                        "ci95": wilson(right, len(audit))},
+            "agreement": {"items": len(pairs), "observed": (sum(a == b for a, b in pairs) / len(pairs)) if pairs else None,
+                          "cohen_kappa": cohen_kappa(pairs)},
             "per_label": {k: {**v, "error_rate": v["wrong"] / v["reviewed"]} for k, v in sorted(per_label.items())},
             "decisions": len(rows)}
+
+
+def _verdict(r) -> str:
+    """What a decision says the answer is, comparable across reviewers: the answer (accepted or corrected), or oos."""
+    return "(out of scope)" if r["action"] == "oos" else r["answer"]
+
+
+def cohen_kappa(pairs: list[tuple[Any, Any]]) -> float | None:
+    """Cohen's kappa (Cohen 1960) between the first and the second reviewer of each doubly-reviewed item:
+    (p_o - p_e) / (1 - p_e), p_o the observed agreement, p_e the agreement expected from each position's label
+    frequencies. None without pairs; 1.0 when both always agree on a single category (p_e = 1)."""
+    n = len(pairs)
+    if n == 0:
+        return None
+    p_o = sum(a == b for a, b in pairs) / n
+    first, second = {}, {}
+    for a, b in pairs:
+        first[a] = first.get(a, 0) + 1
+        second[b] = second.get(b, 0) + 1
+    p_e = sum(first[k] * second.get(k, 0) for k in first) / (n * n)
+    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:

@@ -164,6 +164,26 @@ def test_two_reviewers_at_once_never_get_the_same_item(served, browser):
     d = decisions(served)
     assert len(d) == 10 and len({x["item"] for x in d}) == 10          # ten items, each decided once
     b.screenshot(path=str(ARTIFACTS / "second-reviewer.png"))
+    # the audit queue asks a second person about each item: bob gets the ones ann decided, and the page shows
+    # how far the two agree
+    a.click("#queues button[data-q=audit]")
+    a.wait_for_selector("#text")
+    audited = []
+    for _ in range(3):
+        audited.append(shown_id(a))
+        a.keyboard.press("a")
+        moved_on(a, audited[-1])
+    b.click("#queues button[data-q=audit]")
+    b.wait_for_selector("#text")
+    second = []
+    for _ in range(3):
+        second.append(shown_id(b))
+        b.keyboard.press("a")
+        moved_on(b, second[-1])
+    assert second == audited
+    b.wait_for_function("document.getElementById('stats').textContent.includes('Cohen')")
+    assert "reviewers agree on 100% of 3 double-reviewed" in b.inner_text("#stats")
+    b.screenshot(path=str(ARTIFACTS / "audit-agreement.png"))
     ctx_a.close()
     ctx_b.close()
 

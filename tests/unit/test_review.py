@@ -105,7 +105,19 @@ def test_audit_accuracy_and_per_label_errors(proj):
     lo, hi = s["audit"]["ci95"]
     assert lo == pytest.approx(0.3968, abs=1e-3) and hi == pytest.approx(0.8922, abs=1e-3)   # Wilson, by hand
     assert s["per_label"]["positive"] == {"reviewed": 10, "wrong": 3, "error_rate": 0.3}
+    assert s["queues"]["audit"]["done"] == 0                 # each audit item waits for a second reviewer
+    assert review.next_item(proj, "audit", "bob").example_id == order[0]     # ... who gets it next
+    assert review.next_item(proj, "audit", "ann").example_id == order[10]    # ann never sees her own again
+    for k, ex in enumerate(order[:10]):
+        review.decide(proj, f"example:{ex}", "audit", "bob", "accept" if k < 6 else "correct",
+                      None if k < 6 else "negative")
+    s = review.stats(proj)
     assert s["queues"]["audit"]["done"] == 10
+    assert s["audit"]["accuracy"] == 0.7                     # still the first decisions: the estimate is unbiased
+    # by hand: p_o = 9/10; marginals ann (pos 7, neg 3), bob (pos 6, neg 4): p_e = (42 + 12) / 100 = 0.54;
+    # kappa = (0.9 - 0.54) / 0.46
+    assert s["agreement"]["items"] == 10 and s["agreement"]["observed"] == 0.9
+    assert s["agreement"]["cohen_kappa"] == pytest.approx(0.36 / 0.46)
 
 
 def test_bad_decisions_are_refused_and_change_nothing(proj):
@@ -175,3 +187,10 @@ def test_iterate_turns_reviewed_queue_entries_into_corrections(proj, tmp_path):
     assert got == {t: ("neutral", "review:failures:ann") for t in want}
     assert apply_reviews(proj, 1) == n                                      # a resumed round: the same, once
     assert len(proj.store.q("SELECT 1 FROM corrections")) == n
+
+
+def test_cohen_kappa_by_hand():
+    assert review.cohen_kappa([]) is None
+    assert review.cohen_kappa([("a", "a"), ("b", "b")]) == 1.0
+    assert review.cohen_kappa([("a", "b"), ("b", "a")]) == -1.0              # p_o 0, p_e 0.5
+    assert review.cohen_kappa([("a", "a")] * 5) == 1.0                         # one category: p_e = 1

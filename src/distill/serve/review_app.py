@@ -212,8 +212,12 @@ async function stats() {
       <b>${s.queues[q].left}</b>/${s.queues[q].total}</button>`).join("");
     document.querySelectorAll("#queues button").forEach((b) => b.onclick = () => { queue = b.dataset.q; chosen = true; load(); });
     const a = s.audit;
-    $("stats").innerHTML = a.reviewed ? `teacher accuracy on the audit sample: <b>${(100 * a.accuracy).toFixed(1)}%</b>
-      [${(100 * a.ci95[0]).toFixed(1)}, ${(100 * a.ci95[1]).toFixed(1)}] over ${a.reviewed} reviewed` : "audit: nothing reviewed yet";
+    const g = s.agreement, worst = Object.entries(s.per_label).filter(([k, v]) => v.reviewed >= 5)
+      .sort((x, y) => y[1].error_rate - x[1].error_rate).slice(0, 3);
+    $("stats").innerHTML = (a.reviewed ? `teacher accuracy on the audit sample: <b>${(100 * a.accuracy).toFixed(1)}%</b>
+      [${(100 * a.ci95[0]).toFixed(1)}, ${(100 * a.ci95[1]).toFixed(1)}] over ${a.reviewed} reviewed` : "audit: nothing reviewed yet")
+      + (g.items ? ` · reviewers agree on ${(100 * g.observed).toFixed(0)}% of ${g.items} double-reviewed (Cohen's κ ${g.cohen_kappa.toFixed(2)})` : "")
+      + (worst.length ? ` · most corrected teacher labels: ${worst.map(([k, v]) => `${esc(k)} ${(100 * v.error_rate).toFixed(0)}%`).join(", ")}` : "");
   } catch (e) { say(e.message, true); }
 }
 function render() {
