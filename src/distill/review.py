@@ -7,6 +7,9 @@ labels are never touched):
 
 - ``suspect``: labels the noise filter flagged as probably wrong without gold (confident learning,
   ``filters.suspect_labels``), in the filter's review rank;
+- ``disagreement``: examples where the serving student's answer differs from the teacher's, the student's most
+  confident disagreements first (``student_predictions``: filled by ``predict_students`` when the page starts,
+  for the serving model; classify only);
 - ``low_confidence``: teacher labels by their margin, p(top1) - p(top2), smallest first (the confidence when the
   teacher gave no distribution);
 - ``failures``: the serving failure queue's new entries (routed to the teacher, degraded, shadow disagreements,
@@ -39,7 +42,7 @@ from distill.dataset import latest_filter_run
 from distill.errors import DistillError
 from distill.project import Project
 
-QUEUES = ("suspect", "low_confidence", "failures", "audit")
+QUEUES = ("suspect", "disagreement", "low_confidence", "failures", "audit")
 ACTIONS = ("accept", "correct", "oos", "skip")
 LEASE_S = 300.0          # an item a reviewer opened is theirs for this long (then it goes back to the queue)
 AUDIT_SEED = "audit-0"
@@ -94,6 +97,14 @@ def queue_order(project: Project, queue: str) -> list[tuple[str, str]]:
 
         return [(r["example_id"], f"flagged by the noise filter (rank {rank(r):g})")
                 for r in sorted(rows, key=lambda r: (rank(r), r["example_id"]))]
+    if queue == "disagreement":
+        run = _serving_run(project)
+        rows = store.q("""SELECT sp.example_id, sp.answer, sp.confidence, l.answer AS teacher FROM student_predictions sp
+                          JOIN labels l ON l.example_id = sp.example_id AND l.teacher = ? AND l.status = 'ok'
+                          JOIN examples e ON e.id = sp.example_id
+                          WHERE sp.run_id = ? AND e.split != 'test' AND sp.answer != l.answer
+                          ORDER BY sp.confidence DESC, sp.example_id""", (teacher, run or ""))
+        return [(r["example_id"], f"student says {json.loads(r['answer'])} ({r['confidence']:.3f})") for r in rows]
     if queue == "failures":
         return [(f"queue:{r['id']}", f"{r['reason']} in serving") for r in
                 store.q("SELECT id, reason FROM failure_queue WHERE status='new' ORDER BY id")]
@@ -191,10 +202,13 @@ def item_detail(project: Project, ex_id: str, queue: str, why: str = "") -> Item
     def j(x):
         return None if x is None else json.loads(x)
 
+    sp = project.store.q("SELECT answer, confidence FROM student_predictions WHERE example_id=? AND run_id=?",
+                         (ex_id, _serving_run(project) or ""))
     return Item(item=f"example:{ex_id}", queue=queue, example_id=ex_id, text=r["text"], split=r["split"],
                 teacher_answer=j(r["answer"]) if r["status"] == "ok" else None, probs=j(r["probs"]),
                 confidence=r["confidence"], gold=j(r["gold"]), rationale=r["rationale"], correction=j(r["canswer"]),
-                why=why)
+                why=why, student_answer=j(sp[0]["answer"]) if sp else None,
+                student_conf=sp[0]["confidence"] if sp else None)
 
 
 def decide(project: Project, item: str, queue: str, reviewer: str, action: str, answer: Any = None,
@@ -356,3 +370,42 @@ def _valid_answer(project: Project, answer: Any) -> Any:
     except ParseError as e:
         raise DistillError(f"the answer is not valid for this task: {e.reason}: {e.detail}",
                            hint="fix it to match the task's schema" if spec.kind == "extract" else None) from None
+
+
+def predict_students(project: Project, batch_size: int = 64) -> int:
+    """The serving model's answers on the train/validation inputs it has not answered yet, stored in
+    ``student_predictions`` (what the ``disagreement`` queue reads). Classify only; a project without a serving
+    model has nothing to compare. Returns how many were added."""
+    from distill import runs
+    from distill.students.predictor import load_predictor
+
+    if project.spec.kind != "classify" or _serving_run(project) is None:
+        return 0
+    ref = runs.serving_model_or_none(project.store, project.root, project.spec.kind)
+    todo = project.store.q("""SELECT e.id, e.text FROM examples e WHERE e.split != 'test' AND NOT EXISTS
+                              (SELECT 1 FROM student_predictions sp WHERE sp.example_id = e.id AND sp.run_id = ?)
+                              ORDER BY e.id""", (ref.run_id,))
+    if not todo:
+        return 0
+    pred = load_predictor(ref.path)
+    n = 0
+    for i in range(0, len(todo), 1024):       # committed in chunks: a restart resumes, nothing is computed twice
+        chunk = todo[i:i + 1024]
+        probs = pred.predict_proba([r["text"] for r in chunk], batch_size)
+        with project.store.tx() as c:
+            c.executemany("INSERT OR REPLACE INTO student_predictions(example_id, run_id, answer, confidence) "
+                          "VALUES(?,?,?,?)", [(r["id"], ref.run_id, json.dumps(pred.labels[int(p.argmax())]),
+                                               float(p.max())) for r, p in zip(chunk, probs)])
+        n += len(chunk)
+    return n
+
+
+def _serving_run(project: Project) -> str | None:
+    """Run id of the model `distill serve` would serve (None when nothing may be served, or its folder is gone)."""
+    from distill import runs
+
+    try:
+        ref = runs.serving_model_or_none(project.store, project.root, project.spec.kind)
+    except DistillError:
+        return None
+    return None if ref is None else ref.run_id

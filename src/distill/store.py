@@ -135,6 +135,10 @@ CREATE TABLE IF NOT EXISTS review_decisions(
   created_at REAL NOT NULL, undone_at REAL);
 CREATE INDEX IF NOT EXISTS review_decisions_item ON review_decisions(item);
 CREATE TABLE IF NOT EXISTS review_leases(item TEXT PRIMARY KEY, reviewer TEXT NOT NULL, expires_at REAL NOT NULL);
+-- review: the serving student's answer on each train/validation input (the teacher-student disagreement queue)
+CREATE TABLE IF NOT EXISTS student_predictions(
+  example_id TEXT NOT NULL, run_id TEXT NOT NULL, answer TEXT NOT NULL, confidence REAL,
+  PRIMARY KEY (example_id, run_id));
 """
 
 

@@ -164,6 +164,15 @@ def test_two_reviewers_at_once_never_get_the_same_item(served, browser):
     d = decisions(served)
     assert len(d) == 10 and len({x["item"] for x in d}) == 10          # ten items, each decided once
     b.screenshot(path=str(ARTIFACTS / "second-reviewer.png"))
+    ctx_a.close()
+    ctx_b.close()
+
+
+def test_the_audit_queue_asks_a_second_reviewer_and_shows_their_agreement(served, browser):
+    ctx_a, ctx_b = browser.new_context(), browser.new_context()
+    a, b = ctx_a.new_page(), ctx_b.new_page()
+    sign_in(a, served, "ann")
+    sign_in(b, served, "bob")
     # the audit queue asks a second person about each item: bob gets the ones ann decided, and the page shows
     # how far the two agree
     a.click("#queues button[data-q=audit]")

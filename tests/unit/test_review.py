@@ -194,3 +194,29 @@ def test_cohen_kappa_by_hand():
     assert review.cohen_kappa([("a", "a"), ("b", "b")]) == 1.0
     assert review.cohen_kappa([("a", "b"), ("b", "a")]) == -1.0              # p_o 0, p_e 0.5
     assert review.cohen_kappa([("a", "a")] * 5) == 1.0                         # one category: p_e = 1
+
+
+def test_the_disagreement_queue_reads_the_serving_students_answers(proj, tmp_path):
+    import torch
+
+    from distill.students.classifier import ClassifierStudent
+    from tiny_models import tiny_bert_folder
+
+    assert review.predict_students(proj) == 0                 # nothing served yet: nothing to compare
+    torch.manual_seed(0)
+    st = ClassifierStudent.create(str(tiny_bert_folder(tmp_path / "base")), ["positive", "negative", "neutral"],
+                                  device="cpu")
+    with torch.no_grad():                                      # planted: says 'negative' unless a text is 'positive'
+        st.model.classifier.weight.zero_()
+        st.model.classifier.bias.copy_(torch.tensor([0.0, 3.0, 0.0]))
+    d = st.save(proj.root / "models" / "s1" / "final")
+    proj.record_run("s1", "train", "done", d, {})
+    proj.promote("s1", "test")
+    ids = train_ids(proj)
+    put_label(proj, ids[0], "negative", probs={"positive": 0.1, "negative": 0.9, "neutral": 0.0}, confidence=0.9)
+    assert review.predict_students(proj) == len(ids)
+    assert review.predict_students(proj) == 0                 # stored: a restart computes nothing again
+    order = [i for i, _ in review.queue_order(proj, "disagreement")]
+    assert set(order) == set(ids) - {ids[0]}                   # the teacher said 'negative' there: no disagreement
+    it = review.next_item(proj, "disagreement", "ann")
+    assert it.student_answer == "negative" and it.teacher_answer == "positive" and 0 < it.student_conf < 1

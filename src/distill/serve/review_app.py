@@ -65,7 +65,29 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
     probe = Project.open(root)          # fail at startup on a bad project, not at the first request
     spec = probe.spec
     probe.close()
-    app = FastAPI(title=f"distill review: {spec.name}", docs_url=None, redoc_url=None, openapi_url=None)
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        # the serving student's answers for the disagreement queue, in the background: the page works meanwhile
+        import threading
+
+        def predict() -> None:
+            p = Project.open(root)
+            try:
+                n = review.predict_students(p)
+                if n:
+                    log.info("review: the serving student answered %d inputs (disagreement queue)", n)
+            except Exception:   # noqa: BLE001 - the other queues work without it
+                log.exception("review: could not run the serving student; the disagreement queue stays empty")
+            finally:
+                p.close()
+
+        threading.Thread(target=predict, name="distill-review-student", daemon=True).start()
+        yield
+
+    app = FastAPI(title=f"distill review: {spec.name}", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
 
     def project() -> Project:
         # one connection per request: requests run in FastAPI's thread pool (sync endpoints), sqlite connections
@@ -227,7 +249,7 @@ function render() {
     `<div class="bar"><span style="width:150px">${esc(k)}</span><span class="b" style="width:${Math.round(200 * v)}px"></span>${v.toFixed(3)}</div>`).join("") : "";
   c.innerHTML = `<div class="why">${esc(item.why)} · ${esc(item.split)} · ${esc(item.example_id)}</div>
     <div class="text" id="text">${esc(item.text)}</div>
-    ${item.kind === "queue" ? `<div>served by the student: <b>${esc(item.student_answer ?? "?")}</b>${item.student_conf != null ? ` (${item.student_conf.toFixed(3)})` : ""}</div>` : ""}
+    ${item.student_answer != null ? `<div>${item.kind === "queue" ? "served by the student" : "the serving student says"}: <b id="student">${esc(show(item.student_answer))}</b>${item.student_conf != null ? ` (${item.student_conf.toFixed(3)})` : ""}</div>` : ""}
     <div>${item.reason === "feedback" ? "the client says" : "teacher"}: <b id="teacher">${esc(show(item.teacher_answer))}</b>${item.gold != null ? ` · gold: <b>${esc(show(item.gold))}</b>` : ""}${item.correction != null ? ` · corrected: <b>${esc(show(item.correction))}</b>` : ""}</div>
     ${probs}${item.rationale ? `<div class="why">rationale: ${esc(item.rationale)}</div>` : ""}
     <div class="keys"><button id="b-accept"><kbd>a</kbd> accept</button><button id="b-correct"><kbd>c</kbd> correct</button>
