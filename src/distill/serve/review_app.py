@@ -1,9 +1,10 @@
 """`distill review PROJECT`: the web page where people check and correct the teacher's labels.
 
 One server-rendered page and a little plain JavaScript (no build step, nothing fetched from the internet): pick a
-queue, see one item at a time -- the input, the teacher's answer with its distribution, gold if any, the rationale,
-why it is in the queue -- and accept (``a``), correct (``c``: a label picker with search, ``Enter`` takes the
-first match), skip (``s``), flag as out of scope (``o``) or undo the last decision (``u``). Everything is stored by
+queue (``1``-``5``), see one item at a time -- the input, the teacher's answer with its distribution, the serving
+student's answer, gold if any, the rationale, why it is in the queue -- and accept (``a``), correct (``c``: a label
+picker with search, ``Enter`` takes the first match; extract: a JSON editor checked against the schema,
+``Ctrl+Enter`` saves), skip (``s``), flag as out of scope (``o``) or undo the last decision (``u``). Everything is stored by
 ``distill.review`` (decisions with reviewer, time and queue; corrections that override the teacher; leases so two
 reviewers never get the same item).
 
@@ -230,7 +231,7 @@ let chosen = false;     // a queue was picked (by the reviewer, or the first wit
 async function stats() {
   try {
     const s = await api("/api/stats");
-    $("queues").innerHTML = QUEUES.map((q) => `<button data-q="${q}" class="${q === queue ? "on" : ""}">${q.replace("_", " ")}
+    $("queues").innerHTML = QUEUES.map((q, i) => `<button data-q="${q}" class="${q === queue ? "on" : ""}"><kbd>${i + 1}</kbd> ${q.replace("_", " ")}
       <b>${s.queues[q].left}</b>/${s.queues[q].total}</button>`).join("");
     document.querySelectorAll("#queues button").forEach((b) => b.onclick = () => { queue = b.dataset.q; chosen = true; load(); });
     const a = s.audit;
@@ -314,6 +315,8 @@ document.addEventListener("keydown", (e) => {
     else if (e.key === "Enter") { const m = matches(); if (m.length) act("correct", m[0]); }
     return;
   }
+  const qi = "123456789".indexOf(e.key);     // 1..N: switch queue
+  if (qi >= 0 && qi < QUEUES.length && !e.ctrlKey && !e.metaKey && !e.altKey) { queue = QUEUES[qi]; chosen = true; load(); return; }
   const k = {a: () => act("accept"), c: openPicker, s: () => act("skip"), o: () => act("oos"), u: undo}[e.key];
   if (k && !e.ctrlKey && !e.metaKey && !e.altKey) { e.preventDefault(); k(); }
 });
