@@ -89,6 +89,25 @@ def moved_on(page, before: str) -> None:
                            "!document.querySelector('.why').textContent.endsWith(b)", arg=before)
 
 
+def accept(page, n: int) -> list[str]:
+    """Press ``a`` on ``n`` items in turn; the ids accepted."""
+    ids = []
+    for _ in range(n):
+        ids.append(shown_id(page))
+        page.keyboard.press("a")
+        moved_on(page, ids[-1])
+    return ids
+
+
+def two_reviewers(browser, served):
+    """Two browser contexts (separate cookies and storage), signed in as ann and bob."""
+    ctx_a, ctx_b = browser.new_context(), browser.new_context()
+    a, b = ctx_a.new_page(), ctx_b.new_page()
+    sign_in(a, served, "ann")
+    sign_in(b, served, "bob")
+    return ctx_a, ctx_b, a, b
+
+
 def decisions(served) -> list[dict]:
     p = Project.open(served["root"])
     try:
@@ -136,10 +155,7 @@ def test_review_with_the_keyboard_correct_undo_and_see_it_downstream(served, bro
     assert [x["undone_at"] is not None for x in decisions(served)] == [False, True]
     # keyboard-only pace: accept the next 20 items
     t0 = time.perf_counter()
-    for k in range(20):
-        before = shown_id(page)
-        page.keyboard.press("a")
-        moved_on(page, before)
+    accept(page, 20)
     per_min = 20 / (time.perf_counter() - t0) * 60
     print(f"keyboard-only review: {per_min:.0f} items/minute (the page and the store, no human thinking time)")
     page.screenshot(path=str(ARTIFACTS / "after.png"))
@@ -148,10 +164,7 @@ def test_review_with_the_keyboard_correct_undo_and_see_it_downstream(served, bro
 
 
 def test_two_reviewers_at_once_never_get_the_same_item(served, browser):
-    ctx_a, ctx_b = browser.new_context(), browser.new_context()
-    a, b = ctx_a.new_page(), ctx_b.new_page()
-    sign_in(a, served, "ann")
-    sign_in(b, served, "bob")
+    ctx_a, ctx_b, a, b = two_reviewers(browser, served)
     seen_a, seen_b = [], []
     for _ in range(5):
         seen_a.append(shown_id(a))
@@ -169,27 +182,15 @@ def test_two_reviewers_at_once_never_get_the_same_item(served, browser):
 
 
 def test_the_audit_queue_asks_a_second_reviewer_and_shows_their_agreement(served, browser):
-    ctx_a, ctx_b = browser.new_context(), browser.new_context()
-    a, b = ctx_a.new_page(), ctx_b.new_page()
-    sign_in(a, served, "ann")
-    sign_in(b, served, "bob")
+    ctx_a, ctx_b, a, b = two_reviewers(browser, served)
     # the audit queue asks a second person about each item: bob gets the ones ann decided, and the page shows
     # how far the two agree
     a.keyboard.press("5")                                       # queues by number: 5 = audit
     a.wait_for_selector("#queues button.on[data-q=audit]")
-    audited = []
-    for _ in range(3):
-        audited.append(shown_id(a))
-        a.keyboard.press("a")
-        moved_on(a, audited[-1])
-    b.click("#queues button[data-q=audit]")
-    b.wait_for_selector("#text")
-    second = []
-    for _ in range(3):
-        second.append(shown_id(b))
-        b.keyboard.press("a")
-        moved_on(b, second[-1])
-    assert second == audited
+    audited = accept(a, 3)
+    b.click("#queues button[data-q=audit]")                     # ... or by mouse
+    b.wait_for_selector("#queues button.on[data-q=audit]")
+    assert accept(b, 3) == audited
     b.wait_for_function("document.getElementById('stats').textContent.includes('Cohen')")
     assert "reviewers agree on 100% of 3 double-reviewed" in b.inner_text("#stats")
     b.screenshot(path=str(ARTIFACTS / "audit-agreement.png"))
