@@ -409,3 +409,34 @@ def _serving_run(project: Project) -> str | None:
     except DistillError:
         return None
     return None if ref is None else ref.run_id
+
+
+class Neighbours:
+    """The labelled train/validation inputs most like a given text (TF-IDF word 1-2-grams, cosine), with their
+    current answers: what a reviewer checks a label against ("is this consistent with the ones already labelled?").
+    Built once when the page starts; a few seconds for 100k inputs."""
+
+    def __init__(self, project: Project):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        from distill.dataset import rows
+
+        labelled = [r for r in rows(project, project.spec.get_teacher().name, ("train", "validation"), only_kept=False)
+                    if r.answer is not None]
+        self.rows = labelled
+        self.vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        self.matrix = self.vec.fit_transform([r.text for r in labelled]) if labelled else None
+
+    def nearest(self, text: str, k: int = 3, exclude: str | None = None, min_similarity: float = 0.2) -> list[dict]:
+        if self.matrix is None:
+            return []
+        sims = (self.matrix @ self.vec.transform([text]).T).toarray().ravel()    # rows are L2-normalised: cosine
+        out = []
+        for i in sims.argsort()[::-1]:
+            if len(out) == k or sims[i] < min_similarity:
+                break
+            r = self.rows[i]
+            if r.id != exclude:
+                out.append({"id": r.id, "text": r.text, "answer": r.answer, "source": r.source,
+                            "similarity": round(float(sims[i]), 3)})
+        return out

@@ -220,3 +220,12 @@ def test_the_disagreement_queue_reads_the_serving_students_answers(proj, tmp_pat
     assert set(order) == set(ids) - {ids[0]}                   # the teacher said 'negative' there: no disagreement
     it = review.next_item(proj, "disagreement", "ann")
     assert it.student_answer == "negative" and it.teacher_answer == "positive" and 0 < it.student_conf < 1
+
+
+def test_neighbours_are_the_most_alike_labelled_inputs(proj):
+    ex = proj.store.q("SELECT id, text FROM examples WHERE split != 'test' ORDER BY id LIMIT 1")[0]
+    nb = review.Neighbours(proj)
+    got = nb.nearest(ex["text"] + " really", k=3)
+    assert got and got[0]["id"] == ex["id"] and got[0]["answer"] == "positive" and got[0]["similarity"] > 0.5
+    assert all(g["id"] != ex["id"] for g in nb.nearest(ex["text"], exclude=ex["id"]))
+    assert nb.nearest("zzzz qqqq") == []                       # nothing alike: nothing shown

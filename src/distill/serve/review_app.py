@@ -76,6 +76,7 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
         def predict() -> None:
             p = Project.open(root)
             try:
+                state["neighbours"] = review.Neighbours(p)
                 n = review.predict_students(p)
                 if n:
                     log.info("review: the serving student answered %d inputs (disagreement queue)", n)
@@ -89,6 +90,7 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
 
     app = FastAPI(title=f"distill review: {spec.name}", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
+    state: dict[str, Any] = {}
 
     def project() -> Project:
         # one connection per request: requests run in FastAPI's thread pool (sync endpoints), sqlite connections
@@ -146,6 +148,8 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
     def next_(body: NextIn, request: Request):
         def go(p):
             it = review.next_item(p, body.queue, body.reviewer, lease_s=lease_s)
+            if it is not None and state.get("neighbours") is not None:
+                it.neighbours = state["neighbours"].nearest(it.text, exclude=it.example_id)
             return {"item": None if it is None else it.__dict__}
         return guarded(request, True, go)
 
@@ -192,7 +196,7 @@ _PAGE = r"""<!doctype html>
  .bar{display:flex;align-items:center;gap:8px;font-size:13px;margin:2px 0}
  .bar span.b{display:inline-block;height:10px;background:#2f6fde;border-radius:3px}
  .keys button{margin:10px 8px 0 0;padding:7px 12px;border-radius:6px;border:1px solid #c8ccd4;background:#fff;cursor:pointer}
- kbd{background:#eef0f4;border:1px solid #c8ccd4;border-radius:3px;padding:0 4px;font-size:12px}
+ kbd{background:#eef0f4;border:1px solid #c8ccd4;border-radius:3px;padding:0 4px;font-size:12px;color:#1d2330}
  #picker{display:none;margin-top:10px} #picker input{width:100%;padding:6px;font-size:15px}
  #picker li{list-style:none;padding:3px 6px;cursor:pointer} #picker li.first{background:#e6eefc}
  #status{margin-top:10px;color:#1f7a3a;min-height:1.2em} #status.err{color:#b3261e}
@@ -253,6 +257,8 @@ function render() {
     ${item.student_answer != null ? `<div>${item.kind === "queue" ? "served by the student" : "the serving student says"}: <b id="student">${esc(show(item.student_answer))}</b>${item.student_conf != null ? ` (${item.student_conf.toFixed(3)})` : ""}</div>` : ""}
     <div>${item.reason === "feedback" ? "the client says" : "teacher"}: <b id="teacher">${esc(show(item.teacher_answer))}</b>${item.gold != null ? ` · gold: <b>${esc(show(item.gold))}</b>` : ""}${item.correction != null ? ` · corrected: <b>${esc(show(item.correction))}</b>` : ""}</div>
     ${probs}${item.rationale ? `<div class="why">rationale: ${esc(item.rationale)}</div>` : ""}
+    ${item.neighbours && item.neighbours.length ? `<div class="why" id="neighbours">already labelled, most alike: ${item.neighbours.map((n) =>
+      `<br>“${esc(n.text)}” → <b>${esc(show(n.answer))}</b> (${esc(n.source)}, ${n.similarity})`).join("")}</div>` : ""}
     <div class="keys"><button id="b-accept"><kbd>a</kbd> accept</button><button id="b-correct"><kbd>c</kbd> correct</button>
     <button id="b-skip"><kbd>s</kbd> skip</button><button id="b-oos"><kbd>o</kbd> out of scope</button><button id="b-undo"><kbd>u</kbd> undo</button></div>
     <div id="picker"><input id="search" placeholder="type to filter labels, Enter takes the first"><ul id="matches"></ul></div>
