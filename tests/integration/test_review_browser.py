@@ -191,8 +191,8 @@ def test_the_audit_queue_asks_a_second_reviewer_and_shows_their_agreement(served
     b.click("#queues button[data-q=audit]")                     # ... or by mouse
     b.wait_for_selector("#queues button.on[data-q=audit]")
     assert accept(b, 3) == audited
-    b.wait_for_function("document.getElementById('stats').textContent.includes('Cohen')")
-    assert "reviewers agree on 100% of 3 double-reviewed" in b.inner_text("#stats")
+    b.wait_for_function("document.getElementById('stats').textContent.includes('of 3 double-reviewed')")
+    assert "reviewers agree on 100% of 3 double-reviewed (Cohen's κ 1.00)" in b.inner_text("#stats")
     b.screenshot(path=str(ARTIFACTS / "audit-agreement.png"))
     ctx_a.close()
     ctx_b.close()

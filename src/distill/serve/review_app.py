@@ -220,6 +220,7 @@ let queue = QUEUES[0], item = null, picking = false;
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c]));
 $("reviewer").value = localStorage.getItem("distill-reviewer") || "";
+// the name: saved and applied on change (leaving the field, or Enter, which leaves it)
 $("reviewer").addEventListener("change", () => { localStorage.setItem("distill-reviewer", $("reviewer").value.trim()); load(); });
 async function api(path, body) {
   const r = await fetch(path, body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json",
@@ -285,19 +286,27 @@ function openPicker() {
   }
   $("picker").style.display = "block"; $("search").value = "";
   showMatches(); $("search").focus(); $("search").oninput = showMatches; }
-let inflight = null;    // one load at a time: a second trigger (Enter and the change event) waits for the first
+// One load at a time. A trigger that comes while one runs (Enter and the change event; a decision saved while the
+// previous item's stats were still loading) asks for one more load after it, and waits for that one.
+let inflight = null, again = false;
 function load() {
-  if (inflight) return inflight;
+  if (inflight) { again = true; return inflight; }
   inflight = (async () => {
-    const r = reviewer(); if (!r) return;
-    try {
-      if (!chosen) {    // until the reviewer picks a queue, start on the first one with items left
-        const s = await api("/api/stats");
-        queue = QUEUES.find((q) => s.queues[q].left) || queue; chosen = true;
+    do {
+      again = false;
+      const r = reviewer(); if (!r) return;
+      try {
+        if (!chosen) {    // until the reviewer picks a queue, start on the first one with items left
+          const s = await api("/api/stats");
+          queue = QUEUES.find((q) => s.queues[q].left) || queue; chosen = true;
+        }
+        const it = (await api("/api/next", {queue, reviewer: r})).item;
+        // the same item again while its picker or editor is open (a background reload): keep what is being typed
+        if (!(picking && item && it && it.item === item.item)) { item = it; picking = false; render(); }
+        await stats();
       }
-      item = (await api("/api/next", {queue, reviewer: r})).item; picking = false; render(); await stats();
-    }
-    catch (e) { say(e.message, true); }
+      catch (e) { say(e.message, true); }
+    } while (again);
   })().finally(() => { inflight = null; });
   return inflight;
 }
@@ -314,7 +323,14 @@ async function undo() {
   catch (e) { say(e.message, true); }
 }
 document.addEventListener("keydown", (e) => {
-  if (e.target.id === "reviewer" || e.target.id === "key") { if (e.key === "Enter") e.target.blur(), load(); return; }
+  if (e.target.id === "reviewer" || e.target.id === "key") {
+    if (e.key === "Enter") {
+      const changed = e.target.id === "reviewer" && e.target.value.trim() !== (localStorage.getItem("distill-reviewer") || "");
+      e.target.blur();            // a changed name fires "change", which loads
+      if (!changed && !item) load();
+    }
+    return;
+  }
   if (picking) {
     if (e.key === "Escape") { picking = false; $("picker").style.display = "none"; $("editor").style.display = "none"; }
     else if (KIND !== "classify") { if (e.key === "Enter" && e.ctrlKey) { e.preventDefault(); act("correct", $("answer").value); } }
@@ -326,7 +342,13 @@ document.addEventListener("keydown", (e) => {
   const k = {a: () => act("accept"), c: openPicker, s: () => act("skip"), o: () => act("oos"), u: undo}[e.key];
   if (k && !e.ctrlKey && !e.metaKey && !e.altKey) { e.preventDefault(); k(); }
 });
-$("loginbtn").onclick = async () => { try { await api("/api/login", {key: $("key").value}); $("login").style.display = "none"; load(); } catch (e) { say(e.message, true); } };
+$("loginbtn").onclick = async () => {
+  try {
+    await api("/api/login", {key: $("key").value}); $("login").style.display = "none"; say("");
+    await inflight;   // a load that started before the cookie was set failed with 401: load again after it
+    load();
+  } catch (e) { say(e.message, true); }
+};
 stats(); if ($("reviewer").value) load();
 </script></body></html>
 """
