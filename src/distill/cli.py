@@ -874,16 +874,26 @@ app.add_typer(queue_app, name="queue")
 @queue_app.command("list")
 def queue_list(project: Path = typer.Argument(...), reason: Optional[QueueReason] = typer.Option(None),
                status_: QueueStatus = typer.Option(QueueStatus.new, "--status"), limit: int = typer.Option(50)):
-    """Show queue entries."""
+    """Show queue entries: id, reason, the student's confidence, text, answers, and the review decision if any
+    (`distill review`)."""
 
     def go():
+        import json as json_
+
         from distill.serve.queue import counts, list_entries
 
         p = _open(project)
         out.print(counts(p.store))
-        for e in list_entries(p.store, status=status_.value, reasons=[reason.value] if reason else None, limit=limit):
-            out.print(f"{e.reason:<20} {e.text[:80]!r} student={e.student_answer} teacher={e.teacher_answer}",
-                      highlight=False, markup=False)
+        entries = list_entries(p.store, status=status_.value, reasons=[reason.value] if reason else None, limit=limit)
+        reviewed = {r["item"]: r for r in p.store.q(
+            "SELECT item, action, answer, reviewer FROM review_decisions WHERE undone_at IS NULL ORDER BY id")}
+        for e in entries:
+            conf = "" if e.student_conf is None else f" conf={e.student_conf:.3f}"
+            d = reviewed.get(f"queue:{e.id}")
+            rev = "" if d is None else (f"  review: {d['action']}"
+                                        + (f" -> {json_.loads(d['answer'])}" if d["answer"] else "") + f" ({d['reviewer']})")
+            out.print(f"#{e.id:<5} {e.reason:<20}{conf} {e.text[:80]!r} student={e.student_answer} "
+                      f"teacher={e.teacher_answer}{rev}", highlight=False, markup=False)
 
     _run(go)
 

@@ -229,3 +229,22 @@ def test_neighbours_are_the_most_alike_labelled_inputs(proj):
     assert got and got[0]["id"] == ex["id"] and got[0]["answer"] == "positive" and got[0]["similarity"] > 0.5
     assert all(g["id"] != ex["id"] for g in nb.nearest(ex["text"], exclude=ex["id"]))
     assert nb.nearest("zzzz qqqq") == []                       # nothing alike: nothing shown
+
+
+def test_queue_list_shows_ids_confidences_and_review_decisions(proj):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from distill.serve import queue as fq
+
+    ids = fq.enqueue_many(proj.store, [
+        {"text": "routed text", "reason": "routed", "student_answer": "neutral", "student_conf": 0.4123,
+         "teacher_answer": "negative"},
+        {"text": "not reviewed yet", "reason": "feedback", "student_answer": "positive", "teacher_answer": "negative"}])
+    review.decide(proj, f"queue:{ids[0]}", "failures", "ann", "correct", "positive")
+    res = CliRunner().invoke(app, ["queue", "list", str(proj.root)], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    first = next(line for line in res.output.splitlines() if line.startswith(f"#{ids[0]}"))
+    assert "routed" in first and "conf=0.412" in first and "review: correct -> positive (ann)" in first
+    second = next(line for line in res.output.splitlines() if line.startswith(f"#{ids[1]}"))
+    assert "review:" not in second
