@@ -293,10 +293,8 @@ def stats(project: Project) -> dict[str, Any]:
     right = sum(1 for r in audit if r["action"] == "accept")
     pairs = [(_verdict(v[0]), _verdict(v[1])) for v in by_item.values() if len(v) >= 2]
     per_label: dict[str, dict[str, int]] = {}
-    firsts = {id(v[0]) for v in by_item.values()}
-    for r in rows:
-        if r["queue"] == "audit" and id(r) not in firsts:
-            continue
+    # every decision outside the audit queue, and each audit item's first (second opinions are for agreement only)
+    for r in [r for r in rows if r["queue"] != "audit"] + audit:
         t = json.loads(r["teacher_answer"]) if r["teacher_answer"] else None
         if not isinstance(t, str):
             continue
