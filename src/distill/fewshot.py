@@ -48,6 +48,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from distill.data.decontam import find_contamination, strong_norm
+from distill.dataset import correction_join
 from distill.errors import DistillError
 from distill.task import ExamplesSpec, ParseError, ProjectSpec, answer_text, parse_answer, render_messages
 
@@ -120,8 +121,8 @@ def _answer_ok(spec: ProjectSpec, answer: Any) -> Any:
 def gold_pool(project) -> list[Demo]:
     """Train/validation rows with a correction (preferred) or a gold answer, minus near-duplicates of test."""
     rows = project.store.q(
-        """SELECT e.id, e.text, e.gold, e.segment, e.meta, c.answer AS corrected FROM examples e
-           LEFT JOIN corrections c ON c.example_id = e.id
+        f"""SELECT e.id, e.text, e.gold, e.segment, e.meta, c.answer AS corrected FROM examples e
+           {correction_join(project, feedback=False)}
            WHERE e.split IN ('train', 'validation') AND e.id NOT IN (SELECT example_id FROM contamination)
              AND (e.gold IS NOT NULL OR c.answer IS NOT NULL)
            ORDER BY e.id""")

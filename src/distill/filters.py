@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.data.decontam import strong_norm
+from distill.dataset import correction_join
 from distill.project import Project
 from distill.task import FilterSpec, ProjectSpec, answer_key
 
@@ -178,7 +179,7 @@ def run_filters(project: Project, teacher: str | None = None) -> FilterReport:
     teacher_name = spec.get_teacher(teacher).name
     store = project.store
     rows = store.q(
-        """SELECT e.id, e.text, e.split, e.gold,
+        f"""SELECT e.id, e.text, e.split, e.gold,
                   l.status AS lstatus, l.reason AS lreason, l.answer, l.probs, l.confidence, l.agreement,
                   c.answer AS correction,
                   CASE WHEN ct.example_id IS NULL THEN NULL
@@ -186,7 +187,7 @@ def run_filters(project: Project, teacher: str | None = None) -> FilterReport:
                        AS contaminated
            FROM examples e
            LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ?
-           LEFT JOIN corrections c ON c.example_id = e.id
+           {correction_join(project)}
            LEFT JOIN contamination ct ON ct.example_id = e.id
            WHERE e.split IN ('train', 'validation')
            ORDER BY (c.answer IS NULL), e.id""",

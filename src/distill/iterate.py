@@ -12,10 +12,12 @@ The round, top to bottom (``iterate``):
    ``traffic`` file with the importer (``data/importer.py``), so dedupe, hashed splits, the locked test
    split and decontamination all apply: an input that hashes to test *is* test and is never trained on;
    then mark those queue entries consumed with round N. (Import first, mark after: a crash in between
-   re-imports the same texts, which dedupe, instead of losing them.) Only the text is taken: a client's
-   feedback label, the student's answer and the teacher's answer the service stored (for extract, JSON
-   text) are not trusted as gold; the teacher labels every new input. An entry a person reviewed in
-   `distill review` (accept or correct) is the exception: its answer becomes a correction (``apply_reviews``). A queue text has no segment (the
+   re-imports the same texts, which dedupe, instead of losing them.) The teacher labels every new input; the
+   student's and teacher's answers the service stored are not trusted as gold. A client's `/v1/feedback` answer
+   becomes a correction with the lower trust level (``apply_feedback``; ``feedback.use`` in the spec says
+   whether training uses it), and an entry a person reviewed in `distill review` (accept or correct) a trusted
+   one (``apply_reviews``, applied after, so the reviewer wins). The round records which corrections are new
+   since the previous round and, for classify, whether the new model follows them (``_fixes``). A queue text has no segment (the
    service does not know it), so when the spec has ``segment_field`` those rows have segment None and are
    evaluated under '(none)';
 3. label with the teacher (``labeling.label``: cache and budget respected; a budget stop ends the round
@@ -81,6 +83,8 @@ class IterateReport:
     resumed: bool = False
     queue_consumed: int = 0
     reviewed_applied: int = 0          # reviewed queue entries whose answer became a correction (distill review)
+    feedback: dict[str, int] = field(default_factory=dict)   # /v1/feedback answers by outcome (apply_feedback)
+    fixes: dict[str, Any] = field(default_factory=dict)      # which corrections are new in this round (_fixes)
     queue_by_reason: dict[str, int] = field(default_factory=dict)
     traffic: str | None = None
     imported: dict[str, Any] = field(default_factory=dict)       # source -> {added, by_split, dup_existing, ...}
@@ -108,7 +112,20 @@ class IterateReport:
             return head + "; ".join(self.reasons)
         verdict = f"promoted {self.run_id}" if self.promoted else f"kept {self.serving_model} (new model {self.run_id} refused)"
         nxt = (". Next: " + "; ".join(self.next_steps)) if self.next_steps else ""
-        return head + verdict + ": " + "; ".join(self.reasons) + nxt
+        return head + verdict + ": " + "; ".join(self.reasons) + nxt + self._fixes_line()
+
+    def _fixes_line(self) -> str:
+        f = self.fixes
+        if not f or not f.get("new"):
+            return ""
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(f["by_kind"].items()))
+        line = (f"\nfixes new since {f['since']}: {f['new']} ({kinds}), {f['changed_teacher_label']} of them change the "
+                f"teacher's answer")
+        e = f.get("effect")
+        if e:
+            line += (f"; on those inputs the new model gives the fixed answer for {e['new_model_follows']}/{e['n']}"
+                     + (f" (the serving model: {e['old_model_follows']}/{e['n']})" if e.get("old_model_follows") is not None else ""))
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,6 +216,53 @@ def apply_reviews(project: Project, round_no: int) -> int:
     return n
 
 
+def apply_feedback(project: Project, round_no: int) -> dict[str, int]:
+    """The round's `/v1/feedback` entries: the answer a client said is right becomes a correction with the lower
+    trust level (source ``feedback:queue:<entry>``, ``dataset.FEEDBACK_SOURCE``) of the example the text was
+    imported as. It never replaces a trusted correction (a reviewer's decision, a corrections file) and is replaced
+    by one; train/validation only; an answer the task no longer accepts (a label since removed, JSON the schema
+    refuses) is counted, not stored. Clients who disagree on one input: the latest answer, counted as
+    ``conflicting``. ``feedback.use: train`` trains on them, ``review`` stores them for a reviewer, ``ignore`` skips
+    this. Idempotent: a resumed round applies it again. Returns counts by outcome."""
+    from distill.data.importer import normalise
+    from distill.dataset import FEEDBACK_SOURCE
+    from distill.review import valid_answer
+    from distill.task import answer_key
+
+    out = {"stored": 0, "kept_trusted": 0, "test": 0, "invalid": 0, "not_imported": 0, "conflicting": 0}
+    if project.spec.feedback.use == "ignore":
+        return out
+    by_example: dict[str, list[tuple[int, Any, float]]] = {}
+    for e in project.store.q("""SELECT id, text, teacher_answer, created_at FROM failure_queue
+                                WHERE round=? AND reason='feedback' ORDER BY id""", (round_no,)):
+        ex = project.store.q("SELECT id, split FROM examples WHERE norm=?", (normalise(e["text"]),))
+        if not ex:
+            out["not_imported"] += 1        # the importer refused the text (too long, empty)
+            continue
+        if ex[0]["split"] == "test":
+            out["test"] += 1
+            continue
+        try:
+            answer = valid_answer(project, json.loads(e["teacher_answer"]) if e["teacher_answer"] else None)
+        except (DistillError, ValueError):
+            out["invalid"] += 1
+            continue
+        by_example.setdefault(ex[0]["id"], []).append((e["id"], answer, e["created_at"]))
+    with project.store.tx() as c:
+        for ex_id, votes in by_example.items():
+            entry, answer, at = votes[-1]
+            if len({answer_key(project.spec, a) for _, a, _ in votes}) > 1:
+                out["conflicting"] += 1
+            note = f"/v1/feedback, failure-queue entry {entry}" + (f" (latest of {len(votes)})" if len(votes) > 1 else "")
+            c.execute(f"""INSERT INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)
+                          ON CONFLICT(example_id) DO UPDATE SET answer=excluded.answer, source=excluded.source,
+                          note=excluded.note, created_at=excluded.created_at
+                          WHERE corrections.source LIKE '{FEEDBACK_SOURCE}%'""",
+                      (ex_id, json.dumps(answer), f"{FEEDBACK_SOURCE}queue:{entry}", note, at))
+            out["stored" if c.execute("SELECT changes()").fetchone()[0] else "kept_trusted"] += 1
+    return out
+
+
 def _mark_consumed(project: Project, ids: list[int], round_no: int) -> None:
     with project.store.tx() as c:
         c.executemany("UPDATE failure_queue SET status='consumed', round=? WHERE id=? AND status='new'",
@@ -212,6 +276,55 @@ def _import(project: Project, path: Path, report: IterateReport) -> None:
     report.imported[str(path)] = {"rows_read": r.rows_read, "added": r.added, "by_split": r.by_split,
                                   "dup_existing": r.dup_existing, "rejected": r.rejected,
                                   "contaminated_removed": r.contaminated_removed, "warnings": r.warnings}
+
+
+# ------------------------------------------------------------------------------------------------
+# which fixes changed this round
+
+FIX_ITEMS = 200    # new fixes listed one by one in the round's record (all are counted)
+
+
+def _fixes(project: Project, round_no: int, teacher: str) -> dict[str, Any]:
+    """The corrections in this round's training data that the previous round's did not have (new, or a different
+    answer), by kind (review / feedback / file), and how many of them change the teacher's answer; the full
+    snapshot (example id -> answer) is kept for the next round to compare with. Round 1 compares with no fixes."""
+    from distill.dataset import fix_kind, fixes
+
+    now = fixes(project, teacher)
+    prev_row = get_run(project.store, f"iterate-{round_no - 1}") if round_no > 1 else None
+    prev = (json.loads(prev_row["record"] or "{}").get("fixes") or {}).get("snapshot", {}) if prev_row else {}
+    new = [(i, f) for i, f in now.items() if prev.get(i) != f["answer"]]
+    by_kind: dict[str, int] = {}
+    for _, f in new:
+        by_kind[fix_kind(f["source"])] = by_kind.get(fix_kind(f["source"]), 0) + 1
+    changed = [(i, f) for i, f in new if f["answer"] != f["teacher"]]
+    return {"since": f"round {round_no - 1}" if prev_row else "the start", "new": len(new), "by_kind": by_kind,
+            "changed_teacher_label": len(changed), "withdrawn": sum(1 for i in prev if i not in now),
+            "items": [{"id": i, "text": f["text"][:300], "teacher": _loads(f["teacher"]), "fix": _loads(f["answer"]),
+                       "kind": fix_kind(f["source"]), "source": f["source"]} for i, f in changed[:FIX_ITEMS]],
+            "snapshot": {i: f["answer"] for i, f in now.items()}}
+
+
+def _loads(s: str | None) -> Any:
+    return None if s is None else json.loads(s)
+
+
+def _fix_effect(items: list[dict], new_path: Path, old_path: Path | None) -> dict[str, Any]:
+    """classify: on the inputs whose new fix changed the teacher's label, how often the new model (and the serving
+    one) answers the fixed label: whether the round's fixes reached the model, input by input."""
+    from distill.students.predictor import load_predictor
+
+    texts = [it["text"] for it in items]
+    out: dict[str, Any] = {"n": len(items), "old_model_follows": None}
+    for key, path in (("new", new_path), ("old", old_path)):
+        if path is None:
+            continue
+        pred = load_predictor(path)
+        answers = [pred.labels[int(p.argmax())] for p in pred.predict_proba(texts, 64)]
+        for it, a in zip(items, answers):
+            it[f"{key}_model"] = a
+        out[f"{key}_model_follows"] = sum(a == it["fix"] for it, a in zip(items, answers))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +416,8 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         if new_traffic is not None:
             _import(project, Path(new_traffic), report)
         _mark_consumed(project, ids, round_no)
-        report.reviewed_applied = apply_reviews(project, round_no)
+        report.feedback = apply_feedback(project, round_no)
+        report.reviewed_applied = apply_reviews(project, round_no)     # after feedback: a reviewer's word wins
         report.queue_by_reason = by_reason
         report.queue_consumed = sum(by_reason.values())
         say(f"iterate: {report.queue_consumed} queue entries ({report.reviewed_applied} reviewed), "
@@ -317,6 +431,7 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         report.reasons.append(lab.message() + f"; the round stays open: `distill iterate {project.root} --budget MORE`")
         return _finish(report, t0)
     report.filter = asdict(run_filters(project, tname))
+    report.fixes = _fixes(project, round_no, tname)
 
     # 4. train -----------------------------------------------------------------------------------------
     rep = train(project, teacher=tname, progress=progress)
@@ -351,6 +466,10 @@ def iterate(project: Project, *, teacher: str | None = None, new_traffic: Path |
         report.reasons.append("passes the gate" + (f"; {report.metric} {gain:+.3f} overall and no gated segment "
                                                    f"fell by more than {regression_margin:g}" if gain is not None
                                                    else "; there was no serving model to compare with"))
+
+    if spec.kind == "classify" and report.fixes.get("items"):
+        report.fixes["effect"] = _fix_effect(report.fixes["items"], rep.path,
+                                             project.serving_model().path if serving is not None else None)
 
     # 7. record: lineage on the new run, the decision, the marker (serving row written last) ---------------
     lineage = {"round": round_no, "parent_model": report.parent_run_id, "data_sha256": report.data_sha256,

@@ -230,7 +230,7 @@ def decide(project: Project, item: str, queue: str, reviewer: str, action: str, 
             raise DistillError("the teacher has no answer for this input to accept", hint="correct it instead")
         answer = d.teacher_answer
     elif action == "correct":
-        answer = _valid_answer(project, answer)
+        answer = valid_answer(project, answer)
     else:
         answer = None
     now = time.time()
@@ -307,7 +307,42 @@ def stats(project: Project) -> dict[str, Any]:
             "agreement": {"items": len(pairs), "observed": (sum(a == b for a, b in pairs) / len(pairs)) if pairs else None,
                           "cohen_kappa": cohen_kappa(pairs)},
             "per_label": {k: {**v, "error_rate": v["wrong"] / v["reviewed"]} for k, v in sorted(per_label.items())},
-            "decisions": len(rows)}
+            "decisions": len(rows), "rounds": rounds(project)}
+
+
+def rounds(project: Project) -> dict[str, Any]:
+    """What the fixes did and will do to `distill iterate`: ``last`` — the latest round's new fixes and, for classify,
+    how many of the inputs they changed the new and the serving model answer as fixed (from its record); ``next``
+    — the fixes training would use now that the latest round did not (by kind), plus reviewed failure-queue
+    entries and client feedback still waiting in the queue (they become fixes when the round imports them)."""
+    from distill.dataset import fix_kind, fixes
+
+    store = project.store
+    its = store.q("SELECT id, record FROM runs WHERE kind='iterate'")
+    last_row = max(its, key=lambda r: int(r["id"].rpartition("-")[2]), default=None)
+    rec = json.loads(last_row["record"] or "{}") if last_row else {}
+    f = rec.get("fixes") or {}
+    last = None if last_row is None else {
+        "round": rec.get("round"), "new": f.get("new", 0), "by_kind": f.get("by_kind", {}),
+        "changed_teacher_label": f.get("changed_teacher_label", 0), "effect": f.get("effect"),
+        "promoted": rec.get("promoted")}
+    try:
+        teacher = project.spec.get_teacher().name
+    except DistillError:
+        teacher = None
+    prev = f.get("snapshot", {})
+    now = fixes(project, teacher) if teacher else {}
+    by_kind: dict[str, int] = {}
+    for i, x in now.items():
+        if prev.get(i) != x["answer"]:
+            by_kind[fix_kind(x["source"])] = by_kind.get(fix_kind(x["source"]), 0) + 1
+    waiting = store.one("""SELECT COUNT(DISTINCT d.item) FROM review_decisions d JOIN failure_queue q
+                           ON d.item = 'queue:' || q.id WHERE q.status = 'new' AND d.undone_at IS NULL
+                           AND d.action IN ('accept', 'correct')""")
+    feedback = 0 if project.spec.feedback.use == "ignore" else store.one(
+        "SELECT COUNT(*) FROM failure_queue WHERE status='new' AND reason='feedback'")
+    return {"last": last, "next": {"new": sum(by_kind.values()), "by_kind": by_kind, "queue_reviewed": waiting,
+                                   "queue_feedback": feedback}}
 
 
 def _verdict(r) -> str:
@@ -350,7 +385,7 @@ def _reviewer(name: str) -> str:
     return name
 
 
-def _valid_answer(project: Project, answer: Any) -> Any:
+def valid_answer(project: Project, answer: Any) -> Any:
     """The corrected answer, checked as the teacher's would be: a label of the set (classify), a JSON object valid
     against the task's schema (extract: the message says which field breaks which rule), non-empty text (generate)."""
     from distill.task import ParseError, parse_answer

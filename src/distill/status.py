@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import runs
+from distill.dataset import fix_kind
 from distill.errors import DistillError
 from distill.project import SPEC_FILE, STORE_FILE, Project
 from distill.store import Store
@@ -80,6 +81,10 @@ def status(project: Project) -> dict[str, Any]:
 
     out["contamination"] = s.one("SELECT COUNT(*) FROM contamination")
     out["corrections"] = s.one("SELECT COUNT(*) FROM corrections")
+    kinds: dict[str, int] = {}
+    for r in s.q("SELECT source, COUNT(*) AS n FROM corrections GROUP BY source"):
+        kinds[fix_kind(r["source"])] = kinds.get(fix_kind(r["source"]), 0) + r["n"]
+    out["corrections_by_kind"] = dict(sorted(kinds.items()))   # review | feedback (lower trust) | file
 
     # the latest filter run of each teacher, with its drops by reason
     filters: dict[str, dict[str, Any]] = {}

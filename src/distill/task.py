@@ -260,6 +260,17 @@ class FilterSpec(_Strict):
         return None if v is False else v
 
 
+class FeedbackSpec(_Strict):
+    """What `distill iterate` does with the answers clients send to `/v1/feedback` ("this should have been X").
+
+    Feedback is kept as a correction with its own trust level (source ``feedback:...``): below a reviewer's
+    decision or a corrections file, which it never replaces and which always replace it; never on a test input."""
+    use: Literal["train", "review", "ignore"] = Field(
+        "train", description="train: a client's answer overrides the teacher in training (the latest answer when "
+        "clients disagree on one input); review: stored, but trained on only once a reviewer accepts it in "
+        "`distill review`; ignore: only the input is taken, as before.")
+
+
 class ProjectSpec(_Strict):
     name: str
     kind: TaskKind
@@ -273,6 +284,7 @@ class ProjectSpec(_Strict):
     decontamination: DecontamSpec = Field(default_factory=DecontamSpec)
     filters: FilterSpec = Field(default_factory=FilterSpec)
     quality: QualityBar = Field(default_factory=QualityBar)
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
     teachers: list[TeacherSpec] = Field(default_factory=list)
     teacher: str | None = Field(None, description="Default teacher name for `distill label`.")
     student: dict[str, Any] = Field(
@@ -877,7 +889,9 @@ quality:                # the gate `distill eval` enforces
 filters:
   drop_disagree_with_gold: true   # needs gold on the training inputs; real traffic has none
   min_confidence: null  # e.g. 0.5: drop training labels the teacher was unsure of
-{"  suspect_labels: false # true: drop labels confident learning flags as wrong, without gold (`distill filter` lists them)" + chr(10) if kind == "classify" else ""}teachers:
+{"  suspect_labels: false # true: drop labels confident learning flags as wrong, without gold (`distill filter` lists them)" + chr(10) if kind == "classify" else ""}feedback:
+  use: train            # /v1/feedback answers at `distill iterate`: train | review (only once a reviewer accepts) | ignore
+teachers:
   # Any OpenAI-compatible endpoint. The key is read from the environment variable; it is never stored.
   - name: api
     kind: openai

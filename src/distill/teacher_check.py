@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from distill import metrics as M
+from distill.dataset import correction_join
 from distill.errors import DistillError
 from distill.evaluate import common as C
 from distill.evaluate import lm as LM
@@ -187,8 +188,8 @@ def gold_sample(project: Project, n: int, seed: int) -> Sample:
     docstring, step 1). Reads no row of the test split."""
     spec = project.spec
     rows = project.store.q(
-        """SELECT e.id, e.text, e.split, e.gold, c.answer AS corrected FROM examples e
-           LEFT JOIN corrections c ON c.example_id = e.id
+        f"""SELECT e.id, e.text, e.split, e.gold, c.answer AS corrected FROM examples e
+           {correction_join(project, feedback=False)}
            WHERE e.split IN ('train', 'validation') AND e.id NOT IN (SELECT example_id FROM contamination)
              AND (e.gold IS NOT NULL OR c.answer IS NOT NULL)
            ORDER BY e.id""")

@@ -165,6 +165,59 @@ def test_rounds_promote_refuse_promote(tmp_path, server, base):
     project.close()
 
 
+def test_feedback_and_review_fixes_reach_the_next_round(tmp_path, server, base):
+    """Client feedback and reviewer corrections made between rounds: the next round trains on them (feedback
+    with the lower trust level), its record says which fixes are new since the previous round, by kind, and how
+    the new and the serving model answer those inputs; a round after it reports no new fixes."""
+    from distill import review
+
+    project = new_project(tmp_path / "p", server, base)
+    r1 = iterate(project, progress=False, latency_samples=5)
+    assert r1.promoted and r1.fixes["new"] == 0 and r1.fixes["since"] == "the start"
+    train = project.store.q("SELECT id, text, gold FROM examples WHERE split='train' ORDER BY id")
+    flip = {"good": "bad", "bad": "good"}
+    # a reviewer flips 6 training labels; clients send feedback on 4 other training inputs and 1 new text
+    for r in train[:6]:
+        review.decide(project, f"example:{r['id']}", "audit", "ann", "correct", flip[json.loads(r["gold"])])
+    new_text, new_gold, _ = texts(1, seed=9)[0]
+    for t, lab in [(r["text"], flip[json.loads(r["gold"])]) for r in train[6:10]] + [(new_text, flip[new_gold])]:
+        fq.enqueue(project.store, t, "feedback", student_answer=lab, teacher_answer=lab)
+
+    r2 = iterate(project, progress=False, latency_samples=5)
+    new_split = project.store.one("SELECT split FROM examples WHERE text=?", (new_text,))
+    n_fb = 4 + (new_split != "test")
+    assert r2.feedback["stored"] == n_fb and r2.feedback["test"] == (new_split == "test")
+    f = r2.fixes
+    assert f["since"] == "round 1" and f["new"] == 6 + n_fb and f["by_kind"] == {"review": 6, "feedback": n_fb}
+    assert f["changed_teacher_label"] == 6 + n_fb and len(f["items"]) == 6 + n_fb      # all flip the teacher
+    e = f["effect"]
+    assert e["n"] == 6 + n_fb and 0 <= e["new_model_follows"] <= e["n"] and 0 <= e["old_model_follows"] <= e["n"]
+    assert {it["kind"] for it in f["items"]} == {"review", "feedback"}
+    assert all(it["new_model"] in ("good", "bad") and it["old_model"] in ("good", "bad") for it in f["items"])
+    assert "fixes new since round 1" in r2.message()
+    trained = {r.id: (r.answer, r.source) for r in rows(project, "api", ("train", "validation"))}
+    assert [trained[r["id"]] for r in train[:6]] == [(flip[json.loads(r["gold"])], "correction") for r in train[:6]]
+    assert [trained[r["id"]] for r in train[6:10]] == [(flip[json.loads(r["gold"])], "feedback") for r in train[6:10]]
+    rec = json.loads(project.store.q("SELECT record FROM runs WHERE id='iterate-2'")[0]["record"])
+    assert len(rec["fixes"]["snapshot"]) == 6 + n_fb
+
+    # what the review page says about rounds: the last one's fixes, and what the next will pick up
+    got = review.rounds(project)
+    assert got["last"]["round"] == 2 and got["last"]["new"] == 6 + n_fb and got["last"]["effect"] == e
+    assert got["next"] == {"new": 0, "by_kind": {}, "queue_reviewed": 0, "queue_feedback": 0}
+    review.decide(project, f"example:{train[6]['id']}", "audit", "bob", "correct", json.loads(train[6]["gold"]))
+    fq.enqueue(project.store, "a new served text", "feedback", teacher_answer="good")
+    assert review.rounds(project)["next"] == {"new": 1, "by_kind": {"review": 1}, "queue_reviewed": 0,
+                                               "queue_feedback": 1}
+    review.undo(project, "bob")
+
+    r3 = iterate(project, progress=False, latency_samples=5)      # only the client's answer on the new text
+    stored = r3.feedback["stored"]
+    assert stored == (project.store.one("SELECT split FROM examples WHERE text='a new served text'") != "test")
+    assert r3.fixes["new"] == stored and r3.fixes["since"] == "round 2" and r3.fixes["withdrawn"] == 0
+    project.close()
+
+
 def test_bad_inputs_are_distill_errors(tmp_path, server, base):
     from distill.errors import DistillError
 

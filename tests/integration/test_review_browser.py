@@ -147,6 +147,9 @@ def test_review_with_the_keyboard_correct_undo_and_see_it_downstream(served, bro
         assert status(p)["corrections"] == 2                   # the accept is one too (a confirmed label)
     finally:
         p.close()
+    # the page says what the next `distill iterate` round will train on that the last one did not
+    page.wait_for_function("document.getElementById('stats').textContent.includes('2 fixes (2 review)')")
+    assert "next distill iterate round: 2 fixes (2 review) not yet trained on" in page.inner_text("#stats")
     third = shown_id(page)
     page.keyboard.press("u")                                     # undo the correction
     moved_on(page, third)

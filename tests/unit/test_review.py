@@ -189,6 +189,81 @@ def test_iterate_turns_reviewed_queue_entries_into_corrections(proj, tmp_path):
     assert len(proj.store.q("SELECT 1 FROM corrections")) == n
 
 
+def _set_feedback_use(proj, use):
+    from distill.project import Project
+
+    y = proj.root / "distill.yaml"
+    y.write_text(y.read_text() + f"feedback: {{use: {use}}}\n")
+    proj.close()
+    return Project.open(proj.root)
+
+
+def test_feedback_answers_are_corrections_below_a_reviewer(proj, tmp_path):
+    """A client's /v1/feedback answer becomes a correction with the lower trust level: training uses it (spec
+    ``feedback.use: train``), it never replaces a reviewer's correction, a reviewer's replaces it, test inputs and
+    answers the task refuses are counted, not stored; clients disagreeing on one text: the latest answer."""
+    from distill.iterate import apply_feedback, apply_reviews
+    from distill.serve import queue as fq
+
+    texts = [f"feedback text number {i}" for i in range(40)]
+    entries = [{"text": t, "reason": "feedback", "teacher_answer": "negative"} for t in texts]
+    entries += [{"text": texts[0], "reason": "feedback", "teacher_answer": "neutral"},   # a second client, later
+                {"text": texts[1], "reason": "feedback", "teacher_answer": "not-a-label"}]
+    ids = fq.enqueue_many(proj.store, entries)
+    f = tmp_path / "fb.csv"
+    f.write_text("text\n" + "\n".join(texts) + "\n")
+    import_file(proj, f)
+    ex = {r["text"]: (r["id"], r["split"]) for r in proj.store.q("SELECT id, text, split FROM examples")}
+    for t in texts:
+        if ex[t][1] != "test":
+            put_label(proj, ex[t][0], "positive", probs={"positive": 0.9, "negative": 0.1, "neutral": 0.0}, confidence=0.9)
+    trained = [t for t in texts if ex[t][1] != "test"]
+    reviewed = trained[2]
+    proj.store.conn.execute("INSERT INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)",
+                            (ex[reviewed][0], json.dumps("positive"), "review:suspect:ann", None, time.time()))
+    with proj.store.tx() as c:
+        c.executemany("UPDATE failure_queue SET status='consumed', round=1 WHERE id=?", [(i,) for i in ids])
+
+    out = apply_feedback(proj, 1)
+    n_test = sum(1 for t in texts if ex[t][1] == "test")
+    assert n_test and out["test"] == n_test + (ex[texts[0]][1] == "test")
+    assert out["invalid"] == (ex[texts[1]][1] != "test")                  # 'not-a-label' is not stored
+    assert out["kept_trusted"] == 1 and out["conflicting"] == (ex[texts[0]][1] != "test")
+    got = {r.text: (r.answer, r.source) for r in rows(proj, "rec", ("train", "validation"), only_kept=False)}
+    assert got[reviewed] == ("positive", "correction")                   # the reviewer's word stays
+    for t in trained[3:]:
+        assert got[t] == ("negative", "feedback")
+    if ex[texts[0]][1] != "test":
+        assert got[texts[0]] == ("neutral", "feedback")                  # the later of two clients
+    src = proj.store.one("SELECT source FROM corrections WHERE example_id=?", (ex[trained[3]][0],))
+    assert src.startswith("feedback:queue:")
+    assert apply_feedback(proj, 1) == out                                # a resumed round: the same
+
+    # a reviewer's decision on a feedback entry replaces the client's answer
+    target = trained[4]
+    qid = next(i for i, e in zip(ids, entries) if e["text"] == target)
+    review.decide(proj, f"queue:{qid}", "failures", "bob", "correct", "neutral")
+    apply_feedback(proj, 1)
+    apply_reviews(proj, 1)
+    got = {r.text: (r.answer, r.source) for r in rows(proj, "rec", ("train", "validation"), only_kept=False)}
+    assert got[target] == ("neutral", "correction")
+    assert apply_feedback(proj, 1)["kept_trusted"] == 2                  # and feedback does not take it back
+    from distill.status import status
+    n_fb = len(trained) - 2                                            # all but the 2 reviewed
+    assert status(proj)["corrections_by_kind"] == {"feedback": n_fb, "review": 2}
+
+    # a few-shot pool (and a teacher check, same join) never takes a client's answer as a reference
+    from distill.fewshot import gold_pool
+    pool = {d.id: d.source for d in gold_pool(proj)}
+    assert pool[ex[reviewed][0]] == "correction" and all(pool.get(ex[t][0]) != "correction" for t in trained[5:])
+
+    # feedback.use: review -> stored, but training sees the teacher's answer until a reviewer accepts it
+    proj = _set_feedback_use(proj, "review")
+    got = {r.text: (r.answer, r.source) for r in rows(proj, "rec", ("train", "validation"), only_kept=False)}
+    assert got[trained[5]] == ("positive", "teacher") and got[target] == ("neutral", "correction")
+    proj.close()
+
+
 def test_cohen_kappa_by_hand():
     assert review.cohen_kappa([]) is None
     assert review.cohen_kappa([("a", "a"), ("b", "b")]) == 1.0

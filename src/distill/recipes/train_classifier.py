@@ -96,8 +96,9 @@ def training_examples(project: Project, teacher: str,
         onehot = [1.0 if i == y else 0.0 for i in range(len(labels))]
         if config.signal == "gold":
             soft = onehot
-        elif r.source == "correction":
-            # a human fixed this label: the teacher's distribution argues for the wrong answer, so drop it
+        elif r.source in ("correction", "feedback"):
+            # a person (reviewer or client) fixed this label: the teacher's distribution argues for the wrong
+            # answer, so drop it
             soft = onehot
             counts["corrected_one_hot"] += 1
         else:

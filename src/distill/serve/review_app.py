@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from distill import review
 from distill.errors import DistillError
-from distill.project import Project
+from distill.project import SPEC_FILE, Project
 from distill.serve import keys as keys_mod
 
 log = logging.getLogger("distill.review")
@@ -71,8 +72,6 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
     @asynccontextmanager
     async def lifespan(app):
         # the serving student's answers for the disagreement queue, in the background: the page works meanwhile
-        import threading
-
         def predict() -> None:
             p = Project.open(root)
             try:
@@ -92,10 +91,20 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
                   lifespan=lifespan)
     state: dict[str, Any] = {}
 
+    local = threading.local()
+
     def project() -> Project:
-        # one connection per request: requests run in FastAPI's thread pool (sync endpoints), sqlite connections
-        # belong to their thread, and a request is a few queries
-        return Project.open(root)
+        # one project (store connection) per thread of FastAPI's pool (sync endpoints; a sqlite connection belongs
+        # to its thread), opened once — opening checks the store's integrity, which grows with its size — and
+        # again when distill.yaml changes (e.g. `feedback.use`, a label added)
+        mtime = (root / SPEC_FILE).stat().st_mtime_ns
+        p = getattr(local, "project", None)
+        if p is None or local.mtime != mtime:
+            if p is not None:
+                p.close()
+            p = local.project = Project.open(root)
+            local.mtime = mtime
+        return p
 
     def authorised(request: Request, p: Project) -> bool:
         if not require_key:
@@ -114,8 +123,6 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
             return JSONResponse(fn(p))
         except DistillError as e:
             return JSONResponse({"error": e.message, "hint": e.hint}, status_code=422)
-        finally:
-            p.close()
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -129,11 +136,7 @@ def create_review_app(project_dir: str | Path, *, require_key: bool = True, leas
     def login(body: LoginIn, request: Request):
         if request.headers.get(HEADER) != "1":
             return JSONResponse({"error": "missing the X-Distill-Review header"}, status_code=403)
-        p = project()
-        try:
-            ok = keys_mod.verify_key(p.store, body.key.strip()) is not None
-        finally:
-            p.close()
+        ok = keys_mod.verify_key(project().store, body.key.strip()) is not None
         if not ok:
             return JSONResponse({"error": "not a live API key of this project"}, status_code=401)
         r = JSONResponse({"ok": True})
@@ -245,8 +248,26 @@ async function stats() {
     $("stats").innerHTML = (a.reviewed ? `teacher accuracy on the audit sample: <b>${(100 * a.accuracy).toFixed(1)}%</b>
       [${(100 * a.ci95[0]).toFixed(1)}, ${(100 * a.ci95[1]).toFixed(1)}] over ${a.reviewed} reviewed` : "audit: nothing reviewed yet")
       + (g.items ? ` · reviewers agree on ${(100 * g.observed).toFixed(0)}% of ${g.items} double-reviewed (Cohen's κ ${g.cohen_kappa.toFixed(2)})` : "")
-      + (worst.length ? ` · most corrected teacher labels: ${worst.map(([k, v]) => `${esc(k)} ${(100 * v.error_rate).toFixed(0)}%`).join(", ")}` : "");
+      + (worst.length ? ` · most corrected teacher labels: ${worst.map(([k, v]) => `${esc(k)} ${(100 * v.error_rate).toFixed(0)}%`).join(", ")}` : "")
+      + roundsLine(s.rounds);
   } catch (e) { say(e.message, true); }
+}
+function roundsLine(r) {
+  const kinds = (o) => Object.entries(o).map(([k, v]) => `${v} ${k}`).join(", ");
+  const n = r.next, parts = [];
+  if (n.new) parts.push(`${n.new} fixes (${kinds(n.by_kind)})`);
+  if (n.queue_reviewed) parts.push(`${n.queue_reviewed} reviewed serving inputs`);
+  if (n.queue_feedback) parts.push(`${n.queue_feedback} client feedback answers`);
+  let out = `<br>next <code>distill iterate</code> round: ${parts.length ? parts.join(" + ") + " not yet trained on" : "nothing new from review"}`;
+  const l = r.last;
+  if (l && l.new) {
+    const e = l.effect;
+    out += ` · round ${l.round} trained on ${l.new} new fixes, ${l.changed_teacher_label} changing the teacher's answer`
+      + (e ? `; its new model answers ${e.new_model_follows}/${e.n} of those inputs as fixed`
+           + (e.old_model_follows !== null ? ` (the model before: ${e.old_model_follows}/${e.n})` : "") : "")
+      + (l.promoted ? " and was promoted" : " and was not promoted");
+  }
+  return out;
 }
 function render() {
   const c = $("card");
