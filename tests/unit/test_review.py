@@ -323,3 +323,29 @@ def test_queue_list_shows_ids_confidences_and_review_decisions(proj):
     assert "routed" in first and "conf=0.412" in first and "review: correct -> positive (ann)" in first
     second = next(line for line in res.output.splitlines() if line.startswith(f"#{ids[1]}"))
     assert "review:" not in second
+
+
+def test_generate_corrections_are_text_and_an_empty_one_is_refused(tmp_path):
+    """generate: the reviewer's answer is free text; an empty answer is not one (and saves nothing)."""
+    import yaml
+
+    from distill.project import SPEC_FILE, Project
+
+    root = tmp_path / "gen"
+    root.mkdir()
+    raw = yaml.safe_load((ASSETS / "classify_spec.yaml").read_text())
+    raw.update(kind="generate", labels=[], quality={"metric": "exact_match"})
+    (root / SPEC_FILE).write_text(yaml.safe_dump(raw))
+    import shutil
+    shutil.copy(ASSETS / "recording.jsonl", root)
+    p = Project.open(root)
+    import_file(p, ASSETS / "reviews.csv")
+    ex = p.store.q("SELECT id FROM examples WHERE split != 'test' ORDER BY id")[0]["id"]
+    put_label(p, ex, "a first summary")
+    with pytest.raises(DistillError):
+        review.decide(p, f"example:{ex}", "low_confidence", "ann", "correct", "   ")
+    assert not p.store.q("SELECT 1 FROM corrections")
+    review.decide(p, f"example:{ex}", "low_confidence", "ann", "correct", "A better summary.")
+    r = {x.id: x for x in rows(p, raw["teachers"][0]["name"], only_kept=False)}[ex]
+    assert (r.answer, r.source) == ("A better summary.", "correction")
+    p.close()
