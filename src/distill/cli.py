@@ -318,14 +318,18 @@ def status(
     contamination: bool = typer.Option(False, help="List the training inputs removed as near-duplicates of test."),
     suspects: bool = typer.Option(False, help="List the labels the latest filter run dropped as suspect "
                                               "(filters.suspect_labels), most suspect first: what to review."),
+    check: bool = typer.Option(False, "--check", help="Also verify the store's integrity (SQLite quick_check, reads "
+                                                      "every page; otherwise run only after a crash)."),
 ):
     """Inputs per split, labels, failures by reason, calls, spend, filters and models."""
 
     def go():
         from distill.status import open_readonly, status as get_status
 
-        p = open_readonly(project)       # status only reads: it works on a read-only project
+        p = open_readonly(project, check=check or None)   # status only reads: it works on a read-only project
         s = get_status(p)
+        if check:
+            s["integrity"] = "ok"        # a failed check raised with its message
         if contamination:
             from distill.data.decontam import list_contamination
 

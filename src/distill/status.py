@@ -22,15 +22,15 @@ from distill.store import Store
 from distill.task import load_spec
 
 
-def open_readonly(root: str | Path) -> Project:
+def open_readonly(root: str | Path, check: bool | None = None) -> Project:
     """The project at ``root`` with its store opened read-only (``Store(readonly=True)``): no schema creation,
     no WAL switch, no write of any kind. A project that has no store yet is opened as usual (which creates
-    it), as every command does."""
+    it), as every command does. ``check``: run SQLite's integrity check (``distill status --check``)."""
     root = Path(root)
     if not (root / SPEC_FILE).exists() or not (root / STORE_FILE).exists():
         return Project.open(root)          # not a project (its usual message), or a fresh one
     spec = load_spec(root / SPEC_FILE)
-    return Project(root=root, spec=spec, store=Store(root / STORE_FILE, readonly=True))
+    return Project(root=root, spec=spec, store=Store(root / STORE_FILE, readonly=True, check=check))
 
 
 def when(ts: float | None) -> str | None:

@@ -27,6 +27,7 @@ Tables (JSON columns hold JSON text):
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -152,7 +153,10 @@ class Store:
 
     readonly = False
 
-    def __init__(self, path: Path, *, check: bool = True, readonly: bool = False):
+    def __init__(self, path: Path, *, check: bool | None = None, readonly: bool = False):
+        """``check``: run ``PRAGMA quick_check`` (reads every page: seconds on a big store) always (True), never
+        (False), or — the default — only when a process that had the store open died without closing it
+        (``_crashed_openers``): after a crash, not on every command."""
         self.path = Path(path)
         self.readonly = readonly
         self._key = str(self.path.resolve())
@@ -182,13 +186,17 @@ class Store:
                 # NORMAL is durable across process crashes (kill -9) in WAL mode; FULL adds power-loss safety.
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.execute("PRAGMA foreign_keys=ON")
-            if check:
+            dead = [] if readonly or check is False else _crashed_openers(self.path)
+            if check or dead:
                 res = self.conn.execute("PRAGMA quick_check").fetchone()[0]
                 if res != "ok":
                     raise DistillError(
                         f"{self.path}: integrity check failed: {res}",
                         hint="restore the store from a backup; nothing was written",
                     )
+                for m in dead:
+                    m.unlink(missing_ok=True)
+            self.checked = bool(check or dead)
             if readonly:
                 _temp_missing_tables(self.conn)
             else:
@@ -203,11 +211,17 @@ class Store:
             raise DistillError(f"{self.path}: cannot open the store: {e}", hint=_db_hint(e)) from None
         _OPEN[self._key] = _OPEN.get(self._key, 0) + 1
         self._counted = True
+        if not readonly and _OPEN[self._key] == 1:
+            _mark_open(self.path)
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
             _OPEN[self._key] -= 1
+            if not self.readonly and _OPEN[self._key] == 0:
+                self.conn.close()
+                _marker(self.path, os.getpid()).unlink(missing_ok=True)
+                return
         self.conn.close()
 
     # -- transactions -------------------------------------------------------------------------------
@@ -338,3 +352,60 @@ def _db_hint(e: Exception) -> str:
 
 def loads(s: str | None) -> Any:
     return None if s is None else json.loads(s)
+
+
+# ------------------------------------------------------------------------------------------------
+# crash detection: an integrity check after a crash, not on every open
+
+def _marker(path: Path, pid: int) -> Path:
+    return path.parent / ".distill-open" / f"{path.name}.{pid}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (Linux: /proc/<pid>/stat field 22), so a reused pid is not taken for the dead one;
+    None where /proc is missing (then liveness is os.kill(pid, 0) alone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _mark_open(path: Path) -> None:
+    """A writing process leaves ``.distill-open/<store>.<pid>`` (its start time inside) while it has the store open;
+    ``close`` removes it. A marker whose process is gone means that process died with the store open."""
+    m = _marker(path, os.getpid())
+    try:
+        m.parent.mkdir(exist_ok=True)
+        m.write_text(_start_time(os.getpid()) or "")
+    except OSError:
+        pass      # a read-only folder: no crash detection, the store itself still refuses writes
+
+
+def _crashed_openers(path: Path) -> list[Path]:
+    """Markers (``_mark_open``) of processes that are no longer running."""
+    d = path.parent / ".distill-open"
+    if not d.is_dir():
+        return []
+    dead = []
+    for m in d.glob(f"{path.name}.*"):
+        try:
+            pid = int(m.name.rpartition(".")[2])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if alive:
+            try:
+                alive = (m.read_text() or None) in (None, _start_time(pid))
+            except OSError:
+                alive = False
+        if not alive:
+            dead.append(m)
+    return dead

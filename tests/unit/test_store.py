@@ -27,7 +27,36 @@ def test_corrupted_pages_fail_the_integrity_check(tmp_path):
         data[i] = 0xAB
     f.write_bytes(bytes(data))
     with pytest.raises(DistillError):
-        Store(f)
+        Store(f, check=True)                           # on demand
+
+
+def test_integrity_is_checked_after_a_crash_not_on_every_open(tmp_path):
+    """A process killed with the store open leaves its marker: the next open runs PRAGMA quick_check (once) and
+    clears it; ordinary opens skip the check (it reads every page of the store)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    f = tmp_path / "distill.db"
+    s = Store(f)
+    assert not s.checked
+    s.close()
+    assert not list((tmp_path / ".distill-open").iterdir())     # a clean close leaves no marker
+    code = f"from distill.store import Store; s = Store({str(f)!r}); print('open', flush=True); import time; time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "open"
+    s = Store(f)
+    assert not s.checked                                       # the other process is alive: no crash
+    s.close()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    s = Store(f)
+    assert s.checked and [m.name for m in (tmp_path / ".distill-open").iterdir()] == [f"distill.db.{os.getpid()}"]
+    s.close()
+    s = Store(f)
+    assert not s.checked                                       # checked once, then not again
+    s.close()
 
 
 def test_transaction_rolls_back_on_error(tmp_path):
