@@ -114,13 +114,75 @@ def tokens_of(text: str) -> list[str]:
     return [text[i:i + 3] for i in range(0, len(text), 3)] or [""]
 
 
+def constraint(body: dict[str, Any]) -> tuple[str, Any] | None:
+    """What a structured-output request constrains the answer to, in any dialect distill sends (OpenAI
+    ``response_format`` json_schema, vLLM ``structured_outputs`` choice/json, older vLLM ``guided_choice`` /
+    ``guided_json``): ('choice', [labels]) or ('json', schema). A constrained answer is never malformed, so the
+    ``badlabel`` fault (a model going off the label set) cannot happen under one."""
+    so = body.get("structured_outputs") or {}
+    if so.get("choice") or body.get("guided_choice"):
+        return "choice", list(so.get("choice") or body["guided_choice"])
+    if so.get("json") or body.get("guided_json"):
+        return "json", so.get("json") or body["guided_json"]
+    rf = body.get("response_format") or {}
+    if rf.get("type") == "json_schema":
+        return "json", rf["json_schema"]["schema"]
+    return None
+
+
+def fill_schema(schema: dict[str, Any], user: str, labels: list[str]) -> Any:
+    """A value valid against a (simple) JSON schema: enums get the label the text names (or the first value),
+    strings a snippet of the input, numbers 0, objects their required properties."""
+    if "enum" in schema:
+        return choose_label(list(schema["enum"]), user)[0]
+    t = schema.get("type")
+    if t == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {k: fill_schema(props[k], user, labels) for k in (schema.get("required") or list(props)) if k in props}
+    if t == "array":
+        return []
+    if t in ("number", "integer"):
+        return 0
+    if t == "boolean":
+        return False
+    return "fake reasoning" if not user else user[:20]
+
+
+def score_prompt(body: dict[str, Any], labels: list[str]) -> list[Any]:
+    """vLLM-style ``prompt_logprobs`` for a request that ends with the assistant's answer
+    (``continue_final_message``): one entry per prompt token (3-character pieces of each message; ids are hashes),
+    the first None; the answer's first token gets log 0.9 when it starts the label the user's text names, else
+    log(0.1 / (labels - 1)), later answer tokens log 0.99, every other prompt token -1."""
+    msgs = body.get("messages") or []
+    user = next((m.get("content", "") for m in reversed(msgs) if m.get("role") == "user"), "")
+    chosen, _ = choose_label(labels, user) if labels else ("", False)
+    answer = msgs[-1].get("content", "") if msgs and msgs[-1].get("role") == "assistant" else ""
+    out: list[Any] = []
+    for m in msgs:
+        last = m is msgs[-1] and m.get("role") == "assistant"
+        for j, t in enumerate(tokens_of(f"<{m.get('role')}>") + tokens_of(m.get("content") or "")):
+            if last and j >= len(tokens_of(f"<{m.get('role')}>")):
+                k = j - len(tokens_of(f"<{m.get('role')}>"))
+                lp = (math.log(0.9) if answer == chosen else math.log(0.1 / max(1, len(labels) - 1))) if k == 0 \
+                    else math.log(0.99)
+            else:
+                lp = -1.0
+            out.append({str(_h(f"{t}")): {"logprob": lp, "rank": 1, "decoded_token": t}})
+    return [None] + out[1:]
+
+
 def make_completion(body: dict[str, Any], labels: list[str], bad_label: bool) -> dict[str, Any]:
     msgs = body.get("messages") or []
     user = next((m.get("content", "") for m in reversed(msgs) if m.get("role") == "user"), "")
     n = int(body.get("n") or 1)
     choices, out_tokens = [], 0
+    con = constraint(body)
     for i in range(n):
-        if bad_label:
+        if con is not None and con[0] == "choice":
+            text, named = choose_label(con[1], user)
+        elif con is not None:
+            text, named = json.dumps(fill_schema(con[1], user, labels)), False
+        elif bad_label:
             text, named = "banana", False
         elif labels:
             text, named = choose_label(labels, user)
@@ -147,13 +209,16 @@ def make_completion(body: dict[str, Any], labels: list[str], bad_label: bool) ->
             choice["logprobs"] = {"content": content}
         choices.append(choice)
     prompt_tokens = sum(len(m.get("content") or "") // 4 + 4 for m in msgs)
-    return {
+    out = {
         "id": "chatcmpl-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16],
         "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "fake"),
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": out_tokens,
                   "total_tokens": prompt_tokens + out_tokens},
     }
+    if body.get("prompt_logprobs") is not None:
+        out["prompt_logprobs"] = score_prompt(body, labels)
+    return out
 
 
 def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float | None = None,

@@ -334,7 +334,9 @@ class _Run:
                     return False
                 paid = True
             try:
-                answer = parse_answer(self.spec, reply.texts[0] if reply.texts else None)
+                # with a rationale the answer is the part after 'Answer:' (split_rationale; a text without
+                # one is the answer as a whole)
+                answer = parse_answer(self.spec, split_rationale(reply.texts[0])[1] if reply.texts else None)
             except ParseError as e:
                 with self.store.tx() as c:
                     if paid:
@@ -455,7 +457,7 @@ def label_fields(spec: ProjectSpec, reply: TeacherReply, answer: Any) -> dict[st
 
 def _try_parse(spec: ProjectSpec, text: str) -> Any:
     try:
-        return parse_answer(spec, text)
+        return parse_answer(spec, split_rationale(text)[1])
     except ParseError:
         return None
 

@@ -105,6 +105,15 @@ class TeacherSpec(_Strict):
     max_retries: int = Field(6, ge=0, description="Retries for 429/5xx/timeouts/connection errors.")
     max_parse_retries: int = Field(2, ge=0, description="Re-asks when an answer does not parse (openai; local and "
                                    "replay teachers are deterministic, so they are never re-asked).")
+    structured: Literal["off", "json_schema", "vllm", "vllm_guided"] = Field(
+        "off", description="openai: constrain the answer to the task at the server, so no answer is malformed and "
+        "none is re-asked (paid twice). json_schema: OpenAI's `response_format` (OpenAI, vLLM, SGLang, llama.cpp "
+        "server); vllm: vLLM >= 0.12 `structured_outputs` (classify: the bare label via `choice`); vllm_guided: "
+        "`guided_choice` / `guided_json` of older vLLM. classify and extract only.")
+    label_scoring: Literal["off", "prompt_logprobs"] = Field(
+        "off", description="openai + classify against vLLM: score every label by the log-probability the model "
+        "gives it as the answer (vLLM's `prompt_logprobs`; one request per label plus the answer), a full "
+        "distribution over the labels like a local teacher's.")
     price: Price = Field(default_factory=Price)
     terms: Terms = Field(default_factory=Terms)
     # local
@@ -126,6 +135,11 @@ class TeacherSpec(_Strict):
             raise ValueError(f"teacher '{self.name}': kind 'ensemble' needs at least two members")
         if self.top_logprobs and not self.logprobs:
             raise ValueError(f"teacher '{self.name}': top_logprobs needs logprobs: true")
+        if self.kind != "openai" and (self.structured != "off" or self.label_scoring != "off"):
+            raise ValueError(f"teacher '{self.name}': structured / label_scoring are options of kind 'openai' (a "
+                             "local teacher already scores every label)")
+        if self.label_scoring != "off" and self.n > 1:
+            raise ValueError(f"teacher '{self.name}': label_scoring gives the distribution itself; use n: 1")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -145,6 +159,9 @@ class TeacherSpec(_Strict):
             "n": self.n,
             "rationale": self.rationale,
             "members": self.members,
+            # only when set, so the cache keys of every existing teacher stay what they were
+            **({"structured": self.structured} if self.structured != "off" else {}),
+            **({"label_scoring": self.label_scoring} if self.label_scoring != "off" else {}),
             # bf16 and fp32 weights can answer differently; only local models have a dtype
             **({"dtype": self.dtype} if self.kind == "local" else {}),
         }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import os
 import random
 import time
@@ -139,6 +140,8 @@ class OpenAITeacher:
             timeout=httpx.Timeout(spec.timeout_s, connect=min(10.0, spec.timeout_s)),
             limits=httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency),
         )
+        self.task = getattr(project, "spec", None)     # the ProjectSpec: labels / schema for structured answers
+        _check_structured(spec, self.task)
         self._sleep = sleep
         self._rng = rng or random.Random()
         self.backoff_base = backoff_base
@@ -156,6 +159,8 @@ class OpenAITeacher:
             body["logprobs"] = True
             if s.top_logprobs:
                 body["top_logprobs"] = s.top_logprobs
+        if s.structured != "off" and self.task is not None:
+            body.update(structured_params(s, self.task))
         return body
 
     async def aclose(self) -> None:
@@ -163,14 +168,55 @@ class OpenAITeacher:
 
     async def ask(self, req: TeacherRequest) -> TeacherReply:
         body = self.body(req)
-        estimate = estimate_prompt_tokens(req.messages) + self.spec.max_tokens * self.spec.n
+        reply = await self._post(req.key, body, estimate_prompt_tokens(req.messages) + self.spec.max_tokens * self.spec.n)
+        if self.spec.structured != "off" and self.spec.rationale:
+            reply.texts = [_unwrap_rationale(t) for t in reply.texts]
+        if self.spec.label_scoring == "prompt_logprobs" and self.task is not None and self.task.kind == "classify":
+            await self._score_labels(req, reply)
+        return reply
+
+    async def _score_labels(self, req: TeacherRequest, reply: TeacherReply) -> None:
+        """A full distribution over the labels from the model itself (vLLM): for each label, the prompt with the
+        label as the assistant's answer (``continue_final_message``), scored with ``prompt_logprobs``; a label's
+        score is the sum of its tokens' log-probabilities after the prefix all labels share, and
+        ``label_probs`` their softmax — the same rule as a local teacher (teachers/local.py). Each scoring
+        request is its own paid, retried, rate-limited call (its Idempotency-Key: the answer's key + label
+        index); vLLM's prefix caching makes them cheap. The answer stays the generated one."""
+        labels = list(self.task.label_names)
+        t0 = time.monotonic()
+        bodies = [{"model": self.spec.model, "messages": [*req.messages, {"role": "assistant", "content": lab}],
+                   "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "add_generation_prompt": False,
+                   "continue_final_message": True} for lab in labels]
+        est = estimate_prompt_tokens(req.messages) + 8
+        replies = await asyncio.gather(*[self._post(f"{req.key}:score:{i}", b, est) for i, b in enumerate(bodies)])
+        seqs = []
+        for lab, r in zip(labels, replies):
+            seq = _prompt_token_logprobs(r.raw)
+            if seq is None:
+                raise TeacherUnavailable(
+                    f"teacher '{self.spec.name}': label_scoring needs prompt_logprobs, and the server did not return "
+                    f"them (label {lab!r})", hint="label_scoring: prompt_logprobs works with vLLM's OpenAI server; "
+                    "set it to off for other servers")
+            seqs.append(seq)
+        shared = _common_prefix([[t for t, _ in q] for q in seqs])
+        scores = {lab: sum(lp for _, lp in q[shared:]) for lab, q in zip(labels, seqs)}
+        top = max(scores.values())
+        z = sum(math.exp(v - top) for v in scores.values())
+        reply.label_probs = {lab: math.exp(v - top) / z for lab, v in scores.items()}
+        reply.tokens_in += sum(r.tokens_in for r in replies)
+        reply.tokens_out += sum(r.tokens_out for r in replies)
+        reply.latency_s += time.monotonic() - t0
+        reply.raw = {"answer": reply.raw, "label_logprobs": scores}
+
+    async def _post(self, key: str, body: dict[str, Any], estimate: int) -> TeacherReply:
+        """One request with retries, backoff and the limiter; raises TeacherUnavailable when they run out."""
         reason = "no attempt made"
         for attempt in range(self.spec.max_retries + 1):
             if self.limiter is not None:
                 await self.limiter.acquire(estimate)
             t0 = time.monotonic()
             try:
-                reply = await self._attempt(req.key, body)
+                reply = await self._attempt(key, body)
             except _Transient as e:
                 reason = e.reason
                 if e.refused and self.limiter is not None:
@@ -248,3 +294,98 @@ class OpenAITeacher:
             tokens_out=int(usage.get("completion_tokens") or 0),
             raw=data,
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# structured answers (TeacherSpec.structured) and label scoring (TeacherSpec.label_scoring)
+
+
+def _check_structured(spec: TeacherSpec, task: Any) -> None:
+    if task is None or (spec.structured == "off" and spec.label_scoring == "off"):
+        return
+    if spec.structured != "off" and task.kind not in ("classify", "extract"):
+        raise DistillError(f"teacher '{spec.name}': structured: {spec.structured} constrains classify and extract "
+                           f"answers; this task is '{task.kind}' (free text)", hint="set structured: off")
+    if spec.label_scoring != "off" and task.kind != "classify":
+        raise DistillError(f"teacher '{spec.name}': label_scoring scores the labels of a classify task; this task is "
+                           f"'{task.kind}'", hint="set label_scoring: off")
+
+
+def answer_schema(spec: TeacherSpec, task: Any) -> dict[str, Any]:
+    """The JSON schema the server constrains the answer to: classify ``{"label": one of the labels}``, extract the
+    task's schema; with ``rationale`` both inside ``{"rationale": ..., "label" | "answer": ...}`` (the reasoning is
+    written first, as in the unconstrained prompt)."""
+    if task.kind == "classify":
+        props: dict[str, Any] = {"label": {"type": "string", "enum": list(task.label_names)}}
+    else:
+        props = {"answer": task.json_schema or {"type": "object"}}
+    if spec.rationale:
+        props = {"rationale": {"type": "string"}, **props}
+    if task.kind == "extract" and not spec.rationale:
+        return task.json_schema or {"type": "object"}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def _strict_ok(schema: Any) -> bool:
+    """OpenAI's strict mode accepts only schemas whose every object lists all its properties as required and
+    forbids others; anything else is sent with strict: false (the server still steers, but does not guarantee)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" or "properties" in schema:
+            props = schema.get("properties", {})
+            if schema.get("additionalProperties") is not False or set(schema.get("required", [])) != set(props):
+                return False
+        return all(_strict_ok(v) for v in schema.values())
+    if isinstance(schema, list):
+        return all(_strict_ok(v) for v in schema)
+    return True
+
+
+def structured_params(spec: TeacherSpec, task: Any) -> dict[str, Any]:
+    """The request fields that constrain the answer, in the dialect ``spec.structured`` names."""
+    schema = answer_schema(spec, task)
+    choice = task.kind == "classify" and not spec.rationale       # the bare label: its first token carries logprobs
+    if spec.structured == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": schema, "strict": _strict_ok(schema)}}}
+    if spec.structured == "vllm":
+        return {"structured_outputs": {"choice": list(task.label_names)} if choice else {"json": schema}}
+    if spec.structured == "vllm_guided":
+        return {"guided_choice": list(task.label_names)} if choice else {"guided_json": schema}
+    return {}
+
+
+def _unwrap_rationale(text: str) -> str:
+    """``{"rationale": r, "label"|"answer": a}`` -> the 'Rationale: r / Answer: a' text the labeller parses
+    (``task.split_rationale``); anything else is left for the parser to judge."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(obj, dict) or "rationale" not in obj or not ({"label", "answer"} & set(obj)):
+        return text
+    a = obj.get("label", obj.get("answer"))
+    return f"Rationale: {obj['rationale']}\nAnswer: {a if isinstance(a, str) else json.dumps(a, ensure_ascii=False)}"
+
+
+def _prompt_token_logprobs(raw: dict[str, Any]) -> list[tuple[str, float]] | None:
+    """vLLM's ``prompt_logprobs`` (one entry per prompt token, the first None; each a {token_id: {logprob, ...}}
+    dict holding the prompt's own token when 0 alternatives are asked for) -> [(token id, logprob)]."""
+    pl = raw.get("prompt_logprobs") if isinstance(raw, dict) else None
+    if not isinstance(pl, list):
+        return None
+    out = []
+    for entry in pl:
+        if not entry:
+            out.append(("", 0.0))
+            continue
+        tid, info = next(iter(entry.items()))
+        out.append((str(tid), float(info.get("logprob", 0.0)) if isinstance(info, dict) else float(info)))
+    return out
+
+
+def _common_prefix(seqs: list[list[str]]) -> int:
+    n = min(len(q) for q in seqs)
+    for i in range(n):
+        if any(q[i] != seqs[0][i] for q in seqs[1:]):
+            return i
+    return n
