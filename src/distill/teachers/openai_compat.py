@@ -177,16 +177,19 @@ class OpenAITeacher:
 
     async def _score_labels(self, req: TeacherRequest, reply: TeacherReply) -> None:
         """A full distribution over the labels from the model itself (vLLM): for each label, the prompt with the
-        label as the assistant's answer (``continue_final_message``), scored with ``prompt_logprobs``; a label's
-        score is the sum of its tokens' log-probabilities after the prefix all labels share, and
-        ``label_probs`` their softmax — the same rule as a local teacher (teachers/local.py). Each scoring
+        label as the assistant's finished answer, scored with ``prompt_logprobs``; a label's score is the sum of
+        the log-probabilities of its tokens and the end-of-turn token (trailing whitespace tokens of the chat
+        template dropped) after the prefix all labels share, and ``label_probs`` their softmax — the same rule
+        as a local teacher (teachers/local.py), which the real-vLLM test checks on the same weights. Each scoring
         request is its own paid, retried, rate-limited call (its Idempotency-Key: the answer's key + label
         index); vLLM's prefix caching makes them cheap. The answer stays the generated one."""
         labels = list(self.task.label_names)
         t0 = time.monotonic()
+        # the label as a finished assistant turn (its end-of-turn token scored too: "neg" must not win over
+        # "negative" by being a prefix), nothing generated after it
         bodies = [{"model": self.spec.model, "messages": [*req.messages, {"role": "assistant", "content": lab}],
                    "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "add_generation_prompt": False,
-                   "continue_final_message": True} for lab in labels]
+                   "continue_final_message": False} for lab in labels]
         est = estimate_prompt_tokens(req.messages) + 8
         replies = await asyncio.gather(*[self._post(f"{req.key}:score:{i}", b, est) for i, b in enumerate(bodies)])
         seqs = []
@@ -198,8 +201,8 @@ class OpenAITeacher:
                     f"them (label {lab!r})", hint="label_scoring: prompt_logprobs works with vLLM's OpenAI server; "
                     "set it to off for other servers")
             seqs.append(seq)
-        shared = _common_prefix([[t for t, _ in q] for q in seqs])
-        scores = {lab: sum(lp for _, lp in q[shared:]) for lab, q in zip(labels, seqs)}
+        shared = _common_prefix([[t for t, _, _ in q] for q in seqs])
+        scores = {lab: sum(lp for _, lp, _ in q[shared:]) for lab, q in zip(labels, seqs)}
         top = max(scores.values())
         z = sum(math.exp(v - top) for v in scores.values())
         reply.label_probs = {lab: math.exp(v - top) / z for lab, v in scores.items()}
@@ -277,23 +280,32 @@ class OpenAITeacher:
             data = json.loads(raw_body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _Transient(f"unreadable response body ({len(raw_body)} bytes): {e}") from None
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list) or not choices:
-            raise _Transient("response has no choices")
-        texts = []
-        for c in choices:
-            msg = c.get("message") if isinstance(c, dict) else None
-            if not isinstance(msg, dict):
-                raise _Transient("response choice has no message")
-            texts.append(msg.get("content") or "")
-        usage = data.get("usage") or {}
-        return TeacherReply(
-            texts=texts,
-            logprobs=_convert_logprobs(choices[0]),
-            tokens_in=int(usage.get("prompt_tokens") or 0),
-            tokens_out=int(usage.get("completion_tokens") or 0),
-            raw=data,
-        )
+        try:
+            return reply_from_completion(data)
+        except ValueError as e:
+            raise _Transient(str(e)) from None
+
+
+def reply_from_completion(data: Any) -> TeacherReply:
+    """The ``TeacherReply`` of one chat completion body, online or a line of a Batch API output file
+    (distill.teachers.batch), so both are read the same way. ValueError when it holds no answer."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise ValueError("response has no choices")
+    texts = []
+    for c in choices:
+        msg = c.get("message") if isinstance(c, dict) else None
+        if not isinstance(msg, dict):
+            raise ValueError("response choice has no message")
+        texts.append(msg.get("content") or "")
+    usage = data.get("usage") or {}
+    return TeacherReply(
+        texts=texts,
+        logprobs=_convert_logprobs(choices[0]),
+        tokens_in=int(usage.get("prompt_tokens") or 0),
+        tokens_out=int(usage.get("completion_tokens") or 0),
+        raw=data,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,19 +379,23 @@ def _unwrap_rationale(text: str) -> str:
     return f"Rationale: {obj['rationale']}\nAnswer: {a if isinstance(a, str) else json.dumps(a, ensure_ascii=False)}"
 
 
-def _prompt_token_logprobs(raw: dict[str, Any]) -> list[tuple[str, float]] | None:
-    """vLLM's ``prompt_logprobs`` (one entry per prompt token, the first None; each a {token_id: {logprob, ...}}
-    dict holding the prompt's own token when 0 alternatives are asked for) -> [(token id, logprob)]."""
+def _prompt_token_logprobs(raw: dict[str, Any]) -> list[tuple[str, float, str]] | None:
+    """vLLM's ``prompt_logprobs`` (one entry per prompt token, the first None; each a {token_id: {logprob, rank,
+    decoded_token}} dict holding the prompt's own token when 0 alternatives are asked for) -> [(token id, logprob,
+    text)], without the whitespace-only tokens a chat template puts after the end-of-turn token."""
     pl = raw.get("prompt_logprobs") if isinstance(raw, dict) else None
     if not isinstance(pl, list):
         return None
     out = []
     for entry in pl:
         if not entry:
-            out.append(("", 0.0))
+            out.append(("", 0.0, ""))
             continue
         tid, info = next(iter(entry.items()))
-        out.append((str(tid), float(info.get("logprob", 0.0)) if isinstance(info, dict) else float(info)))
+        info = info if isinstance(info, dict) else {"logprob": info}
+        out.append((str(tid), float(info.get("logprob", 0.0)), str(info.get("decoded_token") or "")))
+    while out and out[-1][2] and not out[-1][2].strip():
+        out.pop()
     return out
 
 
