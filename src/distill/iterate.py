@@ -254,12 +254,13 @@ def apply_feedback(project: Project, round_no: int) -> dict[str, int]:
             if len({answer_key(project.spec, a) for _, a, _ in votes}) > 1:
                 out["conflicting"] += 1
             note = f"/v1/feedback, failure-queue entry {entry}" + (f" (latest of {len(votes)})" if len(votes) > 1 else "")
-            c.execute(f"""INSERT INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)
+            cur = c.execute(f"""INSERT INTO corrections(example_id, answer, source, note, created_at) VALUES(?,?,?,?,?)
                           ON CONFLICT(example_id) DO UPDATE SET answer=excluded.answer, source=excluded.source,
                           note=excluded.note, created_at=excluded.created_at
                           WHERE corrections.source LIKE '{FEEDBACK_SOURCE}%'""",
                       (ex_id, json.dumps(answer), f"{FEEDBACK_SOURCE}queue:{entry}", note, at))
-            out["stored" if c.execute("SELECT changes()").fetchone()[0] else "kept_trusted"] += 1
+            # rowcount 0: the WHERE kept a trusted correction (the cursor's count, not SQLite-only changes())
+            out["stored" if cur.rowcount else "kept_trusted"] += 1
     return out
 
 

@@ -32,6 +32,14 @@ Probabilities for classify (``labels.probs`` / ``confidence``), in order of pref
   told apart; when no alternative matches a label, probs is None.
 ``agreement`` is the share of the n samples whose answer equals the first sample's (n > 1 only).
 
+Several labellers on one project (a shared store: ``DISTILL_DB_URL=postgresql://...``, see distill.store_pg): no
+file lock, every labeller plans all the work, and before paying for a key it takes the key's claim in
+``teacher_claims`` (``ledger.claim``, one transaction under the project's write lock). A key claimed by another
+labeller is skipped (that labeller writes its label; counted in ``claimed_elsewhere``), a key recorded meanwhile is
+a cache hit, so no input is paid twice. Claims are renewed every ``CLAIM_RENEW_S`` while their calls run and are
+taken over ``CLAIM_TTL_S`` after their labeller died; the budget check reads the shared ledger as often, so
+together the labellers stay within ``--budget`` (up to the calls each has in flight).
+
 asyncio + httpx: all sqlite writes happen in the event-loop thread (sqlite3 connections are
 single-thread), and each is synchronous, so cancellation (Ctrl-C) can never interrupt half a transaction.
 """
@@ -58,12 +66,17 @@ from distill.task import (ParseError, ProjectSpec, TeacherSpec, answer_key, cach
 from distill.teachers import make_teacher
 from distill.teachers.base import NoAnswer, Teacher, TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
 from distill.teachers.ensemble import MemberAnswer, combine
-from distill.teachers.ledger import cost_of, record_call, reply_from_row, upsert_label
+from distill.teachers.ledger import (claim, claim_owner, cost_of, record_call, release, renew, reply_from_row,
+                                      upsert_label)
 
 SPLITS = ("train", "validation", "test")
 # A single TeacherUnavailable is one input whose retries ran out (left unlabelled, retried next run). This
 # many in a row with no success in between means the teacher is down: stop instead of burning retries.
 MAX_CONSECUTIVE_UNAVAILABLE = 3
+# Shared stores: a labeller renews its claims this often; a claim not renewed for CLAIM_TTL_S is a dead labeller's.
+# (RENEW is also below serve's shortest claim ttl, 2 x teacher_timeout + 5 s, so a replica never takes one over.)
+CLAIM_RENEW_S = 2.0
+CLAIM_TTL_S = 30.0
 
 _console = Console(stderr=True)
 
@@ -86,6 +99,7 @@ class LabelReport:
     tokens_in: int = 0
     tokens_out: int = 0
     members: list["LabelReport"] = field(default_factory=list)   # ensemble: one report per member
+    claimed_elsewhere: int = 0        # shared store: inputs another labeller was paying for (it writes their labels)
 
     def message(self) -> str:
         if self.stopped == "budget":
@@ -120,7 +134,7 @@ def label(project: Project, teacher: str | None = None, *, budget: float | None 
     splits = _check_splits(splits)
     if budget is not None and budget < 0:
         raise DistillError(f"--budget must be >= 0, got {budget}")
-    with project.exclusive("label", wait=wait):
+    with project.exclusive("label", wait=wait, shared=True):     # labellers of a shared store run together
         members = [project.spec.get_teacher(m) for m in tspec.members] if tspec.kind == "ensemble" else [tspec]
         for m in members:
             check_terms(m, accept_terms)
@@ -221,6 +235,8 @@ class _Run:
         self.consecutive_unavailable = 0
         self.inflight: dict[str, asyncio.Future] = {}   # key -> reply, so identical prompts are paid once
         self.latencies: list[float] = []
+        # shared store: who holds this run's claims in teacher_claims (None: SQLite, one labeller under the file lock)
+        self.claim_owner = claim_owner("label") if self.store.shared else None
 
     # -- plan -----------------------------------------------------------------------------------------
     def plan(self) -> list[_Item]:
@@ -262,6 +278,7 @@ class _Run:
                 ended = not t.cancelled() and t.exception() is None and t.result()
                 bar.update(task_id, advance=1 if ended else 0, description=self._describe(t0))
 
+        keep = asyncio.create_task(self.keep_claims()) if self.claim_owner is not None else None
         try:
             if bar:
                 bar.start()
@@ -286,11 +303,27 @@ class _Run:
             if bar:
                 bar.stop()
             await self.teacher.aclose()
+            if keep is not None:
+                keep.cancel()
+                try:
+                    release(self.store, None, self.claim_owner)    # claims of inputs a stop left undone
+                except DistillError:
+                    pass        # the store is unreachable: the claims lapse after CLAIM_TTL_S
         if self.bug is not None:
             raise self.bug
         self.report.elapsed_s = time.monotonic() - t0
         self.report.ledger_spend = self.store_spend()
         return self.report
+
+    async def keep_claims(self) -> None:
+        """Shared store: renew this run's claims, and re-read the ledger so the budget counts other labellers' spend."""
+        while True:
+            await asyncio.sleep(CLAIM_RENEW_S)
+            try:
+                renew(self.store, self.claim_owner)
+                self.spent_before = self.store_spend() - self.report.spend
+            except DistillError as e:      # the next renewal may get through; a claim lapses only after CLAIM_TTL_S
+                _console.print(f"[yellow]warning[/]: could not renew this labeller's claims: {e.message}")
 
     def store_spend(self) -> float:
         marks = ",".join("?" * len(self.budget_scope))
@@ -320,6 +353,13 @@ class _Run:
                     return False
                 self.report.cache_hits += 1
                 paid = False
+            elif self.claim_owner is not None and not claim(self.store, key, self.claim_owner, CLAIM_TTL_S):
+                row = self.store.get_call(key)      # recorded by another labeller since our lookup: a cache hit
+                if row is None:
+                    self.report.claimed_elsewhere += 1    # being paid for elsewhere; that labeller writes the label
+                    return False
+                self.report.cache_hits += 1
+                reply, paid = reply_from_row(row), False
             else:
                 try:
                     reply = await self.call(item, key)
@@ -391,6 +431,8 @@ class _Run:
         finally:
             self.reserved -= estimate
             self.inflight.pop(key, None)
+            if self.claim_owner is not None and fut.done():    # no answer (a reply is set below): let others try
+                release(self.store, key, self.claim_owner)
             if fut.done() and not fut.cancelled():
                 fut.exception()   # mark it retrieved: usually nobody else waits for this key
         self.consecutive_unavailable = 0
@@ -410,6 +452,8 @@ class _Run:
                     error: str | None) -> None:
         # a teacher's error text may quote the API key: nothing unredacted goes into the store
         cost = record_call(c, self.tspec, key, attempt, item.messages, reply, status, redact(error))
+        if self.claim_owner is not None:
+            c.execute("DELETE FROM teacher_claims WHERE key=?", (key,))     # recorded: the claim has done its job
         # counted only here, i.e. inside the transaction that records the call
         self.report.spend += cost
         self.report.tokens_in += reply.tokens_in

@@ -1,5 +1,8 @@
 """A project is a folder: ``distill.yaml`` (the spec, edited by people) + ``distill.db`` (the store) +
-``models/`` and ``reports/`` (artefacts). Every CLI verb takes the folder as its first argument."""
+``models/`` and ``reports/`` (artefacts). Every CLI verb takes the folder as its first argument.
+
+With ``DISTILL_DB_URL=postgresql://...`` the store is a schema in PostgreSQL named after the folder (see
+``distill.store_pg.parse_url``) and there is no distill.db; the spec and the artefacts stay in the folder."""
 
 from __future__ import annotations
 
@@ -85,18 +88,33 @@ class Project:
         runs.record_run(self.store, self.root, run_id, kind, status, path, record)
 
     @contextmanager
-    def exclusive(self, what: str, wait: bool = False) -> Iterator[None]:
+    def exclusive(self, what: str, wait: bool = False, shared: bool = False) -> Iterator[None]:
         """One writer stage at a time per project (e.g. two `distill label` runs would both pay for the
-        same inputs). Refuses at once unless ``wait``; the OS releases the lock if the process dies."""
+        same inputs). Refuses at once unless ``wait``; the lock goes when the process dies.
+
+        On a shared store (PostgreSQL) the lock is the database's (``Store.stage_lock``), so it holds across
+        machines, and ``shared`` holders run together: labellers, which claim each input before paying for it
+        (``distill.labeling``), while a stage that needs the project alone (train, iterate) still waits for them.
+        On SQLite every holder is exclusive, ``shared`` or not: one labeller per project, under a file lock."""
+        if self.store.shared:
+            lock = self.store.stage_lock(shared)
+            if not lock.acquire(wait):
+                raise self._busy(what)
+            try:
+                yield
+            finally:
+                lock.release()
+            return
         lock = filelock.FileLock(str(self.root / ".distill.lock"))
         try:
             lock.acquire(timeout=-1 if wait else 0)
         except filelock.Timeout:
-            raise DistillError(
-                f"{self.root}: another distill process holds this project (while starting `{what}`)",
-                hint="wait for it to finish, or pass --wait to queue behind it",
-            ) from None
+            raise self._busy(what) from None
         try:
             yield
         finally:
             lock.release()
+
+    def _busy(self, what: str) -> DistillError:
+        return DistillError(f"{self.root}: another distill process holds this project (while starting `{what}`)",
+                            hint="wait for it to finish, or pass --wait to queue behind it")

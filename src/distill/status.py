@@ -18,7 +18,7 @@ from distill import runs
 from distill.dataset import fix_kind
 from distill.errors import DistillError
 from distill.project import SPEC_FILE, STORE_FILE, Project
-from distill.store import Store
+from distill.store import Store, db_url
 from distill.task import load_spec
 
 
@@ -27,8 +27,9 @@ def open_readonly(root: str | Path, check: bool | None = None) -> Project:
     no WAL switch, no write of any kind. A project that has no store yet is opened as usual (which creates
     it), as every command does. ``check``: run SQLite's integrity check (``distill status --check``)."""
     root = Path(root)
-    if not (root / SPEC_FILE).exists() or not (root / STORE_FILE).exists():
-        return Project.open(root)          # not a project (its usual message), or a fresh one
+    if not (root / SPEC_FILE).exists() or not (root / STORE_FILE).exists() or db_url():
+        # not a project (its usual message), a fresh one, or a store in PostgreSQL (read-only mode is SQLite's)
+        return Project.open(root)
     spec = load_spec(root / SPEC_FILE)
     return Project(root=root, spec=spec, store=Store(root / STORE_FILE, readonly=True, check=check))
 
@@ -41,6 +42,8 @@ def when(ts: float | None) -> str | None:
 def status(project: Project) -> dict[str, Any]:
     s = project.store
     out: dict[str, Any] = {"project": project.spec.name, "kind": project.spec.kind, "root": str(project.root)}
+    if s.shared:
+        out["store"] = s.where          # PostgreSQL: host, database and schema (never the password)
 
     out["examples"] = {"train": 0, "validation": 0, "test": 0}
     for r in s.q("SELECT split, COUNT(*) AS n FROM examples GROUP BY split"):

@@ -1,6 +1,8 @@
 """The project store: one SQLite file (WAL) holding everything a run produces.
 
-Why SQLite: a single file a user can copy, no server, atomic commits. Every paid teacher call is
+Why SQLite: a single file a user can copy, no server, atomic commits. ``DISTILL_DB_URL=postgresql://...`` puts the
+store in PostgreSQL instead, one schema per project (``distill.store_pg``: the same SQL, translated), so that
+`serve` replicas and labellers on several machines share it (``Store.shared``). Every paid teacher call is
 committed in its own transaction before the labeller counts it as done, so ``kill -9`` at any moment
 loses at most the calls that were in flight (and those carry an idempotency key, see teachers/openai_compat.py).
 
@@ -31,6 +33,7 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -149,16 +152,27 @@ class Store:
     ``readonly=True`` (``distill status``): the file is opened with SQLite's ``mode=ro``, no schema is created and
     nothing is written, so a read-only project folder, store or mount can still be inspected (see
     ``_readonly_uri`` for the one case SQLite needs ``immutable=1``). Tables an older store lacks are created
-    empty in the connection's TEMP schema, in memory, never on disk. ``tx()`` refuses; SQLite refuses the rest."""
+    empty in the connection's TEMP schema, in memory, never on disk. ``tx()`` refuses; SQLite refuses the rest.
+
+    On PostgreSQL (``url``, default ``$DISTILL_DB_URL``) ``conn`` is a ``store_pg.PgConnection`` that takes the same
+    SQL, rows read the same, and ``tx()`` serialises a project's writers like BEGIN IMMEDIATE; ``shared`` is True.
+    SQLite's WAL, integrity check, crash markers and header check do not apply there."""
 
     readonly = False
+    shared = False        # PostgreSQL: processes on other machines write this store too (no file lock helps)
 
-    def __init__(self, path: Path, *, check: bool | None = None, readonly: bool = False):
+    def __init__(self, path: Path, *, check: bool | None = None, readonly: bool = False, url: str | None = None):
         """``check``: run ``PRAGMA quick_check`` (reads every page: seconds on a big store) always (True), never
         (False), or — the default — only when a process that had the store open died without closing it
-        (``_crashed_openers``): after a crash, not on every command."""
+        (``_crashed_openers``): after a crash, not on every command. ``url``: a PostgreSQL URL (None: from
+        ``DISTILL_DB_URL``; empty: SQLite at ``path`` whatever the environment says)."""
         self.path = Path(path)
         self.readonly = readonly
+        self.url = db_url() if url is None else url
+        self.where = str(self.path)     # what messages call this store
+        if self.url:
+            self._open_pg()
+            return
         self._key = str(self.path.resolve())
         if readonly and not self.path.is_file():
             raise DistillError(f"{self.path}: no store to read (the project has never been written to)",
@@ -201,12 +215,7 @@ class Store:
                 _temp_missing_tables(self.conn)
             else:
                 self.conn.executescript(SCHEMA)
-            cur = self.get_meta("schema_version")
-            if cur is None:
-                if not readonly:
-                    self.set_meta("schema_version", str(SCHEMA_VERSION))
-            elif int(cur) > SCHEMA_VERSION:
-                raise DistillError(f"{self.path}: made by a newer distill (schema {cur})", hint="upgrade distill")
+            self._check_version()
         except sqlite3.DatabaseError as e:
             raise DistillError(f"{self.path}: cannot open the store: {e}", hint=_db_hint(e)) from None
         _OPEN[self._key] = _OPEN.get(self._key, 0) + 1
@@ -214,7 +223,49 @@ class Store:
         if not readonly and _OPEN[self._key] == 1:
             _mark_open(self.path)
 
+    def _check_version(self) -> None:
+        cur = self.get_meta("schema_version")
+        if cur is None:
+            if not self.readonly:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+        elif int(cur) > SCHEMA_VERSION:
+            raise DistillError(f"{self.where}: made by a newer distill (schema {cur})", hint="upgrade distill")
+
+    def _open_pg(self) -> None:
+        """The project's schema in PostgreSQL (``store_pg.parse_url``: the URL's search_path, else one named after
+        the project folder), its tables created on first use by whichever process comes first."""
+        from distill import store_pg
+
+        self.target = store_pg.parse_url(self.url, self.path.resolve().parent.name)
+        self.where, self.shared, self.checked = self.target.shown, True, False
+        self._lock_key = store_pg.lock_key(self.target.schema, "write")
+        self.conn = store_pg.PgConnection(self.target, _dialect(), readonly=self.readonly)
+        try:
+            have = {r[0] for r in self.q("SELECT table_name FROM information_schema.tables WHERE table_schema=?",
+                                         (self.target.schema,))}
+            if self.readonly and "meta" not in have:
+                raise DistillError(f"{self.where}: no store to read (the project has never been written to)",
+                                   hint="run a command that writes, e.g. `distill import`")
+            if not self.readonly and not set(_dialect().tables) <= have:
+                with self.tx() as c:     # under the write lock: two first openers do not race to create
+                    c.native(f'CREATE SCHEMA IF NOT EXISTS "{self.target.schema}"')
+                    for stmt in store_pg.translate_ddl(SCHEMA):
+                        c.native(stmt)
+            self._check_version()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def stage_lock(self, shared: bool):
+        """PostgreSQL: the lock ``Project.exclusive`` takes instead of its file lock (``store_pg.StageLock``)."""
+        from distill import store_pg
+
+        return store_pg.StageLock(self.target, shared)
+
     def close(self) -> None:
+        if self.shared:
+            self.conn.close()
+            return
         if getattr(self, "_counted", False):
             self._counted = False
             _OPEN[self._key] -= 1
@@ -230,8 +281,12 @@ class Store:
         """One atomic write. BEGIN IMMEDIATE takes the write lock up front so two processes never
         interleave half-written work; on any error the whole transaction rolls back."""
         if self.readonly:
-            raise DistillError(f"{self.path}: opened read-only, so nothing can be written",
+            raise DistillError(f"{self.where}: opened read-only, so nothing can be written",
                                hint="this command only reads the store; a writing command opens it normally")
+        if self.shared:
+            with self.conn.transaction(self._lock_key) as c:
+                yield c
+            return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -296,6 +351,19 @@ class Store:
 
 # resolved path -> Stores of this process open on it (see the header check in Store.__init__)
 _OPEN: dict[str, int] = {}
+
+
+def db_url() -> str | None:
+    """``DISTILL_DB_URL`` (a PostgreSQL URL) when set and not empty: the store lives there, not in distill.db."""
+    return os.environ.get("DISTILL_DB_URL", "").strip() or None
+
+
+@lru_cache(maxsize=1)
+def _dialect():
+    """SCHEMA's tables and the statement translator for PostgreSQL (built once per process)."""
+    from distill import store_pg
+
+    return store_pg.Dialect(SCHEMA)
 
 
 def _readonly_uri(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ FAULTS = "429@0,500@1,reset@2,truncated@3,garbage@4,badschema@5,empty@6,huge@7,4
 
 
 @pytest.mark.parametrize("server", [{"faults": FAULTS, "slow_s": 2.0}], indirect=True)
-def test_all_labelled_through_faults_and_rerun_is_free(tmp_path, server):
+def test_all_labelled_through_faults_and_rerun_is_free(tmp_path, server, backend):
     p = make_project(tmp_path / "p", 60, server.base_url, timeout_s=1.0, max_retries=6)
     r = label(p, progress=False)
     assert r.stopped is None and r.ok == 60 and r.total == 60 and not r.failed_by_reason
@@ -186,7 +187,41 @@ def test_second_labeller_refuses_while_first_runs(tmp_path, server):
     assert label_counts(p) == {"ok": 16}
 
 
-def test_changing_the_prompt_makes_new_keys(tmp_path, server):
+@pytest.mark.parametrize("server", [{"delay_s": 0.2}], indirect=True)
+def test_two_labellers_on_postgres_label_every_input_once_and_pay_once(tmp_path, server, pg_url, monkeypatch):
+    """Two `distill label` processes at once on one project whose store is in PostgreSQL, each in its own copy of
+    the folder (as on two machines): no lock refuses the second, every input is asked for and charged once and
+    labelled once, and both labellers did part of the work (row-level claims, not a lock, kept them apart)."""
+    import shutil
+
+    monkeypatch.setenv("DISTILL_DB_URL", pg_url)
+    p = make_project(tmp_path / "m1" / "p", 120, server.base_url, concurrency=4)
+    p.close()
+    (tmp_path / "m2" / "p").mkdir(parents=True)
+    shutil.copy(tmp_path / "m1" / "p" / "distill.yaml", tmp_path / "m2" / "p" / "distill.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    procs = [subprocess.Popen([sys.executable, "-m", "distill.cli", "label", str(tmp_path / m / "p"), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in ("m1", "m2")]
+    outs = [proc.communicate(timeout=180) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    paid = [int(re.search(r"(\d+) calls", out).group(1)) for out, _ in outs]
+    assert sum(paid) == 120 and min(paid) > 0, outs          # both worked, together each input once
+
+    lines = server.log_lines()
+    assert Counter(x["key"] for x in lines).most_common(1)[0][1] == 1        # no key was even asked twice
+    assert sum(x["charged"] for x in lines) == 120 and not any(x["replayed"] for x in lines)
+    p = Project.open(tmp_path / "m1" / "p")
+    try:
+        assert label_counts(p) == {"ok": 120} and len(ledger(p)) == 120
+        assert p.store.one("SELECT COUNT(*) FROM teacher_claims") == 0          # every claim released
+        r = label(p, progress=False)                                            # nothing left to pay for
+        assert (r.calls, r.already_labelled) == (0, 120)
+    finally:
+        p.close()
+
+
+def test_changing_the_prompt_makes_new_keys(tmp_path, server, backend):
     p = make_project(tmp_path / "p", 10, server.base_url)
     label(p, progress=False)
     keys_before = {r["example_id"]: r["call_key"] for r in p.store.q("SELECT * FROM labels")}

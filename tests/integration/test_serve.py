@@ -530,7 +530,7 @@ def test_accepted_feedback_survives_kill_9(world, routed):
     assert entries[r.json()["queued"]].text == "kill me softly"
 
 
-def test_failure_queue_consume_takes_each_entry_once(tmp_path):
+def test_failure_queue_consume_takes_each_entry_once(tmp_path, backend):
     from distill.store import Store
 
     s = Store(tmp_path / "q.db")

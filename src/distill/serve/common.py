@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from distill.store import Store
 from distill.fewshot import FewShot
 from distill.task import ParseError, cache_key, parse_answer, render_messages
 from distill.teachers.base import TeacherRequest
+from distill.teachers import ledger
 from distill.teachers.ledger import record_call, reply_from_row
 
 log = logging.getLogger("distill.serve")
@@ -141,22 +141,12 @@ def _record_served_call(store: Store, tspec, key: str, msgs: list[dict], reply, 
 
 
 def _claim(store: Store, key: str, owner: str, ttl_s: float) -> bool:
-    """Take the claim to pay for ``key``: False when it is already answered, or another live worker holds the
-    claim. A claim older than ``ttl_s`` belongs to a worker that died mid-call and is taken over."""
-    now = time.time()
-    with store.tx() as c:
-        if c.execute("SELECT 1 FROM teacher_calls WHERE key=?", (key,)).fetchone():
-            return False
-        row = c.execute("SELECT owner, at FROM teacher_claims WHERE key=?", (key,)).fetchone()
-        if row is not None and row["owner"] != owner and row["at"] > now - ttl_s:
-            return False
-        c.execute("INSERT OR REPLACE INTO teacher_claims(key, owner, at) VALUES(?, ?, ?)", (key, owner, now))
-        return True
+    """Take the claim to pay for ``key`` (``ledger.claim``: shared with other workers, replicas and labellers)."""
+    return ledger.claim(store, key, owner, ttl_s)
 
 
 def _release(store: Store, key: str, owner: str) -> None:
-    with store.tx() as c:
-        c.execute("DELETE FROM teacher_claims WHERE key=? AND owner=?", (key, owner))
+    ledger.release(store, key, owner)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +166,7 @@ class TeacherGate:
         self.teacher = teacher
         self.problem: str | None = None          # why there is no teacher (shown by /healthz)
         self.inflight: dict[str, asyncio.Future] = {}
-        self.owner = f"{os.getpid()}-{id(self):x}"     # who holds a claim in teacher_claims (this process, this app)
+        self.owner = ledger.claim_owner("serve")        # who holds a claim in teacher_claims (this process, this app)
         self.claim_ttl_s = 2 * self.timeout + 5.0       # older claims: their worker died mid-call
         self.fewshot = None
         try:
@@ -211,10 +201,12 @@ class TeacherGate:
         """The answer already in the store (any attempt that parsed), (None, 'parse_error') when every cached
         attempt failed to parse, or None when nothing is cached."""
         # the labeller re-asks with attempt 1, 2, ... when an answer did not parse: any of them may be cached
+        cached = False
         for attempt in range(self.tspec.parse_retries + 1):
             row = self.project.store.get_call(cache_key(identity, msgs, attempt))
             if row is None:
                 break
+            cached = True
             try:
                 reply = reply_from_row(row)
                 answer = parse_answer(self.spec, reply.texts[0] if reply.texts else None)
@@ -222,8 +214,10 @@ class TeacherGate:
                 continue
             self.metrics.teacher_call("cache_hit")
             return answer, "cache_hit"
-        if self.project.store.get_call(cache_key(identity, msgs, 0)) is not None:
-            # cached, but no attempt parsed: asking again under the same key would only replay it
+        if cached:
+            # cached, but no attempt parsed: asking again under the same key would only replay it. (Not a second
+            # read of attempt 0: another worker or replica may have recorded it in between, and a good answer
+            # would then pass for a parse error.)
             self.metrics.teacher_call("parse_error")
             return None, "parse_error"
         return None

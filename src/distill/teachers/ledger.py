@@ -14,6 +14,9 @@ the service and the judge can use the ledger without pulling in the labelling ma
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 import time
 from typing import Any
 
@@ -76,3 +79,69 @@ def upsert_label(c, example_id: str, teacher: str, *, status: str, answer: Any =
            reason=excluded.reason, call_key=excluded.call_key, created_at=excluded.created_at""",
         (example_id, teacher, status, j(answer) if status == "ok" else None, j(probs), confidence, agreement,
          j(samples), rationale, j(logprobs), reason, call_key, time.time()))
+
+
+# -- claims: one payer per key across processes -----------------------------------------------------------------
+# ``teacher_claims`` says who is paying for a key right now: the workers of `distill serve --workers`, serve replicas
+# and (on a shared store, PostgreSQL) labellers on other machines all claim a key before paying for it. Each function
+# is its own transaction: the store's writer lock (BEGIN IMMEDIATE, or the project's advisory lock on PostgreSQL)
+# makes check-and-take atomic. Times are the claimers' clocks (keep the machines on NTP).
+
+
+def claim_owner(kind: str) -> str:
+    """A claim owner's name, ``kind:host:pid-namespace:pid:token``: unique per holder, and telling whether the holder
+    is a process of this machine (and container) that has died, whose claims need not wait for their ttl."""
+    return f"{kind}:{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "-"
+
+
+def _gone(owner: str) -> bool:
+    """True when ``owner`` (``claim_owner``) was a process of this host and pid namespace that no longer runs."""
+    parts = owner.split(":")
+    if len(parts) != 5 or parts[1] != socket.gethostname() or parts[2] != _pid_namespace() or not parts[3].isdigit():
+        return False
+    try:
+        os.kill(int(parts[3]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False       # alive, someone else's
+    return False
+
+
+def claim(store: Any, key: str, owner: str, ttl_s: float) -> bool:
+    """Take the claim to pay for ``key``: False when the call is already recorded, or another owner's claim is younger
+    than ``ttl_s`` and its process may be alive (an older claim, or one of a dead process of this machine, belongs
+    to a process that died mid-call, and is taken over)."""
+    now = time.time()
+    with store.tx() as c:
+        if c.execute("SELECT 1 FROM teacher_calls WHERE key=?", (key,)).fetchone():
+            return False
+        row = c.execute("SELECT owner, at FROM teacher_claims WHERE key=?", (key,)).fetchone()
+        if row is not None and row["owner"] != owner and row["at"] > now - ttl_s and not _gone(row["owner"]):
+            return False
+        c.execute("INSERT OR REPLACE INTO teacher_claims(key, owner, at) VALUES(?, ?, ?)", (key, owner, now))
+        return True
+
+
+def release(store: Any, key: str | None, owner: str) -> None:
+    """Give ``owner``'s claim on ``key`` back (every claim of ``owner`` when ``key`` is None) after a call that
+    failed or never started, so another process may pay for it at once."""
+    with store.tx() as c:
+        if key is None:
+            c.execute("DELETE FROM teacher_claims WHERE owner=?", (owner,))
+        else:
+            c.execute("DELETE FROM teacher_claims WHERE key=? AND owner=?", (key, owner))
+
+
+def renew(store: Any, owner: str) -> None:
+    """Keep ``owner``'s claims young while its calls run (a labeller's call may wait for rate limits and retries
+    far longer than any ttl)."""
+    with store.tx() as c:
+        c.execute("UPDATE teacher_claims SET at=? WHERE owner=?", (time.time(), owner))
