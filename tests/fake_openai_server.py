@@ -33,6 +33,9 @@ with Retry-After. ``--api-key K`` -> 401 unless ``Authorization: Bearer K``.
 
 Every request is logged as one JSON line, fsync'd before the response is sent: t, idx, key, status,
 fault, charged, replayed, tokens_in, tokens_out.
+
+The Batch API (``/v1/files``, ``/v1/batches``; ``--batch-polls``, ``--batch-seconds``, ``--batch-faults``,
+``--stall``) lives in fake_openai_batches.py; each batch line it answers is logged and charged like a request.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations at runtime
@@ -223,7 +226,8 @@ def make_completion(body: dict[str, Any], labels: list[str], bad_label: bool) ->
 
 def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float | None = None,
               api_key: str | None = None, delay_s: float = 0.0, slow_s: float = 3.0, retry_after: float = 1.0,
-              tpm: float | None = None):
+              tpm: float | None = None, batch_polls: int = 1, batch_seconds: float = 0.0, batch_faults: str = "",
+              stall: str = ""):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
@@ -344,6 +348,17 @@ def build_app(*, labels: list[str], faults: Faults, log_path: Path, rpm: float |
             return Response(data[: len(data) // 2], media_type="application/json")
         return Response(data, media_type="application/json")
 
+    # the Batch API (/v1/files, /v1/batches): its lines are answered by make_completion too (fake_openai_batches.py)
+    from fake_openai_batches import add_batch_routes
+
+    def next_idx() -> int:
+        state["idx"] += 1
+        return state["idx"] - 1
+
+    add_batch_routes(app, answer=lambda body, bad: make_completion(body, labels, bad_label=bad), write_log=write_log,
+                     next_idx=next_idx, api_key=api_key, polls=batch_polls, seconds=batch_seconds,
+                     faults=batch_faults, stall=stall)
+
     async def outer(scope, receive, send):
         # keep uvicorn's own `send` so the 'reset' fault can reach the socket (starlette wraps `send`)
         if scope["type"] == "http":
@@ -368,12 +383,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--delay-s", type=float, default=0.0, help="latency added to every real answer")
     ap.add_argument("--slow-s", type=float, default=3.0, help="latency of the 'slow' fault")
     ap.add_argument("--retry-after", type=float, default=1.0, help="Retry-After of the injected 429")
+    ap.add_argument("--batch-polls", type=int, default=1, help="a batch ends at this GET of it (fake_openai_batches)")
+    ap.add_argument("--batch-seconds", type=float, default=0.0, help="... and not before this many seconds")
+    ap.add_argument("--batch-faults", default="", help="error@B:I-J, badlabel@B:I-J, expire@B, cancel@B, fail@B")
+    ap.add_argument("--stall", default="", help="STEP[@N]:before|after - never answer that Batch API request")
     args = ap.parse_args(argv)
     import uvicorn
 
     app = build_app(labels=[x for x in args.labels.split(",") if x], faults=parse_faults(args.faults),
                     log_path=Path(args.log), rpm=args.rpm, api_key=args.api_key, delay_s=args.delay_s,
-                    slow_s=args.slow_s, retry_after=args.retry_after, tpm=args.tpm)
+                    slow_s=args.slow_s, retry_after=args.retry_after, tpm=args.tpm, batch_polls=args.batch_polls,
+                    batch_seconds=args.batch_seconds, batch_faults=args.batch_faults, stall=args.stall)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http="h11")
 
 
@@ -411,14 +431,16 @@ def _free_port() -> int:
 def start_server(tmp_path: Path, *, labels: list[str] | tuple[str, ...] = ("positive", "negative", "neutral"),
                  faults: str = "", rpm: float | None = None, api_key: str | None = None, delay_s: float = 0.0,
                  slow_s: float = 3.0, retry_after: float = 1.0, name: str = "server", port: int | None = None,
-                 timeout_s: float = 20.0, tpm: float | None = None) -> ServerHandle:
+                 timeout_s: float = 20.0, tpm: float | None = None, batch_polls: int = 1, batch_seconds: float = 0.0,
+                 batch_faults: str = "", stall: str = "") -> ServerHandle:
     """Start the server in a subprocess on a free loopback port (or ``port``, e.g. to bring a stopped server
     back at the same URL); return once /health answers."""
     log_path = Path(tmp_path) / f"{name}.jsonl"
     port = port or _free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--log", str(log_path),
            "--labels", ",".join(labels), "--faults", faults, "--delay-s", str(delay_s), "--slow-s", str(slow_s),
-           "--retry-after", str(retry_after)]
+           "--retry-after", str(retry_after), "--batch-polls", str(batch_polls), "--batch-seconds",
+           str(batch_seconds), "--batch-faults", batch_faults, "--stall", stall]
     if rpm:
         cmd += ["--rpm", str(rpm)]
     if tpm:

@@ -192,6 +192,8 @@ def label(
     accept_terms: bool = typer.Option(False, help="Label even if the teacher's terms forbid training on outputs."),
     wait: bool = typer.Option(False, help="Wait for another process holding the project instead of refusing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    detach: bool = typer.Option(False, help="Batch API teachers (batch: true): submit the batch, or check on the "
+                                            "running one, and return instead of waiting; re-run to collect."),
 ):
     """Ask the teacher for every unlabelled input. Cached: re-running never pays twice; resumes after a crash."""
 
@@ -206,10 +208,13 @@ def label(
         if warning:
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         r = run_label(p, teacher, budget=budget, limit=limit, splits=tuple(s.strip() for s in splits.split(",")),
-                      accept_terms=accept_terms, wait=wait, progress=progress)
+                      accept_terms=accept_terms, wait=wait, progress=progress, detach=detach)
         out.print(r.message(), highlight=False)
         for reason, n in (r.failed_by_reason or {}).items():
             out.print(f"  failed: {reason}: {n}", highlight=False)
+        for where, what in (("retry_batch", "retried in a follow-up batch"), ("retry_online", "retried online")):
+            for reason, n in ((r.batch or {}).get(where) or {}).items():    # requests a batch did not answer
+                out.print(f"  {what}: {reason}: {n}", highlight=False)
         if r.stopped == "budget":
             console.print("[yellow]" + r.message() + "[/]")
             raise typer.Exit(EXIT_BUDGET)

@@ -100,16 +100,23 @@ class LabelReport:
     tokens_out: int = 0
     members: list["LabelReport"] = field(default_factory=list)   # ensemble: one report per member
     claimed_elsewhere: int = 0        # shared store: inputs another labeller was paying for (it writes their labels)
+    batch: dict[str, Any] | None = None   # Batch API teachers: distill.teachers.batch.BatchReport as a dict
+    detail: str | None = None         # what a stop means when the generic message would not say (batch)
 
     def message(self) -> str:
+        if self.detail:
+            return self.detail
         if self.stopped == "budget":
             return (f"stopped at ${self.ledger_spend:.4f} of ${self.budget:.4f} budget; "
                     f"re-run with a larger --budget to continue")
         if self.stopped == "interrupted":
             return "interrupted; finished work is saved, re-run to continue"
         failed = sum(self.failed_by_reason.values())
+        b = self.batch
+        via_batch = (f"{b['answered']} answered by {len(b['batches'])} batch(es), "
+                     f"{sum(b['retry_online'].values())} retried online, " if b and b["batches"] else "")
         return (f"{self.teacher}: {self.ok} ok, {failed} failed, {self.already_labelled} already labelled; "
-                f"{self.calls} calls, {self.cache_hits} cache hits, ${self.spend:.4f}")
+                f"{via_batch}{self.calls} calls, {self.cache_hits} cache hits, ${self.spend:.4f}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,7 +127,7 @@ class LabelReport:
 
 def label(project: Project, teacher: str | None = None, *, budget: float | None = None, limit: int | None = None,
           splits: Iterable[str] = SPLITS, ids: Iterable[str] | None = None, accept_terms: bool = False,
-          wait: bool = False, progress: bool = True) -> LabelReport:
+          wait: bool = False, progress: bool = True, detach: bool = False) -> LabelReport:
     """Label every input of ``splits`` with ``teacher`` (default: the project's). See the module docstring.
 
     ``budget`` caps the teacher's *total* ledger spend in USD (all runs), so re-running with a larger budget
@@ -129,24 +136,28 @@ def label(project: Project, teacher: str | None = None, *, budget: float | None 
     limit a run therefore stops up to ``concurrency`` worst-case calls below the budget. ``limit`` caps the number of inputs worked on in this
     run. ``ids`` restricts the work to those inputs of ``splits`` (``distill teacher check`` labels its gold sample
     this way, so a later full run answers them from the cache). Raises DistillError when the teacher rejects the
-    key or is down (work already committed is kept)."""
+    key or is down (work already committed is kept). ``detach``: a Batch API teacher (``batch: true``) submits its
+    batches, or checks on running ones, and returns instead of waiting for them (distill.teachers.batch)."""
     tspec = project.spec.get_teacher(teacher)
     splits = _check_splits(splits)
     if budget is not None and budget < 0:
         raise DistillError(f"--budget must be >= 0, got {budget}")
-    with project.exclusive("label", wait=wait, shared=True):     # labellers of a shared store run together
+    # labellers of a shared store run together, except with a Batch API teacher: its batches are planned for the
+    # whole project without per-key claims, so it labels alone
+    batch = tspec.batch or any(project.spec.get_teacher(m).batch for m in tspec.members)
+    with project.exclusive("label", wait=wait, shared=not batch):
         members = [project.spec.get_teacher(m) for m in tspec.members] if tspec.kind == "ensemble" else [tspec]
         for m in members:
             check_terms(m, accept_terms)
         scope = [m.name for m in members]
         if tspec.kind != "ensemble":
             return _label_one(project, tspec, budget=budget, budget_scope=scope, limit=limit, splits=splits,
-                              ids=ids, progress=progress)
+                              ids=ids, progress=progress, detach=detach)
         report = LabelReport(teacher=tspec.name, budget=budget)
         t0 = time.monotonic()
         for m in members:
             r = _label_one(project, m, budget=budget, budget_scope=scope, limit=limit, splits=splits,
-                           ids=ids, progress=progress)
+                           ids=ids, progress=progress, detach=detach)
             report.members.append(r)
             for f in ("calls", "cache_hits", "spend", "retries", "tokens_in", "tokens_out"):
                 setattr(report, f, getattr(report, f) + getattr(r, f))
@@ -161,11 +172,38 @@ def label(project: Project, teacher: str | None = None, *, budget: float | None 
 
 def _label_one(project: Project, tspec: TeacherSpec, *, budget: float | None, budget_scope: list[str],
                limit: int | None, splits: tuple[str, ...], ids: Iterable[str] | None,
-               progress: bool) -> LabelReport:
+               progress: bool, detach: bool = False) -> LabelReport:
     limiter = Limiter.from_spec(tspec)
     teacher = make_teacher(tspec, project, limiter)
-    return label_with(project, tspec, teacher, limiter=limiter, budget=budget, budget_scope=budget_scope,
-                      limit=limit, splits=splits, ids=ids, progress=progress)
+    batch = None
+    if tspec.batch:
+        # Batch API first: it puts its answers in teacher_calls under the online keys; the online run below then
+        # writes every label from that cache and asks online only what the batches did not answer
+        from distill.teachers.batch import BatchItem, run_batches
+
+        planner = _Run(project, tspec, teacher, limiter, budget, budget_scope, limit, splits, False,
+                       None if ids is None else set(ids))
+        todo = list(planner.plan())
+        batch = run_batches(project, tspec, teacher, [BatchItem(i.keys, i.messages, i.labels) for i in todo],
+                            budget=budget, spent=planner.store_spend, detach=detach, progress=progress)
+        if batch.stopped:         # still running (--detach) or refused by --budget: nothing for the online run
+            asyncio.run(teacher.aclose())
+            return LabelReport(teacher=tspec.name, total=planner.report.total, stopped=batch.stopped,
+                               already_labelled=planner.report.already_labelled, budget=budget, batch=batch.to_dict(),
+                               detail=batch.detail, spend=batch.spend, tokens_in=batch.tokens_in,
+                               tokens_out=batch.tokens_out, ledger_spend=planner.store_spend())
+        ids = [i.id for i in todo]     # the online run works on the inputs the batches did (--limit holds)
+    report = label_with(project, tspec, teacher, limiter=limiter, budget=budget, budget_scope=budget_scope,
+                        limit=limit, splits=splits, ids=ids, progress=progress)
+    if batch is not None:
+        # the online run wrote the batch answers' labels as cache hits; their cost is this run's spend, and what
+        # was labelled before this run is what the planner found (the online run saw only the batches' inputs)
+        report.batch = batch.to_dict()
+        report.total, report.already_labelled = planner.report.total, planner.report.already_labelled
+        report.spend += batch.spend
+        report.tokens_in += batch.tokens_in
+        report.tokens_out += batch.tokens_out
+    return report
 
 
 def label_with(project: Project, tspec: TeacherSpec, teacher: Teacher, *, limiter: Limiter | None = None,

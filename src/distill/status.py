@@ -20,6 +20,7 @@ from distill.errors import DistillError
 from distill.project import SPEC_FILE, STORE_FILE, Project
 from distill.store import Store, db_url
 from distill.task import load_spec
+from distill.teachers.batch import batches_in_flight
 
 
 def open_readonly(root: str | Path, check: bool | None = None) -> Project:
@@ -112,6 +113,8 @@ def status(project: Project) -> dict[str, Any]:
     out["queue"] = {r["reason"]: r["n"] for r in s.q(
         "SELECT reason, COUNT(*) AS n FROM failure_queue WHERE status='new' GROUP BY reason ORDER BY reason")}
     out["queue"]["total"] = sum(out["queue"].values())
+    out["batches_in_flight"] = [{**b, "created_at": when(b["created_at"]), "submitted_at": when(b["submitted_at"])}
+                                for b in batches_in_flight(s)]
     out["next_step"] = next_step(project, out)
     return out
 
@@ -129,6 +132,9 @@ def next_step(project: Project, st: dict[str, Any]) -> str:
     ex = st["examples"]
     if not ex["total"]:
         return f"import inputs: `distill import {root} data.csv --text text`"
+    if st.get("batches_in_flight"):
+        return (f"{len(st['batches_in_flight'])} batch(es) at the provider: `distill label {root}` collects them "
+                "(it waits for them; --detach checks once)")
     labelled = sum(v.get("ok", 0) for t in st["labels"].values() for v in t.values())
     if not labelled:
         return f"label them with the teacher: `distill label {root}`"

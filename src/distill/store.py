@@ -24,6 +24,7 @@ Tables (JSON columns hold JSON text):
                       replaced) and who holds which item now.
 - ``teacher_checks``  `distill teacher check`: one teacher's scores on a gold sample, its verdict (``distill label``
                       warns when the latest one failed).
+- ``teacher_batches`` Batch API teachers: each batch submitted, its keys, state and provider ids (crash-safe resume).
 """
 
 from __future__ import annotations
@@ -143,6 +144,23 @@ CREATE TABLE IF NOT EXISTS review_leases(item TEXT PRIMARY KEY, reviewer TEXT NO
 CREATE TABLE IF NOT EXISTS student_predictions(
   example_id TEXT NOT NULL, run_id TEXT NOT NULL, answer TEXT NOT NULL, confidence REAL,
   PRIMARY KEY (example_id, run_id));
+-- Batch API teachers (distill.teachers.batch): one row per batch. Each step is committed before the next starts
+-- (an *_sent_at is set before its request goes out), so a kill -9 resumes by finding or polling, never resubmitting
+CREATE TABLE IF NOT EXISTS teacher_batches(
+  id TEXT PRIMARY KEY,      -- our local id; also in the upload's filename and the batch's metadata
+  teacher TEXT NOT NULL,
+  keys TEXT NOT NULL,       -- JSON {cache key: attempt} of the requests in it (custom_id = cache key)
+  requests INTEGER NOT NULL,
+  path TEXT NOT NULL,       -- the JSONL, written before this row; deleted once the batch is collected
+  estimate REAL NOT NULL,   -- worst-case USD at the batch rate, held against --budget until collected
+  state TEXT NOT NULL CHECK (state IN ('prepared','uploaded','submitted','collected')),
+  input_file_id TEXT, batch_id TEXT, output_file_id TEXT, error_file_id TEXT,
+  status TEXT,              -- the provider's: validating | in_progress | finalizing | completed | expired | ...
+  counts TEXT,              -- JSON request_counts as last polled
+  failed TEXT,              -- JSON {cache key: reason} of requests it did not answer (set when collected)
+  answered INTEGER NOT NULL DEFAULT 0, cost REAL NOT NULL DEFAULT 0,
+  created_at REAL NOT NULL, upload_sent_at REAL, create_sent_at REAL, submitted_at REAL, collected_at REAL);
+CREATE INDEX IF NOT EXISTS teacher_batches_teacher ON teacher_batches(teacher, state);
 """
 
 

@@ -70,6 +70,9 @@ class Price(_Strict):
     input_per_1m: float = Field(0.0, ge=0.0)
     output_per_1m: float = Field(0.0, ge=0.0)
     per_hour: float = Field(0.0, ge=0.0, description="Compute price for local teachers, charged by latency.")
+    batch_factor: float = Field(
+        0.5, ge=0.0, le=1.0, description="A call made through the Batch API (`batch: true`) costs this share of "
+        "the per-1M prices above (OpenAI: 0.5, i.e. half price).")
 
 
 class Terms(_Strict):
@@ -116,6 +119,16 @@ class TeacherSpec(_Strict):
         "distribution over the labels like a local teacher's.")
     price: Price = Field(default_factory=Price)
     terms: Terms = Field(default_factory=Terms)
+    # openai Batch API (distill.teachers.batch). Not part of identity(): a batch answer and an online answer to
+    # the same prompt share one cache key, so either answers for the other.
+    batch: bool = Field(False, description="Label through the OpenAI Batch API: half the price, answers within "
+                        "24 h. `distill label` submits, polls and collects (re-running resumes, never resubmits).")
+    batch_poll_s: float = Field(60.0, gt=0, description="Seconds between two status checks of a running batch.")
+    batch_retry: Literal["online", "batch"] = Field(
+        "online", description="Where requests a batch did not answer (error lines, expired or cancelled batches, "
+        "answers that do not parse) are asked again: online (at once, full price) or in one follow-up batch.")
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000,
+                                    description="Requests per batch file (OpenAI: at most 50,000 and 200 MB).")
     # local
     path: str | None = Field(
         None, description="local: HF folder or .gguf file, or a packaged model name; replay: a JSONL file."
@@ -135,6 +148,11 @@ class TeacherSpec(_Strict):
             raise ValueError(f"teacher '{self.name}': kind 'ensemble' needs at least two members")
         if self.top_logprobs and not self.logprobs:
             raise ValueError(f"teacher '{self.name}': top_logprobs needs logprobs: true")
+        if self.batch and self.kind != "openai":
+            raise ValueError(f"teacher '{self.name}': batch: true needs kind 'openai' (the OpenAI Batch API)")
+        if self.batch and self.label_scoring != "off":
+            raise ValueError(f"teacher '{self.name}': label_scoring sends extra scoring requests per answer, which a "
+                             "Batch API file cannot carry; use batch: false (vLLM) or label_scoring: off")
         if self.kind != "openai" and (self.structured != "off" or self.label_scoring != "off"):
             raise ValueError(f"teacher '{self.name}': structured / label_scoring are options of kind 'openai' (a "
                              "local teacher already scores every label)")

@@ -25,21 +25,24 @@ from distill.task import TeacherSpec
 from distill.teachers.base import TeacherReply
 
 
-def cost_of(tspec: TeacherSpec, tokens_in: float, tokens_out: float, latency_s: float) -> float:
+def cost_of(tspec: TeacherSpec, tokens_in: float, tokens_out: float, latency_s: float, *, batch: bool = False) -> float:
     """USD of one call at ``tspec.price``: per 1M input and output tokens, plus per hour of latency (local
-    teachers are priced by the compute time they hold)."""
+    teachers are priced by the compute time they hold). ``batch``: made through the Batch API, so the token
+    prices are multiplied by ``price.batch_factor`` (distill.teachers.batch)."""
     p = tspec.price
-    return tokens_in / 1e6 * p.input_per_1m + tokens_out / 1e6 * p.output_per_1m + latency_s / 3600 * p.per_hour
+    tokens = tokens_in / 1e6 * p.input_per_1m + tokens_out / 1e6 * p.output_per_1m
+    return tokens * (p.batch_factor if batch else 1.0) + latency_s / 3600 * p.per_hour
 
 
 def record_call(c, tspec: TeacherSpec, key: str, attempt: int, messages: list[dict[str, str]], reply: TeacherReply,
                 status: str, error: str | None, *, source: str | None = None, or_ignore: bool = False) -> float:
     """Write one teacher call to ``teacher_calls`` (the cache and the ledger) inside the caller's transaction
     ``c``; return its cost. Labelling, serving (``source="serve"``) and judging (``source="judge"``) all record
-    calls here. ``or_ignore``: another process may have recorded the same key meanwhile (keep the first)."""
+    calls here. ``or_ignore``: another process may have recorded the same key meanwhile (keep the first).
+    ``source="batch"``: an answer from the Batch API (distill.teachers.batch), priced at the batch rate."""
     # nothing a provider echoed back (an API key in an error body) reaches the store
     error = redact(error) if error else error
-    cost = cost_of(tspec, reply.tokens_in, reply.tokens_out, reply.latency_s)
+    cost = cost_of(tspec, reply.tokens_in, reply.tokens_out, reply.latency_s, batch=source == "batch")
     params = {k: v for k, v in tspec.identity().items() if k != "name"}    # no secrets: see identity()
     request = {"messages": messages, "params": params, **({"source": source} if source else {})}
     response = {"texts": reply.texts, "label_probs": reply.label_probs, "logprobs": reply.logprobs, "raw": reply.raw}

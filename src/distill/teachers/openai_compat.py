@@ -163,14 +163,19 @@ class OpenAITeacher:
             body.update(structured_params(s, self.task))
         return body
 
+    def unwrap(self, reply: TeacherReply) -> None:
+        """The answer texts as the labeller parses them (a structured rationale answer unwrapped). Also applied to
+        Batch API lines (distill.teachers.batch), so a batch answer is stored as the online one would be."""
+        if self.spec.structured != "off" and self.spec.rationale:
+            reply.texts = [_unwrap_rationale(t) for t in reply.texts]
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def ask(self, req: TeacherRequest) -> TeacherReply:
         body = self.body(req)
         reply = await self._post(req.key, body, estimate_prompt_tokens(req.messages) + self.spec.max_tokens * self.spec.n)
-        if self.spec.structured != "off" and self.spec.rationale:
-            reply.texts = [_unwrap_rationale(t) for t in reply.texts]
+        self.unwrap(reply)
         if self.spec.label_scoring == "prompt_logprobs" and self.task is not None and self.task.kind == "classify":
             await self._score_labels(req, reply)
         return reply
