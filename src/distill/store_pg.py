@@ -12,7 +12,8 @@ schema's own primary keys do it here.
 
 What ``translate`` does to a statement (tokens, so nothing inside a quoted string is touched except ``%``):
 - ``?`` -> ``%s``, and a literal ``%`` -> ``%%`` (psycopg's placeholders);
-- ``x IS ?`` / ``x IS NOT ?`` -> ``IS [NOT] DISTINCT FROM %s``; ``==`` -> ``=``; ``IFNULL`` -> ``COALESCE``;
+- ``x IS y`` / ``x IS NOT y`` (y a value, column or ``?``, not NULL/TRUE/FALSE) -> ``IS [NOT] DISTINCT FROM``;
+  ``==`` -> ``=``; ``IFNULL`` -> ``COALESCE``;
 - ``INSERT OR IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``;
 - ``INSERT OR REPLACE`` / ``REPLACE INTO`` -> ``INSERT ... ON CONFLICT (primary key) DO UPDATE`` setting every
   listed column to the new value and every other column to its DEFAULT, which is what SQLite's delete + insert
@@ -277,6 +278,8 @@ def translate_ddl(script: str) -> list[str]:
 _REFUSED_WORDS = {"PRAGMA", "ROWID", "GLOB", "SQLITE_MASTER", "SQLITE_SCHEMA"}
 _REFUSED_FUNCS = {"CHANGES", "LAST_INSERT_ROWID", "JULIANDAY", "STRFTIME", "DATETIME", "DATE", "TIME",
                   "GROUP_CONCAT", "TYPEOF", "PRINTF", "TOTAL", "TOTAL_CHANGES", "RANDOMBLOB", "UNIXEPOCH"}
+# what may follow IS (NOT) in PostgreSQL too; anything else (a value, a column, ?) is SQLite's null-safe equality
+_IS_KEYWORDS = {"NULL", "NOT", "TRUE", "FALSE", "UNKNOWN", "DISTINCT"}
 _COMPARISON = {"=", "==", "!=", "<>", "<", ">", "<=", ">=", "IS", "IN", "LIKE", "BETWEEN", "NOT", "AND", "OR",
                "EXISTS"}
 
@@ -368,9 +371,9 @@ class Dialect:
         for n, i in enumerate(sig):
             t = toks[i]
             nxt = [toks[j] for j in sig[n + 1: n + 3]]
-            if t.up == "IS" and nxt and nxt[0].text == "?":
-                t.text = "IS NOT DISTINCT FROM"
-            elif t.up == "IS" and len(nxt) == 2 and nxt[0].up == "NOT" and nxt[1].text == "?":
+            if t.up == "IS" and nxt and nxt[0].up not in _IS_KEYWORDS:
+                t.text = "IS NOT DISTINCT FROM"        # SQLite's x IS y: equal, NULLs included
+            elif t.up == "IS" and len(nxt) == 2 and nxt[0].up == "NOT" and nxt[1].up not in _IS_KEYWORDS:
                 t.text = "IS DISTINCT FROM"
                 for j in range(sig[n + 1], sig[n + 2]):     # NOT and the space after it
                     toks[j].text = ""
@@ -636,6 +639,13 @@ class StageLock:
         return bool(got)
 
     def release(self) -> None:
-        if self.conn is not None:
-            self.conn.close()       # closing the session releases its advisory locks
-            self.conn = None
+        if self.conn is None:
+            return
+        try:
+            # unlock before closing: the server ends a closed session a moment later, and a stage started right
+            # after this one (iterate's label) would find the lock still held
+            self.conn.execute("SELECT pg_advisory_unlock_all()")
+        except driver().Error:
+            pass                    # the session is gone, and its locks with it
+        self.conn.close()
+        self.conn = None

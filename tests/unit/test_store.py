@@ -296,3 +296,17 @@ def test_pg_readonly_session_reads_and_refuses_writes(tmp_path, pg_url):
     finally:
         ro.close()
         w.close()
+
+
+def test_a_stage_started_right_after_another_gets_the_lock(tmp_path, backend):
+    """iterate releases its lock and starts labelling at once: the release is done when exclusive() returns (on
+    PostgreSQL the server would end a closed session only a moment later)."""
+    p = Project.init(tmp_path / "p", "classify")
+    try:
+        for _ in range(30):
+            with p.exclusive("iterate"):
+                pass
+            with p.exclusive("label", shared=True):
+                pass
+    finally:
+        p.close()

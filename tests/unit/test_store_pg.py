@@ -31,6 +31,9 @@ def test_placeholders_and_percent_signs(d):
 def test_null_safe_comparison_and_ifnull(d):
     assert d.translate("UPDATE t SET a=? WHERE k IS ? AND j IS NOT ? AND m IS NULL").sql == \
         "UPDATE t SET a=%s WHERE k IS NOT DISTINCT FROM %s AND j IS DISTINCT FROM %s AND m IS NULL"
+    assert d.translate("SELECT 1 FROM r, f WHERE r.k IS NOT f.k AND r.j IS f.j AND r.m IS NOT NULL AND r.b IS TRUE").sql \
+        == "SELECT 1 FROM r, f WHERE r.k IS DISTINCT FROM f.k AND r.j IS NOT DISTINCT FROM f.j AND r.m IS NOT NULL " \
+           "AND r.b IS TRUE"
     assert d.translate("SELECT IFNULL(a, 0) FROM t").sql == "SELECT COALESCE(a, 0) FROM t"
 
 
