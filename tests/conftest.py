@@ -28,6 +28,13 @@ def _in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def pg_server_url():
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        msg = "the PostgreSQL store tests need the psycopg driver: pip install -e '.[dev]' (or '.[postgres]')"
+        if _in_ci():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
     url = os.environ.get("DISTILL_TEST_PG_URL")
     if url:
         yield url

@@ -47,7 +47,8 @@ def _bin(name: str) -> str:
 def _run_as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     if os.geteuid() == 0:
         cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120)
+    # from / : the postgres user may not be allowed into the caller's folder
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120, cwd="/")
 
 
 def _free_port() -> int:

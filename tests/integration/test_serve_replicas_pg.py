@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def replicas(tmp_path_factory, pg_server_url):
     from distill.students.classifier import ClassifierStudent
 
     tmp = tmp_path_factory.mktemp("replicas")
-    schema = "t_replicas"
+    schema = "t_replicas_" + uuid.uuid4().hex[:8]       # its own, also on a shared $DISTILL_TEST_PG_URL server
     url = pg_schema_url(pg_server_url, schema)
     saved = os.environ.get("DISTILL_DB_URL")
     os.environ["DISTILL_DB_URL"] = url           # this process and both replicas (inherited)
