@@ -264,7 +264,10 @@ class Store:
             if self.readonly and "meta" not in have:
                 raise DistillError(f"{self.where}: no store to read (the project has never been written to)",
                                    hint="run a command that writes, e.g. `distill import`")
-            if not self.readonly and not set(_dialect().tables) <= have:
+            # the schema script runs only when a table or an index of SCHEMA is missing (a new store, a newer
+            # distill): on every open it would take the write lock and, for each index, a lock on its table
+            have |= {r[0] for r in self.q("SELECT indexname FROM pg_indexes WHERE schemaname=?", (self.target.schema,))}
+            if not self.readonly and not set(_dialect().tables) | _dialect().indexes <= have:
                 with self.tx() as c:     # under the write lock: two first openers do not race to create
                     c.native(f'CREATE SCHEMA IF NOT EXISTS "{self.target.schema}"')
                     for stmt in store_pg.translate_ddl(SCHEMA):

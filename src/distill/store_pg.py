@@ -254,6 +254,16 @@ def tables_of(script: str) -> dict[str, Table]:
     return out
 
 
+def indexes_of(script: str) -> set[str]:
+    """The names of the script's ``CREATE INDEX`` statements."""
+    out = set()
+    for stmt in statements(script):
+        w = [t.text for t in tokens(stmt) if t.kind not in ("space", "comment")]
+        if [x.upper() for x in w[:2]] == ["CREATE", "INDEX"]:
+            out.add((w[5] if [x.upper() for x in w[2:5]] == ["IF", "NOT", "EXISTS"] else w[2]).lower())
+    return out
+
+
 def translate_ddl(script: str) -> list[str]:
     """The schema's statements for PostgreSQL (see the module docstring)."""
     out = []
@@ -295,6 +305,7 @@ class Dialect:
 
     def __init__(self, schema_script: str):
         self.tables = tables_of(schema_script)
+        self.indexes = indexes_of(schema_script)
         self.translate = lru_cache(maxsize=4096)(self._translate)
 
     def _translate(self, sql: str, many: bool = False) -> Translated:
@@ -560,6 +571,8 @@ class PgConnection:
         """BEGIN, then the project's writer lock (``pg_advisory_xact_lock``, released at COMMIT/ROLLBACK): writers
         of one project take turns like SQLite's BEGIN IMMEDIATE, so a read-then-write inside a transaction (a
         claim, a queue consume) sees every earlier commit and no other writer in between."""
+        if self._in_tx:       # PostgreSQL would only warn, and the inner COMMIT would end the outer transaction
+            raise DistillError(f"{self.target.shown}: cannot write: a transaction is already open on this connection")
         self._run(lambda c: c.execute("BEGIN"))
         self._in_tx = True
         try:

@@ -310,3 +310,20 @@ def test_a_stage_started_right_after_another_gets_the_lock(tmp_path, backend):
                 pass
     finally:
         p.close()
+
+
+def test_pg_a_missing_index_is_made_at_the_next_open_and_nested_transactions_refused(tmp_path, pg_url):
+    """A newer distill may add an index to SCHEMA: the next open makes it. A transaction inside another is refused
+    (PostgreSQL itself would only warn, and the inner COMMIT would end the outer one)."""
+    s = Store(tmp_path / "distill.db", url=pg_url)
+    s.conn.native("DROP INDEX examples_split")
+    s.close()
+    s = Store(tmp_path / "distill.db", url=pg_url)
+    try:
+        assert s.one("SELECT COUNT(*) FROM pg_indexes WHERE indexname='examples_split'") == 1
+        with s.tx():
+            with pytest.raises(DistillError, match="already open"):
+                with s.tx():
+                    pass
+    finally:
+        s.close()
