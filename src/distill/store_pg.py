@@ -322,7 +322,7 @@ class Dialect:
             tail += f" RETURNING {table.pk[0]}"
         text = "".join(t.text for t in toks)
         if tail:
-            text = self._append(text, tail, toks)
+            text = self._append(text, tail)
         return Translated(text, returns_id)
 
     @staticmethod
@@ -407,8 +407,8 @@ class Dialect:
         close_i = _close(toks, open_i)
         depth, boolean = 0, False
         for t in toks[open_i + 1: close_i]:
-            depth += t.text == "("
-            depth -= t.text == ")"
+            depth += t.text == "(" or t.up == "CASE"      # a CASE ... END inside is already a number
+            depth -= t.text == ")" or t.up == "END"
             if depth == 0 and (t.up in _COMPARISON and t.kind in ("op", "word")):
                 boolean = True
         if boolean:
@@ -431,7 +431,7 @@ class Dialect:
         toks[close_i].text = f"(({col})::jsonb #>> '{{{keys}}}')"
 
     @staticmethod
-    def _append(text: str, tail: str, toks: list[Tok]) -> str:
+    def _append(text: str, tail: str) -> str:
         """``tail`` added at the end of the statement: before RETURNING when there is one, and before a final ';'."""
         body = text.rstrip().rstrip(";").rstrip()
         m = re.search(r"\bRETURNING\b(?=(?:[^']|'[^']*')*$)", body, re.I)

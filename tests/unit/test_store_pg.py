@@ -65,6 +65,8 @@ def test_boolean_sums_and_json_extract(d):
     assert d.translate("SELECT SUM(status = 'parse_error') AS n, SUM(cost), SUM(a IS NULL) FROM t").sql == \
         ("SELECT SUM(CASE WHEN status = 'parse_error' THEN 1 ELSE 0 END) AS n, SUM(cost), "
          "SUM(CASE WHEN a IS NULL THEN 1 ELSE 0 END) FROM t")
+    already = "SELECT SUM(CASE WHEN a = 1 THEN 1 ELSE 0 END), SUM(CASE a WHEN 1 THEN 2 END) FROM t"
+    assert d.translate(already).sql == already
     assert d.translate("SELECT COALESCE(json_extract(request, '$.source'), '') FROM teacher_calls").sql == \
         "SELECT COALESCE(((request)::jsonb #>> '{source}'), '') FROM teacher_calls"
     assert "#>> '{a,b}'" in d.translate("SELECT json_extract(t.x, '$.a.b') FROM t").sql
