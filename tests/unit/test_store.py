@@ -327,3 +327,27 @@ def test_pg_a_missing_index_is_made_at_the_next_open_and_nested_transactions_ref
                     pass
     finally:
         s.close()
+
+
+def test_pg_text_sorts_byte_by_byte_as_in_sqlite_whatever_the_database_locale(tmp_path, pg_server_url):
+    """In a database whose default collation is en-US (ICU), ORDER BY on the store's text columns is still SQLite's
+    (and Python's) byte order, so plans and keyset pages come out in the same order on both stores."""
+    import uuid
+
+    import psycopg
+
+    db = "distill_icu_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(pg_server_url, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {db} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
+    url = pg_server_url.rsplit("/", 1)[0] + "/" + db
+    ids = ["b", "B", "a", "_x", "a-2", "a1", "Z", "é"]
+    s = Store(tmp_path / "p" / "distill.db", url=url)
+    try:
+        with s.tx() as c:
+            c.executemany("INSERT INTO meta(key, value) VALUES(?, '')", [(i,) for i in ids])
+        assert [r[0] for r in s.q("SELECT key FROM meta WHERE key != 'schema_version' ORDER BY key")] == sorted(ids)
+        assert s.one("SELECT COUNT(*) FROM meta WHERE key > 'a' AND key < 'b'") == 2     # a-2, a1: bytewise
+    finally:
+        s.close()
+        with psycopg.connect(pg_server_url, autocommit=True) as c:
+            c.execute(f"DROP DATABASE {db}")
