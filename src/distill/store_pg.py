@@ -13,7 +13,7 @@ schema's own primary keys do it here.
 What ``translate`` does to a statement (tokens, so nothing inside a quoted string is touched except ``%``):
 - ``?`` -> ``%s``, and a literal ``%`` -> ``%%`` (psycopg's placeholders);
 - ``x IS y`` / ``x IS NOT y`` (y a value, column or ``?``, not NULL/TRUE/FALSE) -> ``IS [NOT] DISTINCT FROM``;
-  ``==`` -> ``=``; ``IFNULL`` -> ``COALESCE``;
+  ``==`` -> ``=``; ``IFNULL`` -> ``COALESCE``; ``LIKE`` -> ``ILIKE`` (SQLite's LIKE ignores ASCII case);
 - ``INSERT OR IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``;
 - ``INSERT OR REPLACE`` / ``REPLACE INTO`` -> ``INSERT ... ON CONFLICT (primary key) DO UPDATE`` setting every
   listed column to the new value and every other column to its DEFAULT, which is what SQLite's delete + insert
@@ -398,6 +398,8 @@ class Dialect:
                     toks[j].text = ""
             elif t.text == "==":
                 t.text = "="
+            elif t.up == "LIKE":
+                t.text = "ILIKE"       # SQLite's LIKE ignores the case of ASCII letters
             elif t.up == "IFNULL" and nxt and nxt[0].text == "(":
                 t.text = "COALESCE"
             elif t.up == "SUM" and nxt and nxt[0].text == "(":

@@ -150,6 +150,7 @@ def test_rows_read_by_name_and_index_with_sqlite_types(tmp_path, backend):
         assert r[0] == r["id"] == r["ID"] == first and r["text"] == "a" and r[2] == 1.5
         assert r.keys() == ["id", "text", "created_at"] and dict(r) == {"id": first, "text": "a", "created_at": 1.5}
         assert s.one("SELECT text FROM failure_queue WHERE text LIKE '%?''' AND id=?", (second,)) == "b%?'"
+        assert s.one("SELECT COUNT(*) FROM failure_queue WHERE reason LIKE 'FEED%'") == 1     # ASCII case ignored
         assert [x["kept"] for x in s.q("SELECT kept FROM filter_decisions ORDER BY example_id")] == [1, 0, 1]
         agg = s.q("""SELECT SUM(kept = 1) AS k, SUM(reason IS NULL) AS nulls, COUNT(*) AS n, AVG(kept) AS mean,
                             COALESCE(SUM(run_id), 0) AS runs FROM filter_decisions""")[0]

@@ -24,7 +24,7 @@ def d():
 
 def test_placeholders_and_percent_signs(d):
     t = d.translate("SELECT * FROM corrections WHERE source LIKE 'fb%' AND note = '?' AND example_id=?")
-    assert t.sql == "SELECT * FROM corrections WHERE source LIKE 'fb%%' AND note = '?' AND example_id=%s"
+    assert t.sql == "SELECT * FROM corrections WHERE source ILIKE 'fb%%' AND note = '?' AND example_id=%s"
     assert not t.returns_id
     assert d.translate("SELECT a % 2, b == ? FROM t -- 50%?\n").sql == "SELECT a %% 2, b = %s FROM t -- 50%%?\n"
 
