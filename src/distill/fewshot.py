@@ -218,6 +218,11 @@ class FewShot:
         demos, dropped = file_pool(project, path)
         return cls(project.spec, demos, project.store, dropped)
 
+    def fingerprint(self) -> str:
+        """The settings and the pool (ids and answers): while both are unchanged every kept choice stays valid,
+        so a stored input's demonstrations, and its prompt, are unchanged (``labeling.prompt_fingerprint``)."""
+        return _h(self.key, *(f"{d.id}:{_demo_hash(d)}" for d in self.pool))[:16]
+
     # -- choosing ------------------------------------------------------------------------------------
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         if self._embedder is None:
@@ -255,8 +260,11 @@ class FewShot:
         """Demonstrations for stored inputs (id, text): the kept choice where it is still valid, else a fresh
         one, which is kept (written in one transaction before it is used for any call)."""
         kept: dict[str, list[str]] = {}
-        if self.store is not None and items:
-            for r in self.store.q("SELECT example_id, demo_ids FROM fewshot_choices WHERE settings=?", (self.key,)):
+        ids = [ex_id for ex_id, _ in items]
+        for i in range(0, len(ids) if self.store is not None else 0, 500):   # these inputs' choices only: the
+            part = ids[i:i + 500]                                             # labeller plans a page at a time
+            for r in self.store.q(f"SELECT example_id, demo_ids FROM fewshot_choices WHERE settings=? AND "
+                                  f"example_id IN ({','.join('?' * len(part))})", (self.key, *part)):
                 kept[r["example_id"]] = json.loads(r["demo_ids"])
         out: list[list[Demo] | None] = []
         todo = []

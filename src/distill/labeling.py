@@ -10,7 +10,11 @@ The recipe, top to bottom (``label``):
    new prompt template or new sampling parameters make new keys and the inputs are labelled again,
    while an unchanged project does no work. Failed inputs are always re-processed: with an unchanged
    prompt every attempt is answered from the cache, so they stay failed for free; with a changed prompt
-   they get a fresh chance (new keys, new paid calls);
+   they get a fresh chance (new keys, new paid calls). The plan is streamed a page at a time (memory does
+   not grow with the project) and incremental: an ok label remembers the prompt fingerprint its key was
+   made under (``label_plans``; ``prompt_fingerprint``: teacher identity, templates, labels, few-shot pool,
+   ...), so while the fingerprint is unchanged it is current without its prompt being rendered again, and
+   a re-run over an unchanged project is a few SQL queries. A changed fingerprint renders every input again;
 4. for each input, under the limiter (RPM/TPM/concurrency): for attempt 0..max_parse_retries, key =
    ``cache_key(identity, messages, attempt)``; a key already in ``teacher_calls`` is a cache hit (no
    call); otherwise check the budget, call the teacher, and commit in ONE transaction the ledger row
@@ -47,21 +51,23 @@ single-thread), and each is synchronous, so cancellation (Ctrl-C) can never inte
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.errors import DistillError
-from distill.fewshot import teacher_prompts
+from distill.fewshot import FewShot, teacher_prompts
 from distill.project import Project
 from distill.ratelimit import Limiter, estimate_prompt_tokens
 from distill.redact import redact
-from distill.task import (ParseError, ProjectSpec, TeacherSpec, answer_key, cache_key, parse_answer,
+from distill.task import (DEFAULT_SYSTEM, ParseError, ProjectSpec, TeacherSpec, answer_key, cache_keys, parse_answer,
                           split_rationale)
 from distill.teachers import make_teacher
 from distill.teachers.base import NoAnswer, Teacher, TeacherAuthError, TeacherReply, TeacherRequest, TeacherUnavailable
@@ -256,6 +262,123 @@ class _Item:
     labels: list[str] | None = None   # classify: the candidates (all labels, or a few-shot shortlist)
 
 
+PLAN_PAGE = 1000     # inputs read, rendered and hashed at a time: the plan's memory does not grow with the project
+PLAN_VERSION = 1     # bump when prompts or cache keys change in a way the fingerprint's parts cannot show
+
+
+def prompt_fingerprint(project: Project, tspec: TeacherSpec, fewshot: FewShot | None) -> str:
+    """What every input's prompt and cache keys depend on besides the input itself (its text, segment and meta,
+    which never change once stored): the teacher's identity and attempts, the task's templates, labels, schema
+    and description, the default system prompt, the few-shot settings and pool, and, as a check on the code
+    that renders them, the whole prompt of the project's oldest input."""
+    spec = project.spec
+    probe = project.store.q("SELECT id, text, segment, meta FROM examples ORDER BY created_at, id LIMIT 1")
+    parts = {
+        "version": PLAN_VERSION, "identity": tspec.identity(), "attempts": tspec.parse_retries + 1,
+        "kind": spec.kind, "description": spec.description, "prompt": spec.prompt.model_dump(mode="json"),
+        "labels": [lab.model_dump(mode="json") for lab in spec.labels], "schema": spec.json_schema,
+        "default_system": DEFAULT_SYSTEM[spec.kind], "fewshot": None if fewshot is None else fewshot.fingerprint(),
+        "probe": [tp.messages for tp in teacher_prompts(project, probe, rationale=tspec.rationale,
+                                                        fewshot=fewshot or False)],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Plan:
+    """The work of a labelling run: the inputs of ``splits`` (or of ``ids``) whose ok label is not current, a
+    page at a time (``pages``), in id order, at most ``limit`` of them. ``total`` and ``already_labelled``
+    count the inputs and the current labels (``already_labelled`` grows as pages find more).
+
+    Incremental: ``label_plans`` keeps, per ok label, the fingerprint its key was made under and the key's first
+    16 characters. A label whose row matches the current fingerprint and its own key is current without a render
+    (counted in one query); every other input is rendered and hashed as before, and a label found current that
+    way is remembered under the current fingerprint, so the next run skips it. Another writer of ``labels``
+    (relabel, an ensemble) changes the key, so its rows are rendered again, never trusted."""
+
+    def __init__(self, project: Project, tspec: TeacherSpec, splits: tuple[str, ...] = SPLITS,
+                 ids: Iterable[str] | None = None, limit: int | None = None):
+        self.project, self.tspec, self.splits, self.limit = project, tspec, splits, limit
+        self.ids = None if ids is None else sorted(set(ids))
+        self.fewshot = FewShot.for_project(project)
+        self.fingerprint = prompt_fingerprint(project, tspec, self.fewshot)
+        self.identity = tspec.identity()
+        marks = ",".join("?" * len(splits))
+        # `|| ''`: without statistics SQLite would read a page through the index on split and sort all the rows
+        # after it by id, every page (quadratic in the project's size); this way it walks the primary key
+        self._where = f"e.split || '' IN ({marks})"
+        self._args: tuple = tuple(splits)
+        joins = ("FROM examples e LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ? "
+                 "LEFT JOIN label_plans p ON p.example_id = e.id AND p.teacher = ?")
+        self._from = (joins, (tspec.name, tspec.name))
+        self._current = "(l.status = 'ok' AND p.fingerprint = ? AND p.key16 = substr(l.call_key, 1, 16))"
+        self.total = sum(self._count("", chunk) for chunk in self._id_chunks())
+        self.already_labelled = sum(self._count(f"AND {self._current} IS TRUE", chunk, (self.fingerprint,))
+                                    for chunk in self._id_chunks())
+
+    def _id_chunks(self) -> list[list[str] | None]:
+        if self.ids is None:
+            return [None]
+        return [self.ids[i:i + 500] for i in range(0, len(self.ids), 500)]
+
+    def _count(self, cond: str, chunk: list[str] | None, extra: tuple = ()) -> int:
+        only = "" if chunk is None else f"AND e.id IN ({','.join('?' * len(chunk))})"
+        return self.project.store.one(
+            f"SELECT COUNT(*) {self._from[0]} WHERE {self._where} {only} {cond}",
+            (*self._from[1], *self._args, *(chunk or ()), *extra))
+
+    def _rows(self) -> Iterator[list[Any]]:
+        """The inputs whose label is not known current, a page at a time (keyset pagination on the id)."""
+        for chunk in self._id_chunks():
+            only = "" if chunk is None else f"AND e.id IN ({','.join('?' * len(chunk))})"
+            last = ""
+            while True:
+                rows = self.project.store.q(
+                    f"""SELECT e.id, e.text, e.segment, e.meta, l.status AS lstatus, l.call_key {self._from[0]}
+                        WHERE {self._where} {only} AND e.id > ? AND {self._current} IS NOT TRUE
+                        ORDER BY e.id LIMIT ?""",
+                    (*self._from[1], *self._args, *(chunk or ()), last, self.fingerprint, PLAN_PAGE))
+                if not rows:
+                    break
+                last = rows[-1]["id"]
+                yield rows
+
+    def pages(self) -> Iterator[list[_Item]]:
+        left = self.limit
+        for rows in self._rows():
+            if left is not None and left <= 0:
+                return
+            todo, current = [], []
+            # few-shot demonstrations (if any) are chosen once per input and kept, so the keys stay put
+            prompts = teacher_prompts(self.project, rows, rationale=self.tspec.rationale, fewshot=self.fewshot or False)
+            for r, tp in zip(rows, prompts):
+                keys = cache_keys(self.identity, tp.messages, self.tspec.parse_retries + 1)
+                if r["lstatus"] == "ok" and r["call_key"] in keys:
+                    current.append((r["id"], r["call_key"]))
+                else:
+                    todo.append(_Item(r["id"], tp.messages, keys, tp.labels))
+            if current and not self.project.store.readonly:
+                with self.project.store.tx() as c:
+                    for ex_id, key in current:
+                        self.remember(c, ex_id, key)
+            self.already_labelled += len(current)
+            if left is not None:
+                todo, left = todo[:left], left - len(todo[:left])
+            if todo:
+                yield todo
+
+    def remember(self, c: Any, example_id: str, key: str) -> None:
+        """Inside the transaction that writes (or confirms) an ok label made with ``key``."""
+        c.execute("INSERT OR REPLACE INTO label_plans(example_id, teacher, fingerprint, key16) VALUES(?,?,?,?)",
+                  (example_id, self.tspec.name, self.fingerprint, key[:16]))
+
+
+def plan(project: Project, teacher: str | TeacherSpec | None = None, *, splits: Iterable[str] = SPLITS,
+         ids: Iterable[str] | None = None, limit: int | None = None) -> Plan:
+    """The inputs ``distill label`` would work on now (see ``Plan``), without calling the teacher."""
+    tspec = teacher if isinstance(teacher, TeacherSpec) else project.spec.get_teacher(teacher)
+    return Plan(project, tspec, _check_splits(splits), ids, limit)
+
+
 class _Run:
     def __init__(self, project: Project, tspec: TeacherSpec, teacher: Teacher, limiter: Limiter,
                  budget: float | None, budget_scope: list[str], limit: int | None, splits: tuple[str, ...],
@@ -272,39 +395,45 @@ class _Run:
         self.reserved = 0.0               # estimated cost of calls in flight (counted against the budget)
         self.consecutive_unavailable = 0
         self.inflight: dict[str, asyncio.Future] = {}   # key -> reply, so identical prompts are paid once
-        self.latencies: list[float] = []
+        self.latency_sum, self.latency_n = 0.0, 0     # the mean latency so far (per-hour priced teachers)
+        self.planner: Plan | None = None              # set by plan_pages
         # shared store: who holds this run's claims in teacher_claims (None: SQLite, one labeller under the file lock)
         self.claim_owner = claim_owner("label") if self.store.shared else None
 
     # -- plan -----------------------------------------------------------------------------------------
+    def plan_pages(self) -> Iterator[list[_Item]]:
+        """The work, a page at a time (``Plan``); the report's total and already_labelled follow it."""
+        self.planner = Plan(self.project, self.tspec, self.splits, self.ids, self.limit)
+        self.report.total, self.report.already_labelled = self.planner.total, self.planner.already_labelled
+        for page in self.planner.pages():
+            self.report.already_labelled = self.planner.already_labelled
+            yield page
+        self.report.already_labelled = self.planner.already_labelled
+
     def plan(self) -> list[_Item]:
-        marks = ",".join("?" * len(self.splits))
-        rows = self.store.q(
-            f"""SELECT e.id, e.text, e.segment, e.meta, l.status AS lstatus, l.call_key
-                FROM examples e LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ?
-                WHERE e.split IN ({marks}) ORDER BY e.id""", (self.tspec.name, *self.splits))
-        if self.ids is not None:
-            rows = [r for r in rows if r["id"] in self.ids]
-        self.report.total = len(rows)
-        identity = self.tspec.identity()
-        todo = []
-        # few-shot demonstrations (if any) are chosen once per input and kept, so the keys stay put
-        for r, tp in zip(rows, teacher_prompts(self.project, rows, rationale=self.tspec.rationale)):
-            keys = [cache_key(identity, tp.messages, a) for a in range(self.tspec.parse_retries + 1)]
-            if r["lstatus"] == "ok" and r["call_key"] in keys:
-                self.report.already_labelled += 1
-                continue
-            todo.append(_Item(r["id"], tp.messages, keys, tp.labels))
-        return todo[: self.limit] if self.limit is not None else todo
+        """All the work at once (the Batch API and Ray paths hand it on whole)."""
+        return [item for page in self.plan_pages() for item in page]
 
     # -- main loop ------------------------------------------------------------------------------------
     async def main(self) -> LabelReport:
         t0 = time.monotonic()
         self.spent_before = self.store_spend()
-        todo = self.plan()
+        pages = self.plan_pages()           # streamed: a page is planned when the one before is under way
+        first = next(pages, [])             # (planning it sets the report's total and already_labelled)
         bar = _progress_bar(self.show_progress)
-        task_id = bar.add_task(self._describe(t0), total=len(todo)) if bar else None
+        work = self.report.total - self.report.already_labelled
+        task_id = bar.add_task(self._describe(t0), total=min(work, self.limit) if self.limit is not None else work) \
+            if bar else None
         tasks: set[asyncio.Task] = set()
+        shown = {"at": 0.0, "ended": 0, "current": self.report.already_labelled}
+
+        def show(force: bool = False) -> None:
+            # at most ~10 updates a second: at hundreds of inputs a second, one per input costs the event loop
+            now = time.monotonic()
+            if bar and (force or now - shown["at"] > 0.1):
+                found = self.report.already_labelled - shown["current"]     # current labels the pages found
+                bar.update(task_id, advance=shown["ended"] + found, description=self._describe(t0))
+                shown.update(at=now, ended=0, current=self.report.already_labelled)
 
         def done(t: asyncio.Task) -> None:
             self.limiter.slots.release()
@@ -312,15 +441,15 @@ class _Run:
             if not t.cancelled() and t.exception() is not None and self.bug is None:
                 self.bug = t.exception()
                 self.report.stopped = self.report.stopped or "error"
-            if bar:   # advance for inputs that ended (ok or failed), not for those a stop left undone
-                ended = not t.cancelled() and t.exception() is None and t.result()
-                bar.update(task_id, advance=1 if ended else 0, description=self._describe(t0))
+            # advance for inputs that ended (ok or failed), not for those a stop left undone
+            shown["ended"] += not t.cancelled() and t.exception() is None and bool(t.result())
+            show()
 
         keep = asyncio.create_task(self.keep_claims()) if self.claim_owner is not None else None
         try:
             if bar:
                 bar.start()
-            for item in todo:
+            for item in itertools.chain(first, itertools.chain.from_iterable(pages)):
                 await self.limiter.slots.acquire()
                 if self.report.stopped:
                     self.limiter.slots.release()
@@ -338,7 +467,9 @@ class _Run:
             await asyncio.gather(*list(tasks), return_exceptions=True)
             self.report.stopped = "interrupted"
         finally:
+            pages.close()
             if bar:
+                show(force=True)
                 bar.stop()
             await self.teacher.aclose()
             if keep is not None:
@@ -430,6 +561,8 @@ class _Run:
                 if paid:
                     self.insert_call(c, item, key, attempt, reply, "ok", None)
                 upsert_label(c, item.id, self.tspec.name, status="ok", call_key=key, **fields)
+                if self.planner is not None:      # the fingerprint this key was made under: next plan skips it
+                    self.planner.remember(c, item.id, key)
             self.report.ok += 1
             return True
         return True   # not reached: the last attempt returns above
@@ -476,14 +609,15 @@ class _Run:
         self.consecutive_unavailable = 0
         self.report.calls += 1
         self.report.retries += reply.retries
-        self.latencies.append(reply.latency_s)
+        self.latency_sum += reply.latency_s
+        self.latency_n += 1
         fut.set_result(reply)
         return reply
 
     def estimate_cost(self, messages: list[dict[str, str]]) -> float:
         """Upper-ish estimate before a call: estimated prompt tokens, the full max_tokens for each of the n
         samples, and (for per-hour priced local teachers) the mean latency so far."""
-        lat = sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
+        lat = self.latency_sum / self.latency_n if self.latency_n else 0.0
         return cost_of(self.tspec, estimate_prompt_tokens(messages), self.tspec.max_tokens * self.tspec.n, lat)
 
     def insert_call(self, c, item: _Item, key: str, attempt: int, reply: TeacherReply, status: str,

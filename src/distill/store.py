@@ -12,6 +12,8 @@ Tables (JSON columns hold JSON text):
 - ``contamination``   train/validation inputs that near-duplicate a test input (excluded from training).
 - ``teacher_calls``   the cache *and* the ledger: one row per paid call (key = cache_key(...)).
 - ``labels``          the current answer of each teacher for each example (points at its call).
+- ``decontam_sigs`` / ``label_plans``   what makes import and plan incremental at volume: each input's
+                      decontamination keys; the prompt fingerprint each label was made under.
 - ``corrections``     human fixes that override the teacher, with provenance.
 - ``filter_runs`` / ``filter_decisions``   each filter run and each example's keep/drop with a reason.
 - ``runs``            trained models, evaluations and other artefacts with their lineage (JSON).
@@ -62,6 +64,10 @@ CREATE TABLE IF NOT EXISTS examples(
 CREATE INDEX IF NOT EXISTS examples_split ON examples(split);
 CREATE TABLE IF NOT EXISTS contamination(
   example_id TEXT PRIMARY KEY, test_id TEXT NOT NULL, method TEXT NOT NULL, score REAL NOT NULL);
+-- decontamination (distill.data.decontam): each input's keys (strong-normalised text + MinHash LSH bands, uint32
+-- little-endian; empty when it has no words), made once when the input is first checked; n orders them
+CREATE TABLE IF NOT EXISTS decontam_sigs(
+  n INTEGER PRIMARY KEY, example_id TEXT NOT NULL UNIQUE, sig BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS teacher_calls(
   key TEXT PRIMARY KEY,
   teacher TEXT NOT NULL, model TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
@@ -86,6 +92,11 @@ CREATE TABLE IF NOT EXISTS labels(
   reason TEXT,              -- why it failed
   call_key TEXT,
   created_at REAL NOT NULL,
+  PRIMARY KEY (example_id, teacher));
+-- labelling (distill.labeling.plan): the prompt fingerprint a label's call key was made under, so an unchanged
+-- project is planned without rendering its prompts again (trusted only while labels.call_key starts with key16)
+CREATE TABLE IF NOT EXISTS label_plans(
+  example_id TEXT NOT NULL, teacher TEXT NOT NULL, fingerprint TEXT NOT NULL, key16 TEXT NOT NULL,
   PRIMARY KEY (example_id, teacher));
 CREATE TABLE IF NOT EXISTS corrections(
   example_id TEXT PRIMARY KEY, answer TEXT NOT NULL, source TEXT NOT NULL, note TEXT, created_at REAL NOT NULL);

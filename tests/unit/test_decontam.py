@@ -120,3 +120,21 @@ def test_asset_data_has_no_false_positives(tmp_path):
     p = make_project(tmp_path)
     rep = import_file(p, ASSETS / "reviews.csv", id="id")
     assert rep.contaminated_removed == 0 and loads(p.store.get_meta("test_locked"))["seed"] == "distill"
+
+
+def test_changed_settings_sign_every_input_again(tmp_path):
+    """Signatures are only comparable when made the same way: new ``decontamination:`` settings re-sign every
+    stored input (and check every pair again), while unchanged settings leave the stored signatures alone."""
+    p = make_project(tmp_path)
+    import_file(p, write_rows(tmp_path / "a.csv", [(NEAR_DUP, "train"), (UNRELATED, "train"), (TEST_TEXT, "test")]),
+                split="split")
+    sigs = p.store.q("SELECT n, example_id, sig FROM decontam_sigs ORDER BY n")
+    assert len(sigs) == 3 and decontaminate(p) == 0
+    assert p.store.q("SELECT n, example_id, sig FROM decontam_sigs ORDER BY n") == sigs
+    yaml = p.root / "distill.yaml"
+    yaml.write_text(yaml.read_text() + "decontamination:\n  ngram: 2\n")
+    p2 = Project.open(p.root)
+    assert decontaminate(p2, rebuild=True) == 1          # found again under the new settings
+    again = {r[1]: r[2] for r in p2.store.q("SELECT n, example_id, sig FROM decontam_sigs")}
+    assert set(again) == {r[1] for r in sigs} and all(again[r[1]] != r[2] for r in sigs)
+    assert '"ngram": 2' in p2.store.get_meta("decontam_sigs")

@@ -278,3 +278,178 @@ def test_tab_separated_csv_says_so_and_csv_as_tsv_too(tmp_path):
     assert "comma-separated" in msg and "rename the file to .csv" in msg
     # an ordinary missing column keeps its plain hint
     assert "tab-separated" not in _err(p, write(tmp_path, "c3.csv", "body,label\na,positive\n"))
+
+
+# -- streaming writes: chunks, resume after a crash, incremental decontamination ----------------------------------
+
+WORDS = ("blender kettle toaster screen battery charger cable strap zipper handle lid hinge motor fan filter pump "
+         "sole lace button pocket sleeve collar seam stitch box parcel label").split()
+
+
+def _bulk_rows(n: int, seed: int = 1) -> list[tuple[str, str]]:
+    """(text, split) rows: random product sentences, a test share, in-file duplicates and near-copies of test rows."""
+    import random
+
+    rng = random.Random(seed)
+    rows: list[tuple[str, str]] = []
+    for i in range(n):
+        if i % 17 == 16:
+            rows.append((rows[rng.randrange(len(rows))][0].upper() + "!", "train"))       # normalised duplicate
+        elif i % 29 == 28:
+            rows.append(rows[rng.randrange(len(rows))])                                 # exact duplicate
+        elif i % 23 == 22:
+            tests = [t for t, s in rows if s == "test"]
+            # a test row with one word changed near its end: near-duplicate, caught by decontamination
+            w = rng.choice(tests).split() if tests else ["x"]
+            w[-1] = "changed"
+            rows.append((" ".join(w), "train"))
+        else:
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 20)))
+            rows.append((f"item {i}: {words}", "test" if i % 5 == 0 else "train"))
+    return rows
+
+
+def _write_split_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv as csv_
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv_.writer(f)
+        w.writerow(["text", "split"])
+        w.writerows(rows)
+    return path
+
+
+def _fresh(tmp_path: Path, name: str) -> Project:
+    (tmp_path / name).mkdir()
+    return make_project(tmp_path / name)
+
+
+def _outcome(p: Project) -> tuple:
+    """What an import leaves in the store, without the times (which differ run to run)."""
+    q = p.store.q
+    return (sorted(tuple(r) for r in q("SELECT id, text, norm, gold, segment, meta, split, import_id FROM examples")),
+            [tuple(r) for r in q("SELECT id, source, sha256, rows_read, added, dup_exact, dup_normalised, "
+                                 "dup_existing, rejected, rejected_reasons FROM imports ORDER BY id")],
+            sorted(tuple(r) for r in q("SELECT * FROM contamination")),
+            [r[0] for r in q("SELECT key FROM meta WHERE key LIKE 'import_resume:%'")])
+
+
+def _report(r) -> tuple:
+    return (r.rows_read, r.added, r.dup_exact, r.dup_normalised, r.dup_existing, r.by_split, r.contaminated_removed,
+            r.import_id, r.warnings)
+
+
+def test_chunked_import_equals_one_chunk_and_writes_test_rows_first(tmp_path, monkeypatch):
+    rows = _bulk_rows(400)
+    data = _write_split_csv(tmp_path / "bulk.csv", rows)
+    whole = _fresh(tmp_path, "a")
+    one = import_file(whole, data, split="split")
+    monkeypatch.setattr("distill.data.importer.CHUNK_ROWS", 37)
+    chunked = _fresh(tmp_path, "b")
+    many = import_file(chunked, data, split="split")
+    assert _report(one) == _report(many) and _outcome(whole) == _outcome(chunked)
+    assert one.contaminated_removed > 5 and one.dup_exact > 5 and one.dup_normalised > 5
+    # every test input was stored before every train input, so each train input met all of them
+    order = [r[0] for r in chunked.store.q("SELECT split FROM examples ORDER BY rowid")]
+    assert order == sorted(order, key=lambda s: s != "test")
+
+
+def test_failed_chunk_resumes_to_the_same_store_and_counters(tmp_path, monkeypatch):
+    rows = _bulk_rows(400)
+    data = _write_split_csv(tmp_path / "bulk.csv", rows)
+    existing = _write_split_csv(tmp_path / "first.csv", rows[100:130] + [("a text only the store has", "train")])
+    reference = _fresh(tmp_path, "ref")
+    import_file(reference, existing, split="split")
+    expected = import_file(reference, data, split="split")
+
+    p = _fresh(tmp_path, "p")
+    import_file(p, existing, split="split")
+    monkeypatch.setattr("distill.data.importer.CHUNK_ROWS", 50)
+    real, calls = __import__("distill.data.importer", fromlist=["_write_chunk"])._write_chunk, []
+
+    def disk_full_on_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*a, **k)
+
+    monkeypatch.setattr("distill.data.importer._write_chunk", disk_full_on_the_fourth)
+    with pytest.raises(DistillError, match="disk is full") as e:
+        import_file(p, data, split="split")
+    assert "run the same import again to continue" in str(e.value)
+    stored = p.store.one("SELECT COUNT(*) FROM examples")
+    assert 31 < stored < 31 + expected.added                  # three chunks are in, the fourth rolled back
+    assert len(_outcome(p)[3]) == 1                             # and where to go on is recorded
+    monkeypatch.setattr("distill.data.importer._write_chunk", real)
+    resumed = import_file(p, data, split="split")
+    assert resumed.resumed and not expected.resumed
+    assert _report(resumed) == _report(expected) and _outcome(p) == _outcome(reference)
+    again = import_file(p, data, split="split")                 # a finished import is not resumed: all stored
+    assert not again.resumed and again.added == 0 and again.dup_existing == expected.added + expected.dup_existing
+
+
+def test_kill9_mid_import_then_rerun_adds_nothing_twice_and_loses_nothing(tmp_path):
+    """A real SIGKILL while chunks are being written (small chunks, slowed down): the re-run resumes and the store
+    ends as after one uninterrupted import."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _write_split_csv(tmp_path / "bulk.csv", _bulk_rows(600))
+    reference = _fresh(tmp_path, "ref")
+    expected = import_file(reference, data, split="split")
+    p = _fresh(tmp_path, "p")
+    p.close()
+    child = (
+        "import sys, time\n"
+        "from distill.data import importer\n"
+        "from distill.project import Project\n"
+        "importer.CHUNK_ROWS = 40\n"
+        "real = importer._write_chunk\n"
+        "def slow(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    time.sleep(0.15)   # inside the chunk's transaction: the kill may land mid-chunk\n"
+        "importer._write_chunk = slow\n"
+        "importer.import_file(Project.open(sys.argv[1]), sys.argv[2], split='split')\n")
+    src = Path(__file__).resolve().parents[2] / "src"
+    proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path / "p" / "proj"), str(data)],
+                            env={**os.environ, "PYTHONPATH": str(src)})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            con = sqlite3.connect(tmp_path / "p" / "proj" / "distill.db", timeout=30)
+            n = con.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+            con.close()
+            if n >= 120:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    p = Project.open(tmp_path / "p" / "proj")
+    assert 0 < p.store.one("SELECT COUNT(*) FROM examples") < expected.added
+    resumed = import_file(p, data, split="split")
+    assert resumed.resumed
+    assert _report(resumed) == _report(expected) and _outcome(p) == _outcome(reference)
+
+
+def test_decontamination_signs_each_input_once(tmp_path, monkeypatch):
+    """A second import signs (MinHash) only its own inputs; a new test input still catches an older train input."""
+    from distill.data import decontam
+
+    p = make_project(tmp_path)
+    rows = _bulk_rows(300)
+    import_file(p, _write_split_csv(tmp_path / "a.csv", [r for r in rows if r[1] == "train"]), split="split")
+    signed: list[int] = []
+    real = decontam.sign
+    monkeypatch.setattr(decontam, "sign", lambda items, b: signed.append(len(items)) or real(items, b))
+    tests = [r for r in rows if r[1] == "test"]
+    rep = import_file(p, _write_split_csv(tmp_path / "b.csv", tests), split="split")
+    assert rep.contaminated_removed == p.store.one("SELECT COUNT(*) FROM contamination") > 5
+    # the new tests, then only the few old train inputs they matched (their texts, to confirm the pairs)
+    assert signed[0] == rep.added and sum(signed[1:]) <= 2 * rep.contaminated_removed
+    assert p.store.one("SELECT COUNT(*) FROM decontam_sigs") == p.store.one("SELECT COUNT(*) FROM examples")

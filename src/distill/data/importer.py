@@ -1,20 +1,32 @@
-"""Import inputs (and optional gold answers) from CSV, JSONL or Parquet into the project store.
+"""Import inputs (and optional gold answers) from CSV, JSONL or Parquet into the project store, streaming.
 
-One import is one transaction: every row of the file is committed, or (on any error) none is, so a failed
-import adds nothing and loses nothing. The steps, in order:
+The file is never held in memory and never written in one transaction, so a file of millions of rows imports
+in memory that does not grow with it, and a crash costs at most the chunk being written. The steps, in order:
 
-1. read the file (format from the extension or ``fmt``); decoding and syntax errors name the file, the
-   line as an editor shows it (1-based) and the column; a JSON string escape that is not text (a lone
-   UTF-16 surrogate such as ``"\ud800"``) is such an error too, like a byte that is not UTF-8;
+1. read the file as a stream (format from the extension or ``fmt``; CSV/TSV and JSONL line by line, Parquet
+   one row group at a time); decoding and syntax errors name the file, the line as an editor shows it
+   (1-based) and the column; a JSON string escape that is not text (a lone UTF-16 surrogate such as
+   ``"\ud800"``) is such an error too, like a byte that is not UTF-8;
 2. check the column mapping (missing columns list the ones the file has);
-3. per row: reject empty and too-long texts (counted by reason), normalise, derive the example id;
-   gold answers and split-column values are validated, and any bad one stops the import *before* a
-   write, with the rows it occurs on (a half-imported labelled set is worse than none);
-4. drop exact and normalised duplicates inside the file (the first occurrence wins);
-5. in one transaction: skip inputs the store already has (they keep their split: see ``splits.py``),
-   insert the rest with their hashed (or given) split, record an ``imports`` row, lock the test split on
-   the first import, and run decontamination (``decontam.py``) so contaminated rows are excluded from the
-   moment they exist.
+3. per row: reject empty and too-long texts (counted by reason), normalise, derive the example id and its
+   split; gold answers and split-column values are validated. Accepted rows go to a scratch table (a TEMP
+   table of the store's connection: on disk beyond a few MB, gone with the connection). Any bad value stops
+   the import *before a write*, with the rows it occurs on (a half-imported labelled set is worse than none);
+4. in the scratch table: drop exact and normalised duplicates inside the file (the first occurrence wins);
+   an id used twice with different texts, or one the store has with another text, stops the import here too;
+5. write in chunks of ``CHUNK_ROWS`` inputs, each chunk one transaction: skip inputs the store already has
+   (they keep their split: see ``splits.py``), insert the rest with their hashed (or given) split, and run
+   decontamination on them (``decontam.py``) so contaminated rows are excluded from the moment they exist.
+   The first chunk records the ``imports`` row (its counters are updated by every chunk) and locks the test
+   split on the first import. Test inputs are written first, so each train/validation input is checked
+   against all the file's test inputs as it is inserted.
+
+A failed import before step 5 adds nothing. During step 5 each chunk records how far the import got (``meta``
+key ``import_resume:<key>``, deleted by the last chunk): after a ``kill -9`` or a failed write, running the same
+import again (same file bytes, same columns and options, same ``splits:`` settings) resumes after the last
+chunk committed, under the same import id, and ends with the rows and counters an uninterrupted import would
+have had (``ImportReport.resumed`` says so). Nothing is added twice and nothing is lost either way: any other
+import of the file finds the stored inputs and counts them as ``dup_existing``.
 
 Normalisation (used for duplicate detection and the store's ``norm`` column): NFKC, casefold, whitespace
 collapsed, punctuation stripped at both ends. "Great product!!" and "great   product" are one input.
@@ -24,18 +36,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import itertools
 import json
 import re
+import sqlite3
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import jsonschema
 
-from distill.data.decontam import decontaminate_in
+from distill.data.decontam import Checker, decontaminate_in
 from distill.data.splits import assign_split, lock_record, parse_split_value, settings_drift
 from distill.errors import DistillError
 from distill.project import Project
@@ -63,6 +77,7 @@ class ImportReport:
     contaminated_removed: int = 0   # new train/validation rows found to near-duplicate a test input
     import_id: int | None = None
     warnings: list[str] = field(default_factory=list)
+    resumed: bool = False       # this run continued an import a crash interrupted (same import id)
 
 
 @dataclass
@@ -116,20 +131,39 @@ def detect_format(path: Path, fmt: str | None) -> str:
     return f
 
 
-def _decode(path: Path, data: bytes) -> str:
-    bom = b"\xef\xbb\xbf"
-    off = len(bom) if data.startswith(bom) else 0   # utf-8-sig: Excel writes a BOM
-    try:
-        return data[off:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        pos = off + e.start
-        line = data[:pos].count(b"\n") + 1
-        col = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
-        raise DistillError(
-            f"{path}, line {line}, column {col} (byte offset {pos}): not UTF-8 (byte 0x{data[pos]:02x})",
-            hint="re-encode the file as UTF-8, e.g. `iconv -f cp1252 -t utf-8 in.csv > out.csv` "
-            "(or save as 'CSV UTF-8' in your spreadsheet)",
-        ) from None
+BATCH_ROWS = 5000      # rows read (Parquet) and written to the scratch table per step
+
+
+def _utf8_error(path: Path) -> DistillError:
+    """The first byte of ``path`` that is not UTF-8, as a DistillError with its line, column and byte offset.
+    Called once a streaming read failed to decode: the file is scanned line by line (a multi-byte character
+    never spans a newline byte), so the position is exact without holding the file."""
+    bom = b"\xef\xbb\xbf"      # utf-8-sig: Excel writes a BOM
+    with open(path, "rb") as f:
+        offset = 0
+        for n, line in enumerate(f, 1):
+            skip = len(bom) if n == 1 and line.startswith(bom) else 0
+            try:
+                line[skip:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                pos = offset + skip + e.start
+                col = skip + e.start + 1
+                return DistillError(
+                    f"{path}, line {n}, column {col} (byte offset {pos}): not UTF-8 (byte 0x{line[skip + e.start]:02x})",
+                    hint="re-encode the file as UTF-8, e.g. `iconv -f cp1252 -t utf-8 in.csv > out.csv` "
+                    "(or save as 'CSV UTF-8' in your spreadsheet)",
+                )
+            offset += len(line)
+    return DistillError(f"{path}: not UTF-8", hint="re-encode the file as UTF-8")   # not reached: it decoded
+
+
+def _is_blank_file(path: Path) -> bool:
+    """Nothing but whitespace (read until the first other byte, so a big file costs one block)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return False
+    return True
 
 
 def delimiter_mixup(fmt: str, header: list[str]) -> str | None:
@@ -152,11 +186,11 @@ def _mixup_hint(fmt: str) -> str:
             f"extension), or save it again from your spreadsheet as {fmt.upper()}")
 
 
-def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[_Record]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _csv_rows(path: Path, f: IO[str], delimiter: str) -> Iterator[tuple[list[str], _Record]]:
+    """(header, record) per data row of an open CSV/TSV file, line by line."""
+    reader = csv.reader(f, delimiter=delimiter, strict=True)
     header: list[str] | None = None
     header_line = 0
-    out: list[_Record] = []
     while True:
         start = reader.line_num + 1
         try:
@@ -189,10 +223,9 @@ def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[_R
                 hint=_mixup_hint(fmt) if mixup
                 else "a field containing the delimiter must be quoted; fix or remove that row",
             )
-        out.append(_Record(start, dict(zip(header, row))))
+        yield header, _Record(start, dict(zip(header, row)))
     if header is None:
         raise DistillError(f"{path}: the file is empty", hint="export the data again; a header line is needed")
-    return header, out
 
 
 # a \uD800-\uDFFF escape: the only way a JSON line decoded from UTF-8 can carry a surrogate
@@ -217,11 +250,10 @@ def _lone_surrogate(obj: Any) -> tuple[str, str] | None:
     return None
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[_Record]]:
-    cols: dict[str, None] = {}
-    out: list[_Record] = []
-    # split on \n only: str.splitlines() would also split on U+2028 etc., which JSON allows inside strings
-    for i, line in enumerate(text.split("\n"), 1):
+def _jsonl_rows(path: Path, f: IO[str]) -> Iterator[_Record]:
+    """One record per non-blank line of an open JSON Lines file (opened with newline='\n': lines end at \n
+    only, as JSON allows U+2028 and a raw \r inside a line)."""
+    for i, line in enumerate(f, 1):
         if not line.strip():
             continue
         try:
@@ -248,32 +280,71 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[_Record]]:
                 hint="the program that wrote the file split a character (often an emoji) in two; fix or remove "
                      "that line (nothing was imported)",
             )
-        for k in obj:
-            cols.setdefault(k, None)
-        out.append(_Record(i, obj))
-    return list(cols), out
+        yield _Record(i, obj)
 
 
-def _read_parquet(path: Path, data: bytes) -> tuple[list[str], list[_Record]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(io.BytesIO(data))
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for damaged files
-        raise DistillError(f"{path}: unreadable Parquet file ({e})",
-                           hint="check that the file is complete and really Parquet, or export it as CSV/JSONL") from None
-    return table.column_names, [_Record(i, r) for i, r in enumerate(table.to_pylist(), 1)]
+def _unreadable_parquet(path: Path, e: Exception) -> DistillError:
+    return DistillError(f"{path}: unreadable Parquet file ({e})",
+                        hint="check that the file is complete and really Parquet, or export it as CSV/JSONL")
 
 
-def read_records(path: Path, fmt: str, data: bytes) -> tuple[list[str], list[_Record]]:
-    if not data.strip():
+@contextmanager
+def open_records(path: Path, fmt: str) -> Iterator[tuple[list[str] | None, Iterator[_Record]]]:
+    """(columns, records) of a file, streamed: CSV/TSV/JSONL line by line, Parquet one row group at a time.
+    ``columns`` is None for JSON Lines, whose columns are the keys of all its lines (known once read). Errors
+    are DistillErrors naming the file and the line (row)."""
+    if _is_blank_file(path):
         raise DistillError(f"{path}: the file is empty", hint="point at the file with your data")
     if fmt == "parquet":
-        return _read_parquet(path, data)
-    text = _decode(path, data)
-    if fmt == "jsonl":
-        return _read_jsonl(path, text)
-    return _read_csv(path, text, "\t" if fmt == "tsv" else ",")
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            columns = pf.schema_arrow.names
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for damaged files
+            raise _unreadable_parquet(path, e) from None
+
+        def parquet_rows() -> Iterator[_Record]:
+            n = 0
+            try:
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                    for values in batch.to_pylist():
+                        n += 1
+                        yield _Record(n, values)
+            except Exception as e:
+                if isinstance(e, DistillError):
+                    raise
+                raise _unreadable_parquet(path, e) from None
+
+        try:
+            yield columns, parquet_rows()
+        finally:
+            pf.close()
+        return
+    # newline='' for CSV (the csv module handles line ends inside quoted fields), '\n' for JSON Lines
+    with open(path, encoding="utf-8-sig", newline="\n" if fmt == "jsonl" else "") as f:
+        try:
+            if fmt == "jsonl":
+                yield None, _jsonl_rows(path, f)
+            else:
+                rows = _csv_rows(path, f, "\t" if fmt == "tsv" else ",")
+                first = next(rows, None)
+                if first is None:
+                    yield [], iter(())
+                else:
+                    yield first[0], itertools.chain([first[1]], (rec for _h, rec in rows))
+        except UnicodeDecodeError:
+            raise _utf8_error(path) from None
+
+
+def read_records(path: Path, fmt: str, data: bytes | None = None) -> tuple[list[str], list[_Record]]:
+    """Every record of a small file (corrections), in memory. ``data`` is unused (kept for callers that read
+    the file already); the file is read from ``path``."""
+    with open_records(path, fmt) as (columns, records):
+        out = list(records)
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in out for k in r.values))
+    return columns, out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,25 +390,70 @@ def location(path: Path, fmt: str, line: int) -> str:
     return f"{path}, {'row' if fmt == 'parquet' else 'line'} {line}"
 
 
-def listing(items: list[str]) -> str:
-    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+def listing(items: list[str], total: int | None = None) -> str:
+    """The first MAX_LISTED items, one per line, and how many more there are of ``total`` (default: all)."""
+    total = len(items) if total is None else total
+    more = f"\n  ... and {total - MAX_LISTED} more" if total > MAX_LISTED else ""
     return "\n".join(f"  {s}" for s in items[:MAX_LISTED]) + more
 
 
 # ------------------------------------------------------------------------------------------------
 # The import
 
+CHUNK_ROWS = 10_000            # new inputs per write transaction (and per decontamination step)
+RESUME_PREFIX = "import_resume:"   # meta key of an import interrupted during its writes
+
+# the file's accepted rows, in file order (seq), while the import runs: a TEMP table of the store's connection
+# (SQLite keeps it in memory up to its cache size, then in a temporary file; it goes with the connection)
+_SCRATCH = """CREATE TEMP TABLE import_rows(
+  seq INTEGER PRIMARY KEY, line INTEGER NOT NULL, id TEXT NOT NULL, text TEXT NOT NULL, norm TEXT NOT NULL,
+  gold TEXT, gold_key TEXT, segment TEXT, meta TEXT NOT NULL, file_split TEXT, split TEXT NOT NULL)"""
+# the first occurrence of each normalised text, in write order: test inputs first, then file order (ord)
+_FIRSTS = """CREATE TEMP TABLE import_firsts(
+  ord INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line INTEGER NOT NULL, id TEXT NOT NULL, text TEXT NOT NULL,
+  norm TEXT NOT NULL, gold TEXT, gold_key TEXT, segment TEXT, meta TEXT NOT NULL, file_split TEXT,
+  split TEXT NOT NULL)"""
+
 
 @dataclass
-class _New:
-    id: str
+class _Listed:
+    """The first MAX_LISTED of many problems, and how many there were (memory stays small on a bad file)."""
+
+    items: list[str] = field(default_factory=list)
+    n: int = 0
+
+    def add(self, item: str) -> None:
+        self.n += 1
+        if len(self.items) < MAX_LISTED:
+            self.items.append(item)
+
+    def listing(self) -> str:
+        return listing(self.items, self.n)
+
+
+@dataclass
+class _Problems:
+    """What reading the file found wrong; reported after the read, before anything is written."""
+
+    unknown_labels: dict[str, _Listed] = field(default_factory=dict)    # label -> its lines
+    bad_gold: _Listed = field(default_factory=_Listed)
+    bad_split: _Listed = field(default_factory=_Listed)
+    empty_id: str | None = None                                         # where the first empty id is
+
+
+@dataclass
+class _Columns:
     text: str
-    norm: str
-    gold: Any
-    segment: str | None
-    meta: dict
-    split: str | None      # from the split column, else None (hashed at insert)
-    line: int
+    label: str | None
+    id: str | None
+    split: str | None
+    segment: str | None          # the effective segment column (the spec's segment_field by default)
+    segment_asked: bool          # --segment was given (a missing one is an error, not a warning)
+    split_from_spec: bool
+
+    @property
+    def mapped(self) -> set[str]:
+        return {c for c in (self.text, self.label, self.id, self.split, self.segment) if c is not None}
 
 
 def import_file(project: Project, path: str | Path, *, text: str = "text", label: str | None = None,
@@ -353,24 +469,78 @@ def import_file(project: Project, path: str | Path, *, text: str = "text", label
         raise DistillError(f"{path}: no such file", hint="check the path (relative paths start from where you run distill)")
     fmt = detect_format(path, fmt)
     try:
-        data = path.read_bytes()
+        sha = _sha256(path)
     except OSError as e:
         raise DistillError(f"{path}: cannot read ({e.strerror})", hint="check the file's permissions") from None
-    sha = hashlib.sha256(data).hexdigest()
-    columns, records = read_records(path, fmt, data)
-    report = ImportReport(source=str(path), rows_read=len(records))
-    if not records:
-        raise DistillError(f"{path}: no data rows (only a header)", hint="add rows under the header")
+    cols = _Columns(text, label, id, split if split is not None else spec.splits.column,
+                    segment if segment is not None else spec.segment_field, segment is not None, split is None)
+    report = ImportReport(source=str(path))
+    conn = project.store.conn
+    conn.execute("DROP TABLE IF EXISTS import_rows")
+    conn.execute("DROP TABLE IF EXISTS import_firsts")
+    conn.execute(_SCRATCH)
+    try:
+        with _Progress(progress) as prog:
+            problems = _read(project, path, fmt, cols, report, prog)
+            _refuse_problems(project, path, fmt, cols, problems)
+            total = _first_occurrences(project, path, fmt, cols, report)
+            _write(project, path, fmt, cols, report, sha, total, prog)
+    finally:
+        conn.execute("DROP TABLE IF EXISTS import_rows")
+        conn.execute("DROP TABLE IF EXISTS import_firsts")
+    return report
 
-    # -- column mapping ----------------------------------------------------------------------------
-    seg_col = segment if segment is not None else spec.segment_field
-    split_col = split if split is not None else spec.splits.column
-    wanted = {"text": text, "label": label, "id": id, "split": split_col}
-    if segment is not None:
-        wanted["segment"] = segment
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Progress:
+    """A rich progress line for the CLI (reading: rows so far; writing: inputs of the total); nothing when off."""
+
+    def __init__(self, show: bool):
+        self.bar, self.task = None, None
+        if show:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+
+    def __enter__(self) -> "_Progress":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def stage(self, description: str, total: int | None) -> None:
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task, n)
+
+
+# -- step 1-3: read and check every row; accepted rows go to the scratch table ---------------------------------
+
+
+def _check_columns(path: Path, fmt: str, columns: list[str], cols: _Columns, report: ImportReport) -> None:
+    """Every column asked for must exist (the error lists those the file has); a missing segment_field of the
+    spec is a warning, and then rows get no segment."""
+    wanted = {"text": cols.text, "label": cols.label, "id": cols.id, "split": cols.split}
+    if cols.segment_asked:
+        wanted["segment"] = cols.segment
     for arg, col in wanted.items():
         if col is not None and col not in columns:
-            src = "splits.column in distill.yaml" if arg == "split" and split is None else f"--{arg}"
+            src = "splits.column in distill.yaml" if arg == "split" and cols.split_from_spec else f"--{arg}"
             mixup = delimiter_mixup(fmt, columns)
             shown = ", ".join(repr(c) if mixup else str(c) for c in columns)    # repr shows the \t
             raise DistillError(
@@ -379,173 +549,276 @@ def import_file(project: Project, path: str | Path, *, text: str = "text", label
                 hint=_mixup_hint(fmt) if mixup else f"pass --{arg} with one of those column names, or add the column "
                 "to the file",
             )
-    if seg_col is not None and seg_col not in columns:
-        report.warnings.append(f"segment_field '{seg_col}' is not a column of {path.name}; rows get no segment")
-        seg_col = None
-    mapped = {c for c in (text, label, id, split_col, seg_col) if c is not None}
+    if cols.segment is not None and cols.segment not in columns:
+        report.warnings.append(f"segment_field '{cols.segment}' is not a column of {path.name}; rows get no segment")
+        cols.segment = None
 
-    # -- per-row checks (nothing is written yet) ------------------------------------------------------
+
+def _read(project: Project, path: Path, fmt: str, cols: _Columns, report: ImportReport,
+          prog: _Progress) -> _Problems:
+    """Stream the file once: reject rows by reason, check values, and put the rest into ``import_rows``. Nothing
+    is written to the store; a file that is not readable stops here."""
+    spec = project.spec
+    problems = _Problems()
     rejected: dict[str, int] = {}
-    unknown_labels: dict[str, list[int]] = {}
-    bad_gold: list[str] = []
-    bad_split: list[str] = []
-    ids_seen: dict[str, tuple[int, str]] = {}
-    by_text: set[str] = set()
-    by_norm: dict[str, _New] = {}
-    gold_conflicts = 0
-    new: list[_New] = []
-
-    rows_iter: Any = records
-    prog = None
-    if progress:
-        from rich.progress import Progress
-
-        prog = Progress(transient=True)
-        prog.start()
-        rows_iter = prog.track(records, description=f"reading {path.name}")
-    try:
-        for rec in rows_iter:
+    seen_cols: dict[str, None] = {}      # JSON Lines: the columns are the keys of all lines
+    batch: list[tuple] = []
+    conn = project.store.conn
+    prog.stage(f"reading {path.name}", None)
+    with open_records(path, fmt) as (columns, records):
+        for rec in records:
+            if report.rows_read == 0 and columns is not None:
+                _check_columns(path, fmt, columns, cols, report)
+            report.rows_read += 1
             v = rec.values
-            where = location(path, fmt, rec.line)
-            raw = v.get(text)
-            if is_blank(raw):
-                reason = "empty_text"
-            elif not isinstance(raw, str):
-                reason = "text_not_a_string"
-            elif len(raw) > spec.max_text_chars:
-                reason = "too_long"
-            else:
-                reason = None
-            if reason:
-                rejected[reason] = rejected.get(reason, 0) + 1
-                continue
-            norm = normalise(raw)
-            if id is not None:
-                if is_blank(v.get(id)):
-                    raise DistillError(f"{where}, column '{id}': the id is empty",
-                                       hint="give every row an id, or leave out --id to key inputs by their text")
-                ex_id = str(v[id]).strip()
-                if ex_id in ids_seen:
-                    first_line, first_text = ids_seen[ex_id]
-                    if first_text != raw:
-                        raise DistillError(
-                            f"{path}: id {ex_id!r} is used twice, on {'rows' if fmt == 'parquet' else 'lines'} "
-                            f"{first_line} and {rec.line}, with different texts",
-                            hint="ids must be unique; fix one of them (or leave out --id to key inputs by text)",
-                        )
-                else:
-                    ids_seen[ex_id] = (rec.line, raw)
-            else:
-                ex_id = text_id(norm)
-            gold = None
-            if label is not None:
-                try:
-                    gold = parse_gold(spec, v.get(label))
-                except ValueError as e:
-                    if spec.kind == "classify":
-                        unknown_labels.setdefault(str(e), []).append(rec.line)
-                    else:
-                        bad_gold.append(f"{where}, column '{label}': {e}")
-            row_split = None
-            if split_col is not None:
-                try:
-                    row_split = parse_split_value(v.get(split_col), where, split_col)
-                except DistillError as e:
-                    bad_split.append(e.message)
-            if raw in by_text:
-                report.dup_exact += 1
-                gold_conflicts += by_norm[norm].gold != gold
-                continue
-            by_text.add(raw)
-            if norm in by_norm:
-                report.dup_normalised += 1
-                gold_conflicts += by_norm[norm].gold != gold
-                continue
-            seg = v.get(seg_col) if seg_col else None
-            item = _New(
-                id=ex_id, text=raw, norm=norm, gold=gold, segment=None if is_blank(seg) else str(seg),
-                meta={k: val for k, val in v.items() if k not in mapped}, split=row_split, line=rec.line,
-            )
-            by_norm[norm] = item
-            new.append(item)
-    finally:
-        if prog is not None:
-            prog.stop()
+            if columns is None:
+                seen_cols.update(dict.fromkeys(v))
+            row = _row(spec, path, fmt, cols, rec, problems, rejected)
+            if row is not None:
+                batch.append((report.rows_read, *row))
+            if len(batch) >= BATCH_ROWS:
+                _to_scratch(conn, batch)
+                prog.advance(len(batch))
+                batch = []
+        _to_scratch(conn, batch)
+    if report.rows_read == 0:
+        raise DistillError(f"{path}: no data rows (only a header)", hint="add rows under the header")
+    if columns is None:
+        _check_columns(path, fmt, list(seen_cols), cols, report)
+    report.rejected = rejected
+    return problems
 
-    if unknown_labels:
+
+def _row(spec: ProjectSpec, path: Path, fmt: str, cols: _Columns, rec: _Record, problems: _Problems,
+         rejected: dict[str, int]) -> tuple | None:
+    """One record as a scratch row (line, id, text, norm, gold, gold_key, segment, meta, file_split, split), or None
+    when it is rejected (counted by reason) or has an empty id (a problem)."""
+    v = rec.values
+    raw = v.get(cols.text)
+    if is_blank(raw):
+        reason = "empty_text"
+    elif not isinstance(raw, str):
+        reason = "text_not_a_string"
+    elif len(raw) > spec.max_text_chars:
+        reason = "too_long"
+    else:
+        reason = None
+    if reason:
+        rejected[reason] = rejected.get(reason, 0) + 1
+        return None
+    norm = normalise(raw)
+    if cols.id is not None:
+        if is_blank(v.get(cols.id)):
+            problems.empty_id = problems.empty_id or location(path, fmt, rec.line)
+            return None
+        ex_id = str(v[cols.id]).strip()
+    else:
+        ex_id = text_id(norm)
+    gold = None
+    if cols.label is not None:
+        try:
+            gold = parse_gold(spec, v.get(cols.label))
+        except ValueError as e:
+            if spec.kind == "classify":
+                problems.unknown_labels.setdefault(str(e), _Listed()).add(str(rec.line))
+            else:
+                problems.bad_gold.add(f"{location(path, fmt, rec.line)}, column '{cols.label}': {e}")
+    row_split = None
+    if cols.split is not None:
+        try:
+            row_split = parse_split_value(v.get(cols.split), location(path, fmt, rec.line), cols.split)
+        except DistillError as e:
+            problems.bad_split.add(e.message)
+    seg = v.get(cols.segment) if cols.segment else None
+    mapped = cols.mapped
+    meta = {k: val for k, val in v.items() if k not in mapped}
+    return (rec.line, ex_id, raw, norm, None if gold is None else json.dumps(gold, ensure_ascii=False),
+            None if gold is None else json.dumps(gold, sort_keys=True, ensure_ascii=False),
+            None if is_blank(seg) else str(seg), json.dumps(meta, ensure_ascii=False, default=str), row_split,
+            row_split or assign_split(ex_id, spec.splits))
+
+
+def _to_scratch(conn: sqlite3.Connection, batch: list[tuple]) -> None:
+    if not batch:
+        return
+    conn.execute("BEGIN")      # one transaction per batch, on the TEMP database only: the store is not locked
+    try:
+        conn.executemany("INSERT INTO import_rows(seq, line, id, text, norm, gold, gold_key, segment, meta, "
+                         "file_split, split) VALUES(?,?,?,?,?,?,?,?,?,?,?)", batch)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _refuse_problems(project: Project, path: Path, fmt: str, cols: _Columns, problems: _Problems) -> None:
+    """Any bad value stops the import before a write, with the rows it occurs on (a half-imported labelled set
+    is worse than none)."""
+    spec = project.spec
+    rows_word = "rows" if fmt == "parquet" else "lines"
+    if problems.empty_id is not None:
+        raise DistillError(f"{problems.empty_id}, column '{cols.id}': the id is empty",
+                           hint="give every row an id, or leave out --id to key inputs by their text")
+    if cols.id is not None:
+        # an id is the input it names: the same id twice with different texts is an error (the same text twice
+        # is an exact duplicate); reported at its first occurrence and the first row that contradicts it
+        conn = project.store.conn
+        conn.execute("CREATE INDEX import_rows_id ON import_rows(id, seq)")
+        clash = conn.execute(
+            """SELECT b.id, a.line, b.line FROM import_rows b
+               JOIN import_rows a ON a.seq = (SELECT MIN(seq) FROM import_rows WHERE id = b.id)
+               WHERE b.text != a.text ORDER BY b.seq LIMIT 1""").fetchone()
+        if clash is not None:
+            raise DistillError(
+                f"{path}: id {clash[0]!r} is used twice, on {rows_word} {clash[1]} and {clash[2]}, with different texts",
+                hint="ids must be unique; fix one of them (or leave out --id to key inputs by text)",
+            )
+    if problems.unknown_labels:
         known = ", ".join(spec.label_names)
-        lines = [f"{lab!r} on {'rows' if fmt == 'parquet' else 'lines'} {', '.join(map(str, ls[:MAX_LISTED]))}"
-                 + (f" (+{len(ls) - MAX_LISTED} more)" if len(ls) > MAX_LISTED else "")
-                 for lab, ls in sorted(unknown_labels.items())]
+        lines = [f"{lab!r} on {rows_word} {', '.join(ls.items)}" + (f" (+{ls.n - MAX_LISTED} more)" if ls.n > MAX_LISTED
+                                                                    else "")
+                 for lab, ls in sorted(problems.unknown_labels.items())]
         raise DistillError(
-            f"{path}, column '{label}': {len(unknown_labels)} gold label(s) are not in the label set ({known}):\n"
-            + listing(lines),
+            f"{path}, column '{cols.label}': {len(problems.unknown_labels)} gold label(s) are not in the label set "
+            f"({known}):\n" + listing(lines),
             hint="add them to `labels:` in distill.yaml, or fix the data; nothing was imported",
         )
-    if bad_gold:
-        raise DistillError(f"{len(bad_gold)} gold answer(s) are invalid:\n" + listing(bad_gold),
+    if problems.bad_gold.n:
+        raise DistillError(f"{problems.bad_gold.n} gold answer(s) are invalid:\n" + problems.bad_gold.listing(),
                            hint="gold answers must be JSON objects matching `schema:`; nothing was imported")
-    if bad_split:
-        raise DistillError(f"{len(bad_split)} row(s) have an unknown split:\n" + listing(bad_split),
+    if problems.bad_split.n:
+        raise DistillError(f"{problems.bad_split.n} row(s) have an unknown split:\n" + problems.bad_split.listing(),
                            hint="use train, validation (dev/val/valid) or test; nothing was imported")
-    if gold_conflicts:
-        report.warnings.append(f"{gold_conflicts} duplicate row(s) had a different gold answer than the first "
-                               "occurrence; the first was kept")
-    report.rejected = rejected
 
-    # -- one transaction: skip what exists, insert the rest, decontaminate ------------------------------
-    store = project.store
-    with store.tx() as conn:
-        existing_ids = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT id, norm, split FROM examples")}
-        existing_norms = {norm: i for i, (norm, _s) in existing_ids.items()}
-        conflicts: list[str] = []
-        kept_split_over_file = 0
-        to_add: list[_New] = []
-        for item in new:
-            stored = existing_ids.get(item.id)
-            if stored is not None and stored[0] != item.norm:
-                conflicts.append(f"{location(path, fmt, item.line)}: id {item.id!r}")
-                continue
-            other = existing_norms.get(item.norm)
-            if stored is not None or other is not None:
-                report.dup_existing += 1
-                stored_split = existing_ids[item.id if stored is not None else other][1]
-                kept_split_over_file += item.split is not None and item.split != stored_split
-                continue
-            to_add.append(item)
+
+# -- step 4: duplicates inside the file, ids the store knows with another text ----------------------------------
+
+
+def _first_occurrences(project: Project, path: Path, fmt: str, cols: _Columns, report: ImportReport) -> int:
+    """Fill ``import_firsts`` (the first row of each normalised text: the first occurrence wins) and count the
+    duplicates: a row repeating an earlier row's text exactly is ``dup_exact``, one repeating only its normalised
+    text ``dup_normalised``. Returns the number of first occurrences."""
+    conn = project.store.conn
+    conn.execute("CREATE INDEX import_rows_norm ON import_rows(norm, seq)")
+    rows, texts, norms = conn.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT text), COUNT(DISTINCT norm) FROM import_rows").fetchone()
+    report.dup_exact, report.dup_normalised = rows - texts, texts - norms
+    conn.execute(_FIRSTS)
+    conn.execute("BEGIN")
+    conn.execute(
+        """INSERT INTO import_firsts SELECT ROW_NUMBER() OVER (ORDER BY r.split != 'test', r.seq), r.*
+           FROM import_rows r WHERE r.seq IN (SELECT MIN(seq) FROM import_rows GROUP BY norm)""")
+    conn.execute("COMMIT")
+    conn.execute("CREATE INDEX import_firsts_norm ON import_firsts(norm)")
+    if cols.label is not None:
+        conflicts = conn.execute(
+            """SELECT COUNT(*) FROM import_rows r JOIN import_firsts f ON f.norm = r.norm
+               WHERE r.seq != f.seq AND r.gold_key IS NOT f.gold_key""").fetchone()[0]
         if conflicts:
-            raise DistillError(
-                f"{len(conflicts)} id(s) are already in the store with a different text:\n" + listing(conflicts),
-                hint="an id must always name the same input: give changed inputs new ids; nothing was imported",
-            )
-        if kept_split_over_file:
-            report.warnings.append(f"{kept_split_over_file} input(s) already stored keep their stored split, "
-                                   "although the split column says otherwise (the test split is locked)")
-        drift = settings_drift(store.get_meta("test_locked"), spec.splits)
-        if drift and to_add and split_col is None:
-            report.warnings.append(drift)
-
-        now = time.time()
-        cur = conn.execute(
-            "INSERT INTO imports(source, sha256, rows_read, added, dup_exact, dup_normalised, dup_existing, "
-            "rejected, rejected_reasons, created_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
-            (str(path), sha, report.rows_read, len(to_add), report.dup_exact, report.dup_normalised,
-             report.dup_existing, sum(rejected.values()), json.dumps(rejected, sort_keys=True), now),
+            report.warnings.append(f"{conflicts} duplicate row(s) had a different gold answer than the first "
+                                   "occurrence; the first was kept")
+    clash = _Listed()
+    for line, ex_id in conn.execute(
+            "SELECT f.line, f.id FROM import_firsts f JOIN examples e ON e.id = f.id WHERE e.norm != f.norm "
+            "ORDER BY f.seq"):
+        clash.add(f"{location(path, fmt, line)}: id {ex_id!r}")
+    if clash.n:
+        raise DistillError(
+            f"{clash.n} id(s) are already in the store with a different text:\n" + clash.listing(),
+            hint="an id must always name the same input: give changed inputs new ids; nothing was imported",
         )
-        report.import_id = cur.lastrowid
-        rows = []
-        for item in to_add:
-            sp = item.split or assign_split(item.id, spec.splits)
-            report.by_split[sp] = report.by_split.get(sp, 0) + 1
-            rows.append((item.id, item.text, item.norm, None if item.gold is None else json.dumps(item.gold, ensure_ascii=False),
-                         item.segment, json.dumps(item.meta, ensure_ascii=False, default=str), sp,
-                         report.import_id, now))
-        conn.executemany(
-            "INSERT INTO examples(id, text, norm, gold, segment, meta, split, import_id, created_at) "
-            "VALUES(?,?,?,?,?,?,?,?,?)", rows)
-        report.added = len(rows)
-        if rows and store.get_meta("test_locked") is None:
-            store.set_meta("test_locked", lock_record(spec.splits, report.import_id))
-        if rows:
-            report.contaminated_removed = decontaminate_in(conn, spec.decontamination)
-    return report
+    return conn.execute("SELECT COUNT(*) FROM import_firsts").fetchone()[0]
+
+
+# -- step 5: write in chunks, resumably ----------------------------------------------------------------------------
+
+
+def _resume_key(project: Project, sha: str, fmt: str, cols: _Columns) -> str:
+    """What makes two imports the same import: the file's bytes, how it is read and mapped, and every setting
+    that decides a row's id, split or acceptance."""
+    spec = project.spec
+    what = {"sha256": sha, "fmt": fmt, "columns": [cols.text, cols.label, cols.id, cols.split, cols.segment],
+            "splits": spec.splits.model_dump(mode="json"), "max_text_chars": spec.max_text_chars,
+            "kind": spec.kind, "labels": spec.label_names, "schema": spec.json_schema}
+    return RESUME_PREFIX + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _write(project: Project, path: Path, fmt: str, cols: _Columns, report: ImportReport, sha: str, total: int,
+           prog: _Progress) -> None:
+    """Write ``import_firsts`` in chunks of CHUNK_ROWS, each one transaction that also records how far the import
+    got (``meta``), so a killed import resumes after its last chunk under the same import id."""
+    spec, store = project.spec, project.store
+    key = _resume_key(project, sha, fmt, cols)
+    saved = store.get_meta(key)
+    state = json.loads(saved) if saved else {"next": 1, "added": 0, "dup_existing": 0, "by_split": {},
+                                             "contaminated": 0, "kept_split": 0}
+    report.import_id, report.resumed = state.get("import_id"), saved is not None
+    drift = settings_drift(store.get_meta("test_locked"), spec.splits)
+    checker = Checker(spec.decontamination)
+    now = time.time()
+    prog.stage(f"writing {path.name}", total)
+    prog.advance(state["next"] - 1)
+    while True:
+        lo = state["next"]
+        hi = min(lo + CHUNK_ROWS, total + 1)
+        try:
+            with store.tx() as conn:
+                if report.import_id is None:
+                    report.import_id = conn.execute(
+                        "INSERT INTO imports(source, sha256, rows_read, added, dup_exact, dup_normalised, dup_existing, "
+                        "rejected, rejected_reasons, created_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                        (str(path), sha, report.rows_read, 0, report.dup_exact, report.dup_normalised, 0,
+                         sum(report.rejected.values()), json.dumps(report.rejected, sort_keys=True), now)).lastrowid
+                    state["import_id"] = report.import_id
+                _write_chunk(conn, project, state, lo, hi, report.import_id, now, checker)
+                state["next"] = hi
+                conn.execute("UPDATE imports SET added=?, dup_existing=? WHERE id=?",
+                             (state["added"], state["dup_existing"], report.import_id))
+                if hi > total:
+                    conn.execute("DELETE FROM meta WHERE key=?", (key,))
+                else:
+                    store.set_meta(key, json.dumps(state))
+        except DistillError as e:
+            if lo == 1 and not report.resumed:
+                raise           # nothing was committed: the import left no trace
+            raise DistillError(e.message, hint=(e.hint + "; " if e.hint else "") +
+                               f"{state['added']} new inputs of this file are stored; run the same import again to "
+                               "continue after them") from None
+        prog.advance(hi - lo)
+        if hi > total:
+            break
+    report.added, report.dup_existing = state["added"], state["dup_existing"]
+    report.by_split, report.contaminated_removed = state["by_split"], state["contaminated"]
+    if state["kept_split"]:
+        report.warnings.append(f"{state['kept_split']} input(s) already stored keep their stored split, "
+                               "although the split column says otherwise (the test split is locked)")
+    if drift and report.added and cols.split is None:
+        report.warnings.append(drift)
+
+
+def _write_chunk(conn: sqlite3.Connection, project: Project, state: dict, lo: int, hi: int, import_id: int,
+                 now: float, checker: Checker) -> None:
+    """Rows ``lo <= ord < hi`` of ``import_firsts``: those the store has (by normalised text, so by id too: an id
+    stored with another text was refused) keep their stored split; the rest are inserted and decontaminated."""
+    rows = conn.execute(
+        """SELECT f.id, f.text, f.split, f.file_split, e.split AS stored FROM import_firsts f
+           LEFT JOIN examples e ON e.norm = f.norm WHERE f.ord >= ? AND f.ord < ? ORDER BY f.ord""", (lo, hi)).fetchall()
+    new = []
+    for ex_id, text, split, file_split, stored in rows:
+        if stored is not None:
+            state["dup_existing"] += 1
+            state["kept_split"] += file_split is not None and file_split != stored
+        else:
+            new.append((ex_id, text, split))
+            state["by_split"][split] = state["by_split"].get(split, 0) + 1
+    if not new:
+        return
+    conn.execute(
+        """INSERT INTO examples(id, text, norm, gold, segment, meta, split, import_id, created_at)
+           SELECT f.id, f.text, f.norm, f.gold, f.segment, f.meta, f.split, ?, ? FROM import_firsts f
+           WHERE f.ord >= ? AND f.ord < ? AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.norm = f.norm)
+           ORDER BY f.ord""", (import_id, now, lo, hi))
+    state["added"] += len(new)
+    if project.store.get_meta("test_locked") is None:
+        project.store.set_meta("test_locked", lock_record(project.spec.splits, import_id))
+    state["contaminated"] += decontaminate_in(conn, project.spec.decontamination, new=new, checker=checker)
