@@ -14,6 +14,9 @@ Measured, per scenario:
   tripping the server's own limit (``server_rate_limited`` counts those trips);
 - labels per minute (what the user gets; lower than the request rate by the injected 429 share);
 - a second run over the same project: paid calls (must be 0) and requests reaching the server.
+
+``bench/labelling_ray.py`` (a local teacher on 1 vs 2 Ray actors) writes its section into the same file; this script
+keeps it when it rewrites the file.
 """
 
 from __future__ import annotations
@@ -134,6 +137,20 @@ def run(args: argparse.Namespace) -> dict:
                         targets=targets, started=args.t0, environment_start=args.env0)
 
 
+def carry_over_ray(out: Path, record: dict) -> dict:
+    """Keep the parts bench/labelling_ray.py wrote into the same file (results.ray_local_teacher, ratios ray_*,
+    targets "ray: ..."): that script measures them, this one does not."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return record
+    if "ray_local_teacher" in old.get("results", {}):
+        record["results"]["ray_local_teacher"] = old["results"]["ray_local_teacher"]
+    record["ratios"].update({k: v for k, v in old.get("ratios", {}).items() if k.startswith("ray_")})
+    record["targets"] += [t for t in old.get("targets", []) if t.get("name", "").startswith("ray:")]
+    return record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="a few seconds instead of ~30")
@@ -151,7 +168,7 @@ def main() -> None:
                        else HERE / "results" / "labelling_throughput.json")
     args.t0, args.env0 = time.perf_counter(), environment()
     record = run(args)
-    write_json_atomic(out, record)
+    write_json_atomic(out, carry_over_ray(out, record))
     print(json.dumps({k: v for k, v in record["results"].items() if k != "machine"}, indent=2))
     print(f"wrote {out}")
     if record["ratios"]["rerun_calls"] != 0:

@@ -9,7 +9,8 @@ What it proves:
 - kill -9 of the driver (the CLI, connected to the cluster) mid-run, then a re-run: the re-run sends exactly
   the inputs without a committed answer, and the books are exact (one label and one ledger row per input);
 - the errors a user can fix: Ray not installed (says which pip command), a non-local teacher, Ray options
-  without --engine ray.
+  without --engine ray;
+- bench/labelling_ray.py --smoke runs, and merges its section into the labelling results without dropping theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -65,14 +67,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_base(tmp_path_factory.mktemp("tiny_teacher"), seed=0)
 
 
-def make_project(root: Path, model: Path, n: int, *, kind: str = "classify", max_tokens: int = 8) -> Project:
+def make_project(root: Path, model: Path, n: int, *, kind: str = "classify", max_tokens: int = 8,
+                 per_hour: float = 0.0) -> Project:
     """``n`` train inputs; inputs 0 and 1 have the same text (one prompt: answered once, as in-process)."""
     task = (f"kind: classify\nlabels: [{', '.join(LABELS)}]\n" if kind == "classify" else
             "kind: generate\nprompt:\n  system: Repeat the message.\n")
     spec = (f"name: t\n{task}description: A test task.\nteachers:\n  - name: tiny\n    kind: local\n"
             f"    path: {model}\n    max_tokens: {max_tokens}\n"
             + ("    logprobs: true\n    top_logprobs: 3\n" if kind == "generate" else "")
-            + "    terms: {outputs_may_train_models: true}\n")
+            + f"    price: {{per_hour: {per_hour}}}\n    terms: {{outputs_may_train_models: true}}\n")
     project = Project.init(root, kind, spec_text=spec)
     with project.store.tx() as c:
         for i in range(n):
@@ -142,6 +145,24 @@ def test_ray_writes_what_in_process_labelling_writes(cluster, tiny_model, tmp_pa
     assert (again.sent, again.report.calls, again.report.already_labelled) == (0, 0, n)
 
 
+def test_budget_stops_the_stream_and_a_larger_budget_continues(cluster, tiny_model, tmp_path):
+    from distill.ray_label import RayConfig, label_ray
+
+    # priced by compute time, as a local teacher is: a budget of a few inputs' worth stops the run part-way
+    p = make_project(tmp_path / "p", tiny_model, 60, per_hour=3600.0)
+    cfg = RayConfig(actors=2, address=cluster.address, batch_size=4)
+    first = label_ray(p, config=cfg, budget=0.1, progress=False)
+    assert first.report.stopped == "budget" and 0 < first.report.ok < 60
+    # (the budget check is the labeller's: before a call, from the mean latency so far, so the first call of a
+    # per-hour priced teacher can overshoot it by its own cost, in-process as on Ray)
+    assert first.report.ok == p.store.one("SELECT COUNT(*) FROM labels")
+    assert first.report.calls == p.store.one("SELECT COUNT(*) FROM teacher_calls")
+    rest = label_ray(p, config=cfg, budget=100.0, progress=False)
+    # 59 distinct prompts (the twins share one); only those without a committed answer are sent again
+    assert rest.report.stopped is None and rest.sent == 59 - first.report.calls
+    assert p.store.one("SELECT COUNT(*) FROM labels WHERE status = 'ok'") == 60
+
+
 # -- kill -9 ------------------------------------------------------------------------------------------------
 
 
@@ -186,6 +207,7 @@ def test_kill9_of_the_driver_resumes_without_duplicate_work(cluster, tiny_model,
     rest = {f"ex{i:04d}" for i in range(n)} - before
     twins = {"ex0000", "ex0001"}
     assert sent == len(rest - twins) + (1 if twins <= rest else 0)
+    print(f"\nkill -9 after {len(before)} of {n} committed; the re-run sent {sent}")
 
     p = Project.open(root)                               # the store passes its check after the kill
     labels, calls = _labels(p), _calls(p)
@@ -225,3 +247,29 @@ def test_ray_options_need_engine_ray(tmp_path, tiny_model):
     make_project(tmp_path / "p", tiny_model, 2).close()
     r = CliRunner().invoke(app, ["label", str(tmp_path / "p"), "--actors", "2"])
     assert r.exit_code == 2 and "--engine ray" in r.output
+
+
+# -- the benchmark script ----------------------------------------------------------------------------------
+
+
+def test_bench_smoke_merges_into_the_labelling_results(tmp_path):
+    from distill.bench import check_result
+
+    out = tmp_path / "labelling_throughput.json"
+    shutil.copy(REPO / "bench" / "results" / "labelling_throughput.json", out)
+    before = json.loads(out.read_text())
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "labelling_ray.py"), "--smoke", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = json.loads(out.read_text())
+    assert check_result(after, "labelling_throughput") == []
+    # the labelling suite's own results are kept; the Ray section, ratios and targets are added
+    for k in ("rpm_bound", "tpm_bound"):
+        assert after["results"][k] == before["results"][k]
+    assert {k: v for k, v in after["ratios"].items() if not k.startswith("ray_")} == \
+           {k: v for k, v in before["ratios"].items() if not k.startswith("ray_")}
+    ray_part = after["results"]["ray_local_teacher"]
+    assert {a["actors"] for n in ("ray_1", "ray_2") for a in ray_part["arms"][n]} == {1, 2}
+    assert after["ratios"]["ray_answers_equal_inprocess"] == 1.0
+    assert after["ratios"]["ray_2_over_1_actors"] is not None
