@@ -1,6 +1,6 @@
 """Labelling with a local teacher on Ray actors: 2 actors vs 1, side by side in one run (and in-process).
 
-    .venv/bin/python bench/labelling_ray.py            # ~5 min: SmolLM2-135M (packaged GGUF), 96 SNIPS inputs x 2 rounds
+    .venv/bin/python bench/labelling_ray.py            # ~8 min: SmolLM2-135M (packaged GGUF), 192 SNIPS inputs x 3 rounds
     .venv/bin/python bench/labelling_ray.py --smoke    # ~1 min: a tiny random LM; writes to a temp file unless --out
 
 Writes its section into ``bench/results/labelling_throughput.json`` (the `labelling` suite's file): the results
@@ -15,7 +15,8 @@ the project (a fresh store, the same inputs):
 - ``ray_1``: `distill label --engine ray --actors 1` (1 CPU, 1 torch thread);
 - ``ray_2``: ``--actors 2`` (1 CPU, 1 torch thread each);
 - ``inprocess``: plain `distill label` (one model, torch's default threads), once, for reference.
-Rounds alternate the order of the Ray arms (1,2 then 2,1) so load that drifts during the run hits both.
+Rounds alternate the order of the Ray arms (1,2 then 2,1, ...) so load that drifts during the run hits both;
+each round's ratio is kept with its load average (``per_round``).
 Throughput per arm: ``steady`` = answers after the first batch / (last answer - first answer) (the
 actors are all started before the first batch: Ray Data's ``wait_for_min_actors_s``), and ``end_to_end`` =
 labels / the whole call (actor start and model load included). Answers of all arms must be identical.
@@ -156,6 +157,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         rates = [a[key] for a in arms[name]]
         return None if any(r is None for r in rates) else round(len(rates) / sum(1 / r for r in rates), 4)
 
+    # each round's own ratio, with the load it ran under: on a shared machine the spread says more than the mean
+    per_round = [{"round": i, "ratio_2_over_1_steady": round(b["steady_labels_per_s"] / a["steady_labels_per_s"], 4)
+                  if a["steady_labels_per_s"] and b["steady_labels_per_s"] else None,
+                  "loadavg_1min": [a["loadavg_before"][0], b["loadavg_before"][0]]}
+                 for i, (a, b) in enumerate(zip(arms["ray_1"], arms["ray_2"]))]
     steady = {n: total_rate(n, "steady_labels_per_s") for n in arms}
     e2e = {n: total_rate(n, "end_to_end_labels_per_s") for n in arms}
     ratio = round(steady["ray_2"] / steady["ray_1"], 4) if steady["ray_1"] and steady["ray_2"] else None
@@ -169,7 +175,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "environment": args.env0, "environment_end": environment(), "ray_version": versions(("ray",))["ray"],
         "local_ray_start_s": ray_start_s, "cores": os.cpu_count(),
         "arms": {**arms, "inprocess": inproc},
-        "steady_labels_per_s": steady, "end_to_end_labels_per_s": e2e,
+        "steady_labels_per_s": steady, "end_to_end_labels_per_s": e2e, "per_round": per_round,
     }
     targets = [target("ray: answers equal to in-process labelling (share of inputs, every arm)", agree, ">=", 1.0,
                       "same keys and answers; scores may differ in float round-off only"),
@@ -194,8 +200,8 @@ def merge(out: Path, measured: dict, args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny random LM and a few inputs (~1 min)")
-    ap.add_argument("--inputs", type=int, default=96, help="SNIPS inputs per arm")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of the two Ray arms, order alternated")
+    ap.add_argument("--inputs", type=int, default=192, help="SNIPS inputs per arm")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the two Ray arms, order alternated")
     ap.add_argument("--batch-size", type=int, default=8, help="inputs per actor call")
     ap.add_argument("--object-store-mb", type=int, default=256)
     ap.add_argument("--out", type=Path)

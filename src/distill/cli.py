@@ -198,7 +198,7 @@ def label(
     wait: bool = typer.Option(False, help="Wait for another process holding the project instead of refusing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     engine: Engine = typer.Option(Engine.inprocess, help="ray: a local teacher on a pool of Ray actors, one model "
-                                  "each (needs `pip install 'distill[ray]'`)."),
+                                  "each (needs `pip install 'distill\\[ray]'`)."),
     actors: Optional[int] = typer.Option(None, help="--engine ray: model copies (default 2)."),
     cpus_per_actor: Optional[float] = typer.Option(None, help="--engine ray: CPUs (torch threads) per actor "
                                                    "(default 1)."),
