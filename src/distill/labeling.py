@@ -262,7 +262,8 @@ class _Item:
     labels: list[str] | None = None   # classify: the candidates (all labels, or a few-shot shortlist)
 
 
-PLAN_PAGE = 1000     # inputs read, rendered and hashed at a time: the plan's memory does not grow with the project
+PLAN_PAGE = 1000     # inputs read at a time: the plan's memory does not grow with the project
+RENDER_BATCH = 32    # inputs rendered and hashed at a time (see Plan.pages)
 PLAN_VERSION = 1     # bump when prompts or cache keys change in a way the fingerprint's parts cannot show
 
 
@@ -343,28 +344,37 @@ class Plan:
                 yield rows
 
     def pages(self) -> Iterator[list[_Item]]:
+        """The work in small pages (RENDER_BATCH inputs rendered at a time, read PLAN_PAGE at a time): the labeller
+        plans while it labels, in the same event loop, and a long pause there is request quota the RPM limiter
+        cannot give back; a page of RENDER_BATCH takes a few milliseconds."""
         left = self.limit
         for rows in self._rows():
-            if left is not None and left <= 0:
-                return
-            todo, current = [], []
-            # few-shot demonstrations (if any) are chosen once per input and kept, so the keys stay put
-            prompts = teacher_prompts(self.project, rows, rationale=self.tspec.rationale, fewshot=self.fewshot or False)
-            for r, tp in zip(rows, prompts):
-                keys = cache_keys(self.identity, tp.messages, self.tspec.parse_retries + 1)
-                if r["lstatus"] == "ok" and r["call_key"] in keys:
-                    current.append((r["id"], r["call_key"]))
-                else:
-                    todo.append(_Item(r["id"], tp.messages, keys, tp.labels))
+            current = []
+            for at in range(0, len(rows), RENDER_BATCH):
+                if left is not None and left <= 0:
+                    break
+                batch = rows[at:at + RENDER_BATCH]
+                todo = []
+                # few-shot demonstrations (if any) are chosen once per input and kept, so the keys stay put
+                prompts = teacher_prompts(self.project, batch, rationale=self.tspec.rationale,
+                                          fewshot=self.fewshot or False)
+                for r, tp in zip(batch, prompts):
+                    keys = cache_keys(self.identity, tp.messages, self.tspec.parse_retries + 1)
+                    if r["lstatus"] == "ok" and r["call_key"] in keys:
+                        current.append((r["id"], r["call_key"]))
+                    else:
+                        todo.append(_Item(r["id"], tp.messages, keys, tp.labels))
+                if left is not None:
+                    todo, left = todo[:left], left - len(todo[:left])
+                if todo:
+                    yield todo
             if current and not self.project.store.readonly:
                 with self.project.store.tx() as c:
                     for ex_id, key in current:
                         self.remember(c, ex_id, key)
             self.already_labelled += len(current)
-            if left is not None:
-                todo, left = todo[:left], left - len(todo[:left])
-            if todo:
-                yield todo
+            if left is not None and left <= 0:
+                return
 
     def remember(self, c: Any, example_id: str, key: str) -> None:
         """Inside the transaction that writes (or confirms) an ok label made with ``key``."""

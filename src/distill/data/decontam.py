@@ -272,15 +272,18 @@ class TestIndex:
         self.ids.extend(ids)
 
     def refresh(self, conn: sqlite3.Connection, width: int) -> None:
+        # every signature stored since is read once (train ones too, so the next refresh starts after them)
         while True:
             rows = conn.execute(
-                "SELECT s.n, s.example_id, s.sig FROM decontam_sigs s JOIN examples e ON e.id = s.example_id "
-                "WHERE s.n > ? AND e.split = 'test' AND length(s.sig) > 0 ORDER BY s.n LIMIT ?",
-                (self.seen, CHUNK)).fetchall()
+                "SELECT s.n, s.example_id, s.sig, e.split FROM decontam_sigs s JOIN examples e ON e.id = s.example_id "
+                "WHERE s.n > ? ORDER BY s.n LIMIT ?", (self.seen, CHUNK)).fetchall()
             if not rows:
                 return
             self.seen = rows[-1][0]
-            self.add([r[1] for r in rows], np.frombuffer(b"".join(r[2] for r in rows), dtype="<u4").reshape(-1, width))
+            tests = [r for r in rows if r[3] == "test" and r[2]]
+            if tests:
+                self.add([r[1] for r in tests],
+                         np.frombuffer(b"".join(r[2] for r in tests), dtype="<u4").reshape(-1, width))
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._new:
@@ -301,10 +304,12 @@ class TestIndex:
         low = np.uint64(0xFFFFFFFF)
         for col, packed in enumerate(self._arrays()):
             flat = q[:, 0] if col == 0 else q[:, 1:].ravel()
-            lo, hi = np.searchsorted(packed, flat, "left"), np.searchsorted(packed, flat | low, "right")
+            order = np.argsort(flat)           # searching sorted keys walks the big array in order: cache-friendly
+            keys = flat[order]
+            lo, hi = np.searchsorted(packed, keys, "left"), np.searchsorted(packed, keys | low, "right")
             per_row = 1 if col == 0 else q.shape[1] - 1
             for f in np.nonzero(hi > lo)[0]:
-                out[rows[f // per_row]][col].update((packed[lo[f]:hi[f]] & low).tolist())
+                out[rows[order[f] // per_row]][col].update((packed[lo[f]:hi[f]] & low).tolist())
         return out
 
 
@@ -363,13 +368,20 @@ class Checker:
         self.width = 1 + self.banding.bands
         self.index = TestIndex()
         self.prepared = False
+        self.older_trains = True       # set by prepare: train/validation inputs stored before this checker's
+        self.signed_trains = False     # this checker signed train/validation inputs (they are older for later tests)
 
-    def prepare(self, conn: sqlite3.Connection, skip: set[str] = frozenset()) -> int:
-        """Once per checker: signatures made with other settings are dropped, inputs without one (but ``skip``,
+    def prepare(self, conn: sqlite3.Connection, new: Sequence[tuple[str, str, str]] = ()) -> int:
+        """Once per checker: signatures made with other settings are dropped, inputs without one (but ``new``,
         the caller's new inputs, which it checks itself) are signed and checked."""
         if self.prepared:
             return 0
         self.prepared = True
+        skip = {i for i, _, _ in new}
+        # are there train/validation inputs a new test input must be compared with? In a first import there are
+        # none until its test inputs (written first) are all in, and the scan for them can be skipped
+        trains = conn.execute("SELECT COUNT(*) FROM examples WHERE split IN ('train', 'validation')").fetchone()[0]
+        self.older_trains = trains > sum(1 for _, _, split in new if split != "test")
         record = self.banding.record()
         stored = conn.execute("SELECT value FROM meta WHERE key=?", (META_KEY,)).fetchone()
         if stored is None or stored[0] != record:
@@ -408,8 +420,9 @@ class Checker:
         if trains:
             self.index.refresh(conn, self.width)
             hits += self._against_tests(conn, trains)
-        if new_tests:
+        if new_tests and (self.older_trains or self.signed_trains):
             hits += self._against_older(conn, new_tests, {i for i, _, _ in new})
+        self.signed_trains = self.signed_trains or any(split != "test" for _, _, split in new)
         conn.executemany("INSERT OR REPLACE INTO contamination(example_id, test_id, method, score) VALUES(?,?,?,?)",
                          [(h.example_id, h.test_id, h.method, h.score) for h in hits])
         return len(hits)
@@ -479,7 +492,7 @@ def decontaminate_in(conn: sqlite3.Connection, spec: DecontamSpec, *, rebuild: b
         conn.execute("DELETE FROM decontam_sigs")
         checker.index, checker.prepared = TestIndex(), False
     new = new or []
-    return checker.prepare(conn, {i for i, _, _ in new}) + checker.check(conn, new)
+    return checker.prepare(conn, new) + checker.check(conn, new)
 
 
 def decontaminate(project: Project, *, rebuild: bool = False) -> int:
