@@ -114,6 +114,7 @@ def _run(fn):
     Everything printed here goes through ``distill.redact`` (a message built from a provider's error body can
     repeat the API key) and is escaped for rich (a body with ``[/]`` in it would otherwise be markup). A bug
     keeps its traceback, redacted the same way, and exits 1."""
+    import sqlite3
     import traceback
 
     from rich.markup import escape
@@ -131,6 +132,17 @@ def _run(fn):
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: committed work is kept; re-run the same command to resume")
         raise typer.Exit(130) from None
+    except sqlite3.DatabaseError as e:
+        # the store's integrity is checked after a crash, not on every open (store.Store): damage from elsewhere
+        # (a bad copy, a failing disk) shows up when SQLite reads a bad page, which refuses before writing
+        if not any(w in str(e).lower() for w in ("malformed", "not a database", "corrupt")):
+            print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+            raise typer.Exit(1) from None
+        console.print(f"[bold red]error:[/] the project's store (distill.db) is damaged: {escape(str(e))}",
+                      highlight=False)
+        console.print("[yellow]hint:[/] `distill status PROJECT --check` runs SQLite's integrity check; restore "
+                      "distill.db from a backup (distill does not write to a damaged store)", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
     except (typer.Exit, typer.Abort, TyperException):    # typer's own ways out
         raise
     except Exception:

@@ -34,9 +34,11 @@ def flat(s: str) -> str:
 
 
 def tree(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``root`` (what must survive a refused export)."""
+    """relative path -> sha256 of every file under ``root`` (what must survive a refused export), but SQLite's
+    -wal/-shm files and the open-store markers (store.py: a live process's open store, not project content)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("distill.db-")}
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("distill.db-")
+            and ".distill-open" not in p.parts}
 
 
 @pytest.fixture(scope="module")

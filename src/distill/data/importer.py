@@ -494,10 +494,14 @@ def import_file(project: Project, path: str | Path, *, text: str = "text", label
             total = _first_occurrences(project, path, fmt, cols, report)
             _write(project, path, fmt, cols, report, sha, total, prog)
     finally:
-        conn.execute("DROP TABLE IF EXISTS import_rows")
-        conn.execute("DROP TABLE IF EXISTS import_firsts")
-        if cache is not None:
-            conn.execute(f"PRAGMA cache_size={cache}")
+        try:
+            conn.execute("DROP TABLE IF EXISTS import_rows")
+            conn.execute("DROP TABLE IF EXISTS import_firsts")
+            if cache is not None:
+                conn.execute(f"PRAGMA cache_size={cache}")
+        except sqlite3.OperationalError:
+            pass    # a full disk can refuse even this; TEMP tables go with the connection, and the error that
+            # brought us here (a DistillError saying so) is the one to report
     return report
 
 
@@ -587,10 +591,10 @@ def _read(project: Project, path: Path, fmt: str, cols: _Columns, report: Import
             if row is not None:
                 batch.append((report.rows_read, *row))
             if len(batch) >= BATCH_ROWS:
-                _to_scratch(conn, batch)
+                _to_scratch(conn, batch, project.store.path)
                 prog.advance(len(batch))
                 batch = []
-        _to_scratch(conn, batch)
+        _to_scratch(conn, batch, project.store.path)
     if report.rows_read == 0:
         raise DistillError(f"{path}: no data rows (only a header)", hint="add rows under the header")
     if columns is None:
@@ -648,15 +652,24 @@ def _row(spec: ProjectSpec, path: Path, fmt: str, cols: _Columns, rec: _Record, 
             row_split or assign_split(ex_id, spec.splits))
 
 
-def _to_scratch(conn: sqlite3.Connection, batch: list[tuple]) -> None:
+def _to_scratch(conn: sqlite3.Connection, batch: list[tuple], where: Path) -> None:
     if not batch:
         return
     conn.execute("BEGIN")      # one transaction per batch, on the TEMP database only: the store is not locked
     try:
         conn.executemany("INSERT INTO import_rows(seq, line, id, text, norm, gold, gold_key, segment, meta, "
                          "file_split, split) VALUES(?,?,?,?,?,?,?,?,?,?,?)", batch)
+    except sqlite3.OperationalError as e:
+        # a full disk (or a file size limit) fails the scratch table's spill to disk; SQLite may already have
+        # rolled back, and nothing of this import reached the store
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        from distill.store import _db_hint
+
+        raise DistillError(f"{where}: import failed, nothing was stored: {e}", hint=_db_hint(e)) from None
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
 
