@@ -44,6 +44,9 @@ class Suite:
 SUITES: tuple[Suite, ...] = (
     Suite("labelling", "bench/labelling_throughput.py", "labelling_throughput.json",
           "labelling RPM achieved / limit against a loopback server with 429s; cache-hit rerun = 0 calls"),
+    Suite("scale", "bench/scale.py", "scale.json",
+          "volume: import, plan, label and plan again 100K and 1M synthetic inputs against the loopback server; "
+          "seconds and peak RSS per stage, peak RSS 1M / 100K, labelling rate / RPM limit at 1M"),
     Suite("training", "bench/training_throughput.py", "training_throughput.json",
           "our training vs a plain Hugging Face Trainer: samples/s and peak RSS (encoder and LoRA LM)"),
     Suite("latency", "bench/latency.py", "latency.json",

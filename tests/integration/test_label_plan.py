@@ -97,6 +97,9 @@ def test_plan_pages_and_limit(tmp_path, server, monkeypatch):
     assert [i.id for x in pages for i in x] == sorted(f"ex{i:05d}" for i in range(10, 30))
     assert sum(len(x) for x in plan(p, limit=9).pages()) == 9
     assert [i.id for x in plan(p, ids=["ex00003", "ex00012", "nope"]).pages() for i in x] == ["ex00012"]
+    only_train, only_test = plan(p, splits=["train"]), plan(p, splits=["test", "validation"])     # the split filter
+    assert (only_train.total, only_train.already_labelled, sum(len(x) for x in only_train.pages())) == (30, 10, 20)
+    assert (only_test.total, list(only_test.pages())) == (0, [])
     r = label(p, limit=15, progress=False)
     assert (r.ok, r.already_labelled) == (15, 10)
 

@@ -395,9 +395,10 @@ class Checker:
         for which in ("=", "!="):
             last = ""
             while True:
+                # `|| ''` keeps SQLite on the primary key (by the split index it would sort every page again)
                 rows = conn.execute(
-                    f"SELECT e.id, e.text, e.split FROM examples e WHERE e.split {which} 'test' AND e.id > ? AND NOT "
-                    "EXISTS (SELECT 1 FROM decontam_sigs s WHERE s.example_id = e.id) ORDER BY e.id LIMIT ?",
+                    f"SELECT e.id, e.text, e.split FROM examples e WHERE e.split || '' {which} 'test' AND e.id > ? "
+                    "AND NOT EXISTS (SELECT 1 FROM decontam_sigs s WHERE s.example_id = e.id) ORDER BY e.id LIMIT ?",
                     (last, CHUNK)).fetchall()
                 if not rows:
                     break
