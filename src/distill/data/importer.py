@@ -790,6 +790,7 @@ def _write(project: Project, path: Path, fmt: str, cols: _Columns, report: Impor
     while True:
         lo = state["next"]
         hi = min(lo + CHUNK_ROWS, total + 1)
+        committed = json.loads(json.dumps(state))     # the chunk below counts into state before its commit
         try:
             with store.tx() as conn:
                 if report.import_id is None:
@@ -811,8 +812,8 @@ def _write(project: Project, path: Path, fmt: str, cols: _Columns, report: Impor
             if lo == 1 and not report.resumed:
                 raise           # nothing was committed: the import left no trace
             raise DistillError(e.message, hint=(e.hint + "; " if e.hint else "") +
-                               f"{state['added']} new inputs of this file are stored; run the same import again to "
-                               "continue after them") from None
+                               f"{committed['added']} new inputs of this file are stored; run the same import again "
+                               "to continue after them") from None
         prog.advance(hi - lo)
         if hi > total:
             break
