@@ -323,6 +323,10 @@ def run(args: argparse.Namespace) -> dict:
         for s in stages:
             ratios[f"before_over_after_{s}_seconds"] = ratio(b[s]["seconds"], a[s]["seconds"])
             ratios[f"before_over_after_{s}_peak_rss"] = ratio(b[s]["peak_rss_mb"], a[s]["peak_rss_mb"])
+        # at a rate both keep up with, the labelling seconds are the limit's; the CPU per call is the labeller's
+        if "label" in stages:
+            ratios["before_over_after_label_cpu_per_call"] = ratio(b["label"]["cpu_ms_per_call"],
+                                                                   a["label"]["cpu_ms_per_call"])
     big_n, small_n = args.sizes[-1], args.sizes[0]
     targets = [
         target(f"import seconds per 1M inputs (measured at {big_n:,})", ratios["import_seconds_per_1m"], "<=",

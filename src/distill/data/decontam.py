@@ -23,8 +23,9 @@ Incremental, so an import costs what it adds, not what the store holds: each sto
 when the input is checked first, and kept in ``decontam_sigs``. A check then touches only the new inputs: new
 train/validation inputs are looked up in an index of every test input's keys (``TestIndex``, in memory: 8 bytes
 per key), and new test inputs' keys are looked for in the stored signatures of the older train/validation inputs
-(a scan of small blobs; no MinHash is recomputed). Every (train, test) pair is so compared once, when the later
-of the two is stored: the pairs the full re-check of every import compared before. Keys are 32 bits, so two
+(a scan of small blobs; no MinHash is recomputed; skipped while there are none, as in a first import, which writes
+its test inputs first). Every (train, test) pair is so compared once, when the later of the two is stored: the
+pairs the full re-check of every import compared before. Keys are 32 bits, so two
 keys can collide by chance; that only adds a candidate, which the exact confirmation turns down.
 The signatures depend on the ``decontamination:`` settings; when those change (recorded in ``meta``) every
 input's signature is recomputed and every pair checked again. ``rebuild=True`` also clears the table first

@@ -19,7 +19,9 @@ in memory that does not grow with it, and a crash costs at most the chunk being 
    decontamination on them (``decontam.py``) so contaminated rows are excluded from the moment they exist.
    The first chunk records the ``imports`` row (its counters are updated by every chunk) and locks the test
    split on the first import. Test inputs are written first, so each train/validation input is checked
-   against all the file's test inputs as it is inserted.
+   against all the file's test inputs as it is inserted; then in normalised-text order, so the store's
+   largest index grows in order (at 1M inputs the inserts took 8 s instead of 24: file order put each one at a
+   random place of it).
 
 A failed import before step 5 adds nothing. During step 5 each chunk records how far the import got (``meta``
 key ``import_resume:<key>``, deleted by the last chunk): after a ``kill -9`` or a failed write, running the same
