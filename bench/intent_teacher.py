@@ -24,8 +24,9 @@ Who sees what (seeded ``random.Random(0)``, per intent; written on every line as
 - ``validation``:    10 per intent (BANKING77: the next 10 of train.csv; CLINC150: its validation split, + the
   100 out-of-scope ``oos_val``): the teacher's early stopping uses their gold; students use the teacher's
   labels there, never the gold;
-- ``traffic``:       what the student learns from, labelled by the teacher only (BANKING77: the next 40 per
-  intent of train.csv, fewer where an intent has fewer; CLINC150: the other 20 train queries per intent);
+- ``traffic``:       what the student learns from, labelled by the teacher only (BANKING77: the rest of
+  train.csv, ~110 per intent — until 2026-11-30 the next 40 per intent, ``--banking-traffic 40``; CLINC150: the
+  other 20 train queries per intent);
 - ``test``:          the locked test set (BANKING77: all of test.csv; CLINC150: 4,500 in-scope + 1,000 oos).
   The teacher never trains or stops on it.
 
@@ -56,7 +57,7 @@ SEED = 0
 BASE = "all-mpnet-base-v2"
 TEACHER_GOLD_PER_INTENT = 10
 VAL_PER_INTENT = 10
-BANKING_TRAFFIC_PER_INTENT = 40
+BANKING_TRAFFIC_PER_INTENT: int | None = None   # None: the rest of train.csv (the same teacher/validation rows)
 ROLES = ("test", "validation", "traffic", "teacher_train")
 
 
@@ -69,8 +70,9 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def banking77_rows() -> list[dict]:
-    """{text, gold, role, segment}: segments = 3 word-count bins cut at the test tertiles."""
+def banking77_rows(traffic_per_intent: int | None = BANKING_TRAFFIC_PER_INTENT) -> list[dict]:
+    """{text, gold, role, segment}: segments = 3 word-count bins cut at the test tertiles. The teacher's and
+    validation rows do not depend on ``traffic_per_intent`` (same shuffle, taken first)."""
     folder = ROOT / "examples" / "banking77"
     intents = json.loads((folder / "categories.json").read_text())
     train_all, test = read_csv(folder / "train.csv"), read_csv(folder / "test.csv")
@@ -81,7 +83,7 @@ def banking77_rows() -> list[dict]:
         pool = [r for r in train_all if r["category"] == intent]
         rng.shuffle(pool)
         for role, part in (("teacher_train", pool[:a]), ("validation", pool[a:b]),
-                           ("traffic", pool[b:b + BANKING_TRAFFIC_PER_INTENT])):
+                           ("traffic", pool[b:] if traffic_per_intent is None else pool[b:b + traffic_per_intent])):
             rows += [{"text": r["text"], "gold": intent, "role": role} for r in part]
     rows += [{"text": r["text"], "gold": r["category"], "role": "test"} for r in test]
     q1, q2 = (float(x) for x in np.percentile([len(r["text"].split()) for r in test], [100 / 3, 200 / 3]))
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=8e-5, help="peak learning rate (linear decay, 10% warm-up)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="folder for the teacher's training project")
     ap.add_argument("--out", type=Path, help="default: examples/<dataset>/teacher_mpnet.jsonl.gz")
+    ap.add_argument("--banking-traffic", default="all",
+                    help="BANKING77 traffic rows per intent: 'all' (the rest of train.csv, default) or a number")
     args = ap.parse_args(argv)
 
     import torch
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from distill.students.classifier import ClassifierStudent
 
     resolved = resolve_model(BASE)          # fails early, with the pip command, if the parts are missing
-    rows = banking77_rows() if args.dataset == "banking77" else clinc150_rows()
+    traffic = None if args.banking_traffic == "all" else int(args.banking_traffic)
+    rows = banking77_rows(traffic) if args.dataset == "banking77" else clinc150_rows()
     t0 = time.perf_counter()
     path, record = train_teacher(args.work / f"teacher-{args.dataset}", args.dataset, rows, args.epochs, args.lr)
     print(f"[{args.dataset}] teacher trained: {record['epochs_run']} epochs, best validation agreement "
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": f"mpnet-{args.dataset}", "model": f"{resolved.upstream} fine-tuned on {TEACHER_GOLD_PER_INTENT} "
         f"gold queries per intent (classification head; distill's classifier recipe)",
         "base_package": resolved.package, "licence": resolved.licence,
-        "command": f"python bench/intent_teacher.py --dataset {args.dataset} --epochs {args.epochs} --lr {args.lr}",
+        "command": f"python bench/intent_teacher.py --dataset {args.dataset} --epochs {args.epochs} --lr {args.lr}"
+                   + (f" --banking-traffic {args.banking_traffic}" if args.dataset == "banking77" else ""),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {k: environment().get(k) for k in ("git_sha", "versions", "cpu_model", "load_average")},
         "training": record, "labels": list(model.labels),

@@ -119,7 +119,7 @@ def _banking_rows() -> tuple[list[dict], list[str]]:
     rng = random.Random(SEED)
     rows = []
     train_all = read(BANKING / "train.csv")
-    for intent in intents:     # the retention bench's seeded 40 per intent
+    for intent in intents:     # 40 per intent, seeded (the first 40 of bench/intent_teacher.py's shuffle)
         pool = [r for r in train_all if r["category"] == intent]
         rng.shuffle(pool)
         rows += [{"text": r["text"], "intent": intent, "split": "train"} for r in pool[:40]]
