@@ -24,7 +24,10 @@ Students (packaged MiniLM-L6, same recipe and seed; only the targets differ):
 - ``distilled``: ``signal: mix`` (0.5 KD on the teacher's distribution at T=2 + 0.5 CE on its argmax);
 - ``hard``: ``signal: hard`` (the teacher's argmax only);
 - ``gold_trained``: ``signal: gold`` (the same inputs' gold labels: not distillation, the reference);
-- ``tfidf_baseline``: TF-IDF + logistic regression on the same kept teacher labels.
+- ``tfidf_baseline``: TF-IDF + logistic regression on the same kept teacher labels;
+- ``distilled_suspect`` (on request): ``distilled`` after the gold-free ``filters.suspect_labels`` filter (its
+  defaults), trained in a sibling project (``retention-<dataset>-suspect``, a copy of the store) so the others'
+  training rows stay as they are.
 
 Retention = system accuracy vs gold / teacher accuracy vs gold on the same test rows, recomputed on each paired
 bootstrap resample; worst segment = lowest retention among segments with n >= 30 (BANKING77: three text-length
@@ -54,7 +57,8 @@ RESAMPLES = 1000         # bootstrap draws per CI (distill.metrics.bootstrap_ci 
 MIN_SEGMENT = 30         # segments smaller than this are reported but cannot be the worst segment
 TARGET_OVERALL, TARGET_WORST = 1.00, 0.95
 TEACHER_NAME = "mpnet"
-STUDENTS = {"distilled": "mix", "gold_trained": "gold", "hard": "hard"}
+STUDENTS = {"distilled": "mix", "gold_trained": "gold", "hard": "hard", "distilled_suspect": "mix"}
+DEFAULT_STUDENTS = ("distilled", "gold_trained", "hard")   # distilled_suspect: on request (--students)
 SPLIT_OF_ROLE = {"traffic": "train", "validation": "validation", "test": "test"}   # teacher_train: never imported
 
 
@@ -162,7 +166,11 @@ def build(work: Path, name: str, rows: list[dict], student: dict):
 
     def replies():
         for r in project.store.q("SELECT text, segment, meta FROM examples"):
-            rec = by_text[r["text"]]
+            rec = by_text.get(r["text"])
+            if rec is None:   # the project was built from another recording (or another --smoke selection)
+                raise SystemExit(f"{work} holds inputs the current recording does not have (e.g. {r['text']!r}): "
+                                 f"it was built from an older examples/{name}/teacher_mpnet.jsonl.gz; remove {work} "
+                                 "and re-run")
             probs = {k: v for k, v in rec["probs"].items() if k in intents}
             top = max(probs, key=probs.get)
             msgs = render_messages(project.spec, r["text"], r["segment"], json.loads(r["meta"] or "{}"))
@@ -268,7 +276,40 @@ def student_config(name: str, smoke: bool) -> dict:
             "early_stopping_patience": 2, "early_stopping_metric": "agreement", "seed": SEED}
 
 
-def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = tuple(STUDENTS)) -> dict:
+def suspect_project(project, root: Path):
+    """A copy of ``project``'s store with ``filters.suspect_labels`` (defaults) on, filtered: the gold-free label
+    filter, and how its drops compare with the teacher's real errors (gold is read only to score the drops)."""
+    import shutil
+    import sqlite3
+
+    import yaml
+
+    from distill.filters import run_filters
+    from distill.project import Project
+
+    if not (root / "distill.db").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        spec = yaml.safe_load((project.root / "distill.yaml").read_text())
+        spec["filters"] = {**(spec.get("filters") or {}), "suspect_labels": {}}
+        (root / "distill.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        shutil.copy(project.root / "teacher_replay.jsonl", root / "teacher_replay.jsonl")
+        with sqlite3.connect(project.root / "distill.db") as a, sqlite3.connect(root / "distill.db") as b:
+            a.backup(b)
+    p = Project.open(root)
+    fr = run_filters(p, TEACHER_NAME)
+    drops = p.store.q(
+        """SELECT e.gold, l.answer FROM filter_decisions d JOIN examples e ON e.id = d.example_id
+           JOIN labels l ON l.example_id = e.id AND l.teacher = ? AND l.status = 'ok'
+           WHERE d.run_id = ? AND d.reason = 'suspect_label'""", (TEACHER_NAME, fr.run_id))
+    wrong = sum(json.loads(r["answer"]) != json.loads(r["gold"]) for r in drops)
+    print(f"[{project.spec.name}] suspect_labels dropped {len(drops)} teacher labels, {wrong} of them wrong",
+          file=sys.stderr)
+    return p, {"suspect_filter": {"dropped": len(drops), "of_them_wrong": wrong, "kept": fr.kept,
+                                  "dropped_by_reason": fr.dropped_by_reason}}
+
+
+def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = DEFAULT_STUDENTS) -> dict:
     from distill.recipes.train import train
 
     rows, info = read_rows(name, smoke)
@@ -278,7 +319,12 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
     runs, records = {}, {}
     for sys_name in students:
         signal = STUDENTS[sys_name]
-        rep = train(project, teacher=TEACHER_NAME, overrides={"signal": signal}, progress=False)
+        where, extra = project, {}
+        if sys_name == "distilled_suspect":
+            where, extra = suspect_project(project, work_root / f"retention-{name}{'-smoke' if smoke else ''}-suspect")
+        rep = train(where, teacher=TEACHER_NAME, overrides={"signal": signal}, progress=False)
+        if where is not project:
+            where.close()
         runs[sys_name] = rep.path
         epochs = [{k: e.get(k) for k in ("epoch", "loss", "eval_loss", "eval_agreement", "epoch_seconds")}
                   for e in rep.record.get("epochs", [])]
@@ -288,7 +334,7 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
                              "epochs_run": rep.record.get("epochs_run"),
                              "best_validation_agreement": rep.record.get("best_metric"), "per_epoch": epochs,
                              "train_seconds": rep.record.get("train_seconds"),
-                             "reused_finished_run": rep.reused}
+                             "reused_finished_run": rep.reused, **extra}
         print(f"[{name}] {sys_name} ({signal}): {rep.record.get('epochs_run')} epochs, best validation agreement "
               f"{rep.record.get('best_metric')}", file=sys.stderr)
     # the students never saw gold: check the kept training labels are the teacher's (some differ from gold)
@@ -325,8 +371,11 @@ def ratios_and_targets(res: dict) -> tuple[dict, list]:
         worst = (s["distilled"]["worst_segment"] or {}).get("retention", {}).get("value") if s else None
         ratios[f"{name}_retention_real_teacher_overall"] = overall
         ratios[f"{name}_retention_real_teacher_worst_segment"] = worst
-        for other in ("hard", "gold_trained", "tfidf_baseline"):
+        for other in ("hard", "gold_trained", "tfidf_baseline", "distilled_suspect"):
             ratios[f"{name}_{other}_retention"] = s[other]["retention"]["value"] if s and other in s else None
+        ratios[f"{name}_distilled_suspect_retention_worst_segment"] = (
+            (s["distilled_suspect"]["worst_segment"] or {}).get("retention", {}).get("value")
+            if s and "distilled_suspect" in s else None)
         ratios[f"{name}_teacher_accuracy_vs_gold"] = s["teacher"]["accuracy_vs_gold"]["value"] if s else None
         ratios[f"{name}_distilled_over_hard_accuracy"] = (s["distilled"]["accuracy_vs_gold"]["value"]
                                                           / s["hard"]["accuracy_vs_gold"]["value"]) if s and "hard" in s else None
@@ -343,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="8 intents, few rows, 1 epoch: checks the code path and JSON")
     ap.add_argument("--out", type=Path, help="result JSON (default: bench/results/retention_intents.json)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="folder for the project folders")
-    ap.add_argument("--students", default=",".join(STUDENTS),
-                    help="which students to train and score (default: all three; 'distilled' is required); "
+    ap.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
+                    help=f"which students to train and score, of {list(STUDENTS)} (default: the first three; "
+                         "'distilled' is required); "
                          "per dataset: 'banking77=distilled;clinc150=distilled,hard'")
     args = ap.parse_args(argv)
     per = dict(part.split("=", 1) for part in args.students.split(";")) if "=" in args.students else {}
