@@ -97,14 +97,32 @@ def confidence_threshold(project, teacher: str, n_drop: int) -> float:
     return float(np.nextafter(ps[min(n_drop, len(ps)) - 1], 1.0))
 
 
+def copy_project(src: Path, dst: Path, filters: dict, keep_existing: bool = False):
+    """Open a copy of the project at ``src`` at ``dst``, its spec's ``filters`` replaced: the store (SQLite
+    backup) and the replay recordings beside it, so ``src``'s own filter runs and training rows stay as they are.
+    ``keep_existing``: reopen a copy made before (its finished training runs are reused)."""
+    import sqlite3
+
+    from distill.project import Project
+
+    if not (keep_existing and (dst / "distill.db").exists()):
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        spec = yaml.safe_load((src / "distill.yaml").read_text())
+        spec["filters"] = filters
+        (dst / "distill.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        for f in src.glob("*.jsonl"):
+            shutil.copy(f, dst / f.name)
+        with sqlite3.connect(src / "distill.db") as a, sqlite3.connect(dst / "distill.db") as b:
+            a.backup(b)
+    return Project.open(dst)
+
+
 def cross_check(work: Path, suspect: dict) -> dict:
     """The suspect filter's drops vs the real teacher errors on the BANKING77 / CLINC150 retention projects
     (another teacher: a fine-tuned mpnet; built by bench/retention_intents.py), flags only: no training. Run on a
     copy of each store so the retention project's own filter run is untouched."""
-    import sqlite3
-
     from distill.filters import run_filters
-    from distill.project import Project
 
     out = {}
     for name in ("banking77", "clinc150"):
@@ -112,15 +130,8 @@ def cross_check(work: Path, suspect: dict) -> dict:
         if not (src / "distill.db").exists():
             out[name] = None
             continue
-        dst = work / f"filters-cross-{name}"
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        spec = yaml.safe_load((src / "distill.yaml").read_text())
-        spec["filters"] = {"drop_disagree_with_gold": False, "suspect_labels": suspect}
-        (dst / "distill.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        with sqlite3.connect(src / "distill.db") as a, sqlite3.connect(dst / "distill.db") as b:
-            a.backup(b)
-        p = Project.open(dst)
+        p = copy_project(src, work / f"filters-cross-{name}",
+                         {"drop_disagree_with_gold": False, "suspect_labels": suspect})
         t = time.perf_counter()
         fr = run_filters(p, "mpnet")
         out[name] = {"teacher": "mpnet (bench/intent_teacher.py)", "seconds": round(time.perf_counter() - t, 1),

@@ -277,36 +277,19 @@ def student_config(name: str, smoke: bool) -> dict:
 
 
 def suspect_project(project, root: Path):
-    """A copy of ``project``'s store with ``filters.suspect_labels`` (defaults) on, filtered: the gold-free label
-    filter, and how its drops compare with the teacher's real errors (gold is read only to score the drops)."""
-    import shutil
-    import sqlite3
-
-    import yaml
+    """A copy of ``project`` with the gold-free ``filters.suspect_labels`` (defaults) on, filtered, and how its
+    drops compare with the teacher's real errors (gold is read only to score the drops)."""
+    from filters import copy_project, drops_vs_errors   # bench/filters.py, next to this script
 
     from distill.filters import run_filters
-    from distill.project import Project
 
-    if not (root / "distill.db").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        spec = yaml.safe_load((project.root / "distill.yaml").read_text())
-        spec["filters"] = {**(spec.get("filters") or {}), "suspect_labels": {}}
-        (root / "distill.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        shutil.copy(project.root / "teacher_replay.jsonl", root / "teacher_replay.jsonl")
-        with sqlite3.connect(project.root / "distill.db") as a, sqlite3.connect(root / "distill.db") as b:
-            a.backup(b)
-    p = Project.open(root)
+    p = copy_project(project.root, root, {"drop_disagree_with_gold": False, "suspect_labels": {}}, keep_existing=True)
     fr = run_filters(p, TEACHER_NAME)
-    drops = p.store.q(
-        """SELECT e.gold, l.answer FROM filter_decisions d JOIN examples e ON e.id = d.example_id
-           JOIN labels l ON l.example_id = e.id AND l.teacher = ? AND l.status = 'ok'
-           WHERE d.run_id = ? AND d.reason = 'suspect_label'""", (TEACHER_NAME, fr.run_id))
-    wrong = sum(json.loads(r["answer"]) != json.loads(r["gold"]) for r in drops)
-    print(f"[{project.spec.name}] suspect_labels dropped {len(drops)} teacher labels, {wrong} of them wrong",
-          file=sys.stderr)
-    return p, {"suspect_filter": {"dropped": len(drops), "of_them_wrong": wrong, "kept": fr.kept,
-                                  "dropped_by_reason": fr.dropped_by_reason}}
+    scored = drops_vs_errors(p, fr.run_id, TEACHER_NAME)
+    print(f"[{project.spec.name}] suspect_labels dropped {scored['dropped']} teacher labels, {scored['true_drops']} "
+          "of them wrong", file=sys.stderr)
+    return p, {"suspect_filter": {"kept": fr.kept, "dropped_by_reason": fr.dropped_by_reason,
+                                  "drops_vs_teacher_errors": scored}}
 
 
 def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = DEFAULT_STUDENTS) -> dict:

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                           "then applied to test",
         },
     }
-    routed = results["systems_on_test"]["routed_mahalanobis"]
+    routed, d_test = results["systems_on_test"]["routed_mahalanobis"], routers["default"]["test"]
     ratios = {
         "routed_over_teacher_in_scope_accuracy": routed["in_scope_accuracy"] / teacher_alone["in_scope_accuracy"],
         "student_over_teacher_in_scope_accuracy": student_alone["in_scope_accuracy"] / teacher_alone["in_scope_accuracy"],
@@ -350,15 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_oos_recall": teacher_alone["oos_recall"],
         "routed_share": routed["routed_share_all"],
         # the router distill fits today (routed_default), beside the pre-#16 settings above
-        "default_routed_over_teacher_in_scope_accuracy": (results["systems_on_test"]["routed_default"]["in_scope_accuracy"]
-                                                          / teacher_alone["in_scope_accuracy"]),
-        "default_routed_over_teacher_cost": (results["systems_on_test"]["routed_default"]["cost_per_1m_usd"]
-                                             / teacher_alone["cost_per_1m_usd"]),
-        "default_routed_over_api_teacher_cost": (results["systems_on_test"]["routed_default"]["cost_per_1m_usd_api_teacher"]
+        "default_routed_over_teacher_in_scope_accuracy": d_test["in_scope_accuracy"] / teacher_alone["in_scope_accuracy"],
+        "default_routed_over_teacher_cost": d_test["cost_per_1m_usd"] / teacher_alone["cost_per_1m_usd"],
+        "default_routed_over_api_teacher_cost": (d_test["cost_per_1m_usd_api_teacher"]
                                                  / teacher_alone["cost_per_1m_usd_api_teacher"]),
-        "default_routed_oos_recall": results["systems_on_test"]["routed_default"]["oos_recall"],
-        "default_routed_oos_routed_share": results["systems_on_test"]["routed_default"]["oos_routed_share"],
-        "default_routed_share": results["systems_on_test"]["routed_default"]["routed_share_all"],
+        "default_routed_oos_recall": d_test["oos_recall"],
+        "default_routed_oos_routed_share": d_test["oos_routed_share"],
+        "default_routed_share": d_test["routed_share_all"],
         "test_oos_share": n_oos / (n_in + n_oos),
     }
     targets = [

@@ -96,26 +96,6 @@ def generate(path: Path, n: int, seed: int = 0) -> dict:
     return planted
 
 
-def spec_yaml(base_url: str, rpm: float, concurrency: int) -> str:
-    return f"""name: scale
-kind: classify
-description: Sentiment of a customer message.
-labels: [{", ".join(LABELS)}]
-teachers:
-  - name: api
-    kind: openai
-    base_url: {base_url}
-    model: fake-1
-    api_key_env: FAKE_KEY
-    concurrency: {concurrency}
-    max_retries: 8
-    timeout_s: 30
-    rpm: {rpm}
-    price: {{input_per_1m: 1.0, output_per_1m: 2.0}}
-    terms: {{outputs_may_train_models: true}}
-"""
-
-
 # -- one stage, in its own process ----------------------------------------------------------------------------
 
 
@@ -236,7 +216,7 @@ def start_fake_server(folder: Path, *, rpm: float, delay_s: float):
 
 
 def run_size(n: int, args: argparse.Namespace, work: Path, env: dict, who: str) -> dict:
-    from distill.project import Project
+    from fake_openai_server import make_project
 
     folder = work / f"{who}-{n}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -249,7 +229,9 @@ def run_size(n: int, args: argparse.Namespace, work: Path, env: dict, who: str) 
     server = start_fake_server(folder, rpm=args.rpm, delay_s=args.latency_s)
     out: dict = {"inputs": n}
     try:
-        Project.init(folder / "p", "classify", spec_text=spec_yaml(server.base_url, args.rpm, args.concurrency)).close()
+        # the tests' project with no inputs (the import stage adds them), its teacher at this bench's limits
+        make_project(folder / "p", 0, server.base_url, labels=LABELS, concurrency=args.concurrency, max_retries=8,
+                     timeout_s=30, rpm=args.rpm).close()
         stages = (("import", "import"), ("plan_fresh", "plan"), ("label", "label"), ("plan_rerun", "plan"))
         if args.label_max is not None and n > args.label_max:
             stages = stages[:2]         # labelling this size at the limit would take hours: import and plan only
