@@ -141,6 +141,30 @@ def cross_check(work: Path, suspect: dict) -> dict:
     return out
 
 
+def update_cross_check(out: Path, checked: dict, suspect: dict) -> None:
+    """--cross-check-only: write the datasets checked now into the result file's cross-check, each marked with
+    when and at which commit it was measured; the rest of the file (the SNIPS arms) stays as it was. Only with
+    the settings the file's arms used: other settings are printed, not mixed in."""
+    from distill.runinfo import environment, write_json_atomic
+
+    if not out.exists():
+        print(f"{out} not found: run the whole bench first; the cross-check is printed above", file=sys.stderr)
+        return
+    doc = json.loads(out.read_text())
+    if doc["config"].get("suspect_labels") != suspect:
+        print(f"--suspect differs from {out}'s settings: not written", file=sys.stderr)
+        return
+    env = environment()
+    cross = doc["results"].get("cross_check_other_teacher") or {}
+    for name, res in checked.items():
+        if res is not None:
+            cross[name] = {**res, "measured": {"command": "bench/filters.py --cross-check-only",
+                                               "git_sha": env.get("git_sha"), "time_utc": env.get("time_utc")}}
+    doc["results"]["cross_check_other_teacher"] = cross
+    write_json_atomic(out, doc)
+    print(f"updated the cross-check in {out}: {[n for n, r in checked.items() if r is not None]}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2", help="student training seeds (comma-separated)")
@@ -163,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work / ("filters-smoke" if args.smoke else "filters")
     suspect = SuspectSpec.model_validate(json.loads(args.suspect)).model_dump(mode="json")
     if args.cross_check_only:
-        print(json.dumps(cross_check(args.work, suspect), indent=1))
+        checked = cross_check(args.work, suspect)
+        print(json.dumps(checked, indent=1))
+        update_cross_check(args.out or HERE / "results" / "filters.json", checked, suspect)
         return 0
     base = {"drop_disagree_with_gold": False, "min_confidence": None}
     arms: dict[str, dict] = {}

@@ -2,8 +2,8 @@
 student vs a student trained on the same amount of gold vs TF-IDF vs the teacher, overall and on the worst
 segment, with bootstrap 95% CIs (issues #7 and #15).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/retention_intents.py    # both, ~1.5 h on a 2-core CPU -> bench/results/retention_intents.json
-    .venv/bin/python bench/retention_intents.py --dataset clinc150   # one dataset
+    OMP_NUM_THREADS=2 .venv/bin/python bench/retention_intents.py    # both, ~2.5 h on a 2-core CPU -> bench/results/retention_intents.json
+    .venv/bin/python bench/retention_intents.py --dataset clinc150   # one dataset (the file keeps the other's last results)
     .venv/bin/python bench/retention_intents.py --smoke              # 8 intents, 1 epoch, ~1 min; writes to a temp file
 
 Teacher: **all-mpnet-base-v2 fine-tuned on 10 gold queries per intent** (110M parameters, ~5x the student),
@@ -14,7 +14,8 @@ stand-in, so "retention" was just the student's accuracy.
 
 Who sees what (the recording's ``role`` of each input): the teacher trained on its ``teacher_train`` rows only
 (never imported here); the students learn from the teacher's labels on ``traffic`` (BANKING77: the rest of
-train.csv, ~110 per intent since 2026-11-30, 40 before; CLINC150: the other 20 train queries per intent) and stop
+train.csv, ~110 per intent since 2026-11-30, 40 before; CLINC150: the rest of data_full's 100 train queries per
+intent, ~90, since 2026-11-30, 20 before — see examples/clinc150/clinc150_more_traffic.csv) and stop
 early on its labels on ``validation``; **no student ever sees a gold label, except the gold-trained reference**, which learns the
 same inputs with their gold labels (``signal: gold``) to show what the teacher's errors cost. The gold filter
 is off (``drop_disagree_with_gold: false``): a user distilling traffic has no gold. Test = the locked test
@@ -369,6 +370,22 @@ def ratios_and_targets(res: dict) -> tuple[dict, list]:
     return ratios, targets
 
 
+def carry_other_datasets(out: Path, names: tuple[str, ...]) -> dict:
+    """A one-dataset run keeps the other dataset's results from the file it replaces, marked with the run
+    that measured them (their date, command and git SHA), so the JSON always holds both."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    kept = {}
+    for name, res in (old.get("results") or {}).items():
+        if name in names or name not in DATASETS:
+            continue
+        env = old.get("environment") or {}
+        kept[name] = {**res, "carried_from": res.get("carried_from") or {
+            "command": old.get("command"), "git_sha": env.get("git_sha"), "started": env.get("time_utc")}}
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("banking77", "clinc150", "both"), default="both")
@@ -397,11 +414,13 @@ def main(argv: list[str] | None = None) -> int:
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
     results = {name: run_dataset(name, args.smoke, args.work, chosen[name]) for name in names}
+    carried = carry_other_datasets(out, names) if not args.smoke else {}
+    results = {name: carried.get(name) or results[name] for name in DATASETS if name in results or name in carried}
     ratios, targets = ratios_and_targets(results)
-    config = {"datasets": list(names), "seed": SEED, "bootstrap_resamples": RESAMPLES, "ci_level": 0.95,
+    config = {"datasets": list(results), "run_here": list(names), "seed": SEED, "bootstrap_resamples": RESAMPLES, "ci_level": 0.95,
               "min_segment_size": MIN_SEGMENT,
               "teacher": "all-mpnet-base-v2 fine-tuned on 10 gold queries per intent (bench/intent_teacher.py), replayed",
-              "students": {name: {k: STUDENTS[k] for k in chosen[name]} for name in names},
+              "students": {name: {k: r["students"][k]["signal"] for k in r["students"]} for name, r in results.items()},
               "retention": "system accuracy vs gold / teacher accuracy vs gold on the same test rows, recomputed "
                            "on each paired bootstrap resample",
               "worst_segment": f"lowest retention among segments with n >= {MIN_SEGMENT}"}

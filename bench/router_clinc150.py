@@ -1,7 +1,7 @@
 """CLINC150 router proof: does student + router keep the teacher's in-scope accuracy *and* catch out-of-scope
 inputs, at a fraction of the teacher's cost?
 
-    .venv/bin/python bench/router_clinc150.py            # reuses the retention bench's CLINC150 student (~5 min; ~15 more if it must train it)
+    .venv/bin/python bench/router_clinc150.py            # reuses the retention bench's CLINC150 student (~5 min; ~25 more if it must train it)
     .venv/bin/python bench/router_clinc150.py --smoke    # 8 intents, 1 epoch, ~1 min; writes to a temp file unless --out
 
 Data: examples/clinc150/clinc150_subset.csv (CLINC150 ``data_small`` subset, CC BY 3.0, Larson et al. 2019,
@@ -15,7 +15,7 @@ is below a threshold (maximum softmax probability, Hendrycks and Gimpel 2017, ar
 validation so that 95% of the in-scope validation queries keep their answer.
 
 Student: the retention bench's distilled CLINC150 student (MiniLM, ``signal: mix`` on the teacher's labels of
-20 train queries per intent; it never saw gold): bench/retention_intents.py trains it, or this script does
+~90 train queries per intent — 20 until 2026-11-30; it never saw gold): bench/retention_intents.py trains it, or this script does
 through the same code and settings (the same run is reused either way).
 
 Recipe:
