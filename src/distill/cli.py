@@ -341,7 +341,8 @@ def filter_(
         _print_dataclass("filtered", {k: v for k, v in asdict(r).items() if k != "suspects"})
         if suspects:
             # the labels confident learning doubts most, in review order: fix them with `distill correct`
-            t = Table(title=f"suspect labels: {len(suspects)} dropped, most suspect first (review these; "
+            done = "relabelled to the likely label" if r.relabelled else "dropped"
+            t = Table(title=f"suspect labels: {len(suspects)} {done}, most suspect first (review these; "
                             "`distill correct` keeps a fix)", box=None)
             for col in ("rank", "id", "text", "teacher", "likely", "p(teacher)"):
                 t.add_column(col)

@@ -1,6 +1,8 @@
 """Reading labelled examples out of the store, the one way every later stage does it.
 
-The effective answer of an example is, in order: a human correction, else the teacher's label. A correction is
+The effective answer of an example is, in order: a human correction, else the label the latest filter run put in
+place of the teacher's (``filters.suspect_labels.action: relabel``; train/validation only), else the teacher's
+label. A correction is
 a reviewer's decision or a corrections file (trusted), or a client's `/v1/feedback` answer (source ``feedback:...``,
 less trusted: used only when the spec says ``feedback.use: train``; see ``correction_join``). Training
 rows are the train (or validation) examples the latest filter run kept; contaminated inputs (near
@@ -24,8 +26,8 @@ class Row:
     split: str
     segment: str | None
     gold: Any                      # None when the input had no gold label
-    answer: Any                    # effective answer: correction, else teacher label; None if unlabelled
-    source: str                    # 'correction' | 'feedback' | 'teacher' | 'none'
+    answer: Any                    # effective answer: correction, else filter relabel, else teacher label; None if unlabelled
+    source: str                    # 'correction' | 'feedback' | 'relabelled' | 'teacher' | 'none'
     probs: dict[str, float] | None
     confidence: float | None
     agreement: float | None
@@ -66,11 +68,12 @@ def rows(project: Project, teacher: str, splits: Iterable[str] = ("train", "vali
       SELECT e.id, e.text, e.split, e.segment, e.gold, e.meta,
              l.status AS lstatus, l.answer AS lanswer, l.probs, l.confidence, l.agreement, l.rationale,
              l.logprobs, l.samples, c.answer AS canswer, c.source AS csource,
-             fd.kept AS kept, ct.example_id AS contaminated
+             fd.kept AS kept, fr.answer AS ranswer, ct.example_id AS contaminated
       FROM examples e
       LEFT JOIN labels l ON l.example_id = e.id AND l.teacher = ?
       {correction_join(project)}
       LEFT JOIN filter_decisions fd ON fd.example_id = e.id AND fd.run_id = ?
+      LEFT JOIN filter_relabels fr ON fr.example_id = e.id AND fr.run_id = fd.run_id
       LEFT JOIN contamination ct ON ct.example_id = e.id
       WHERE e.split IN ({",".join("?" * len(splits))})
       ORDER BY e.id"""
@@ -79,6 +82,8 @@ def rows(project: Project, teacher: str, splits: Iterable[str] = ("train", "vali
         if r["canswer"] is not None:
             answer = json.loads(r["canswer"])
             source = "feedback" if r["csource"].startswith(FEEDBACK_SOURCE) else "correction"
+        elif r["ranswer"] is not None and r["lstatus"] == "ok" and r["split"] != "test":
+            answer, source = json.loads(r["ranswer"]), "relabelled"
         elif r["lstatus"] == "ok":
             answer, source = json.loads(r["lanswer"]), "teacher"
         else:
@@ -86,7 +91,7 @@ def rows(project: Project, teacher: str, splits: Iterable[str] = ("train", "vali
         if only_kept and r["split"] != "test":
             if r["contaminated"] is not None or answer is None:
                 continue
-            if run_id is not None and source == "teacher" and not r["kept"]:
+            if run_id is not None and source in ("teacher", "relabelled") and not r["kept"]:
                 continue
         out.append(Row(
             id=r["id"], text=r["text"], split=r["split"], segment=r["segment"],

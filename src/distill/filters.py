@@ -17,7 +17,10 @@ and heuristic, so the reason shown is the most fundamental one):
 8. ``low_agreement``              share of samples / ensemble members agreeing < filters.min_agreement
 9. ``suspect_label``              confident learning flags the label as probably wrong, without gold
                                   (filters.suspect_labels; distill/label_noise.py). Computed over all the rows
-                                  that pass checks 1-3 at once; the detail holds its review rank
+                                  that pass checks 1-3 at once; the detail holds its review rank. With
+                                  ``action: relabel`` the row is kept instead, reason ``suspect_relabelled``,
+                                  and trains on the label the combined probabilities favour
+                                  (``filter_relabels``; ``distill.dataset.rows`` reads it)
 10. ``duplicate``                 same text (after strong normalisation) with the same answer already kept
 
 Confidence-type filters follow the common practice of keeping only confident pseudo-labels (e.g. the
@@ -48,6 +51,7 @@ from distill.task import FilterSpec, ProjectSpec, answer_key
 
 REASONS = ("no_label", "teacher_failed", "contaminated", "disagrees_with_gold", "low_confidence",
            "low_margin", "high_entropy", "low_agreement", "suspect_label", "duplicate")
+RELABELLED = "suspect_relabelled"   # a kept row's reason when the suspect filter changed its label
 # The one reason whose check reads gold labels: a user distilling traffic without gold cannot have it, so
 # reports say when it was used (the student's number then owes something to gold).
 USES_GOLD = frozenset({"disagrees_with_gold"})
@@ -60,7 +64,8 @@ class FilterReport:
     kept: int = 0
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
     by_split: dict[str, dict[str, int]] = field(default_factory=dict)   # split -> {"kept": n, "dropped": m}
-    suspects: list[dict] = field(default_factory=list)   # suspect_label drops, review order (most suspect first)
+    suspects: list[dict] = field(default_factory=list)   # suspect flags (dropped or relabelled), most suspect first
+    relabelled: int = 0        # kept rows that train on the suspect filter's label (suspect_labels.action relabel)
 
     @property
     def dropped(self) -> int:
@@ -196,19 +201,31 @@ def run_filters(project: Project, teacher: str | None = None) -> FilterReport:
     rows = [dict(r) for r in rows]
     report = FilterReport(run_id=-1, teacher=teacher_name)
     suspects = _suspects(spec, rows, report) if spec.filters.suspect_labels is not None else {}
+    relabel = spec.filters.suspect_labels is not None and spec.filters.suspect_labels.action == "relabel"
+    likely = {s["id"]: s["likely"] for s in report.suspects}
     decisions: list[tuple[str, int, str | None, str | None]] = []
+    relabels: list[tuple[str, str]] = []        # (example id, JSON answer) of the kept rows relabelled
     kept_keys: set[tuple[str, str]] = set()
     for ex in rows:
         reason, detail = decide(spec, ex, suspects.get(ex["id"]))
-        if reason in (None, "corrected"):
-            answer = json.loads(ex["correction"] if ex["correction"] is not None else ex["answer"])
+        new_answer = None
+        if reason == "suspect_label" and relabel:
+            # kept, on the label the combined probabilities favour; the rank stays in the detail for review
+            reason, new_answer = RELABELLED, likely[ex["id"]]
+        if reason in (None, "corrected", RELABELLED):
+            answer = new_answer if new_answer is not None else json.loads(
+                ex["correction"] if ex["correction"] is not None else ex["answer"])
             key = (strong_norm(ex["text"]), answer_key(spec, answer))
-            if reason is None and spec.filters.drop_duplicates and key in kept_keys:
+            if reason != "corrected" and spec.filters.drop_duplicates and key in kept_keys:
                 reason, detail = "duplicate", "same text and answer as an example already kept"
+                new_answer = None
             else:
                 kept_keys.add(key)
-        kept = reason in (None, "corrected")
+        kept = reason in (None, "corrected", RELABELLED)
         decisions.append((ex["id"], int(kept), reason, detail))
+        if new_answer is not None:
+            relabels.append((ex["id"], json.dumps(new_answer)))
+            report.relabelled += 1
         bucket = report.by_split.setdefault(ex["split"], {"kept": 0, "dropped": 0})
         if kept:
             report.kept += 1
@@ -228,32 +245,37 @@ def run_filters(project: Project, teacher: str | None = None) -> FilterReport:
             "INSERT INTO filter_decisions(run_id, example_id, kept, reason, detail) VALUES(?,?,?,?,?)",
             [(report.run_id, *d) for d in decisions],
         )
+        conn.executemany("INSERT INTO filter_relabels(run_id, example_id, answer) VALUES(?,?,?)",
+                         [(report.run_id, *r) for r in relabels])
     report.dropped_by_reason = dict(sorted(report.dropped_by_reason.items()))
-    dropped_as_suspect = {d[0] for d in decisions if d[2] == "suspect_label"}
-    report.suspects = [s for s in report.suspects if s["id"] in dropped_as_suspect]
+    acted_on = {d[0] for d in decisions if d[2] in ("suspect_label", RELABELLED)}
+    report.suspects = [s for s in report.suspects if s["id"] in acted_on]
     return report
 
 
+def suspect_rank(detail: str | None) -> int:
+    """The review rank in a suspect decision's detail ("review rank N: ..."); a large number when absent."""
+    try:
+        return int((detail or "").split(":", 1)[0].rsplit(" ", 1)[1])
+    except (IndexError, ValueError):
+        return 1 << 30
+
+
 def list_suspects(project: Project, teacher: str | None = None) -> list[dict]:
-    """The latest filter run's suspect_label drops in review order: id, text, teacher answer, detail."""
+    """The latest filter run's suspect flags (dropped or relabelled) in review order: id, text, teacher answer,
+    what was done, detail."""
     teacher_name = project.spec.get_teacher(teacher).name
     run = project.store.q("SELECT MAX(id) AS id FROM filter_runs WHERE teacher = ?", (teacher_name,))[0]
     if run["id"] is None:
         return []
     got = project.store.q(
-        """SELECT d.example_id, d.detail, e.text, l.answer FROM filter_decisions d
+        """SELECT d.example_id, d.detail, d.reason, e.text, l.answer FROM filter_decisions d
            JOIN examples e ON e.id = d.example_id
            LEFT JOIN labels l ON l.example_id = d.example_id AND l.teacher = ?
-           WHERE d.run_id = ? AND d.reason = 'suspect_label'""", (teacher_name, run["id"]))
-
-    def rank(detail: str | None) -> int:   # "review rank N: ..."
-        try:
-            return int((detail or "").split(":", 1)[0].rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            return 1 << 30
-
+           WHERE d.run_id = ? AND d.reason IN ('suspect_label', ?)""", (teacher_name, run["id"], RELABELLED))
     return sorted(({"id": r["example_id"], "text": r["text"], "teacher": json.loads(r["answer"]) if r["answer"] else None,
-                    "detail": r["detail"]} for r in got), key=lambda d: (rank(d["detail"]), d["id"]))
+                    "action": "relabelled" if r["reason"] == RELABELLED else "dropped", "detail": r["detail"]}
+                   for r in got), key=lambda d: (suspect_rank(d["detail"]), d["id"]))
 
 
 def _suspects(spec: ProjectSpec, rows: list[dict], report: FilterReport) -> dict[str, str]:

@@ -40,6 +40,7 @@ from typing import Any
 
 from distill.dataset import latest_filter_run
 from distill.errors import DistillError
+from distill.filters import RELABELLED, suspect_rank
 from distill.project import Project
 
 QUEUES = ("suspect", "disagreement", "low_confidence", "failures", "audit")
@@ -86,17 +87,13 @@ def queue_order(project: Project, queue: str) -> list[tuple[str, str]]:
         run_id = latest_filter_run(project, teacher)
         if run_id is None:
             return []
-        rows = store.q("""SELECT fd.example_id, fd.detail FROM filter_decisions fd JOIN examples e ON e.id = fd.example_id
-                          WHERE fd.run_id=? AND fd.reason='suspect_label' AND e.split != 'test'""", (run_id,))
-
-        def rank(r) -> float:
-            try:
-                return float(json.loads(r["detail"]).get("rank", math.inf))
-            except (TypeError, ValueError, AttributeError):
-                return math.inf
-
-        return [(r["example_id"], f"flagged by the noise filter (rank {rank(r):g})")
-                for r in sorted(rows, key=lambda r: (rank(r), r["example_id"]))]
+        rows = store.q("""SELECT fd.example_id, fd.detail, fd.reason FROM filter_decisions fd
+                          JOIN examples e ON e.id = fd.example_id
+                          WHERE fd.run_id=? AND fd.reason IN ('suspect_label', ?) AND e.split != 'test'""",
+                       (run_id, RELABELLED))
+        rows = sorted(rows, key=lambda r: (suspect_rank(r["detail"]), r["example_id"]))
+        return [(r["example_id"], f"flagged by the noise filter (rank {suspect_rank(r['detail'])}"
+                                  + (", relabelled)" if r["reason"] == RELABELLED else ")")) for r in rows]
     if queue == "disagreement":
         run = _serving_run(project)
         rows = store.q("""SELECT sp.example_id, sp.answer, sp.confidence, l.answer AS teacher FROM student_predictions sp

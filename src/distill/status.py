@@ -98,7 +98,10 @@ def status(project: Project) -> dict[str, Any]:
             """SELECT reason, COUNT(*) AS n FROM filter_decisions WHERE run_id = ? AND kept = 0
                GROUP BY reason ORDER BY n DESC""", (r["id"],))}
         filters[r["teacher"]] = {"run_id": r["id"], "kept": r["kept"], "dropped": r["dropped"],
-                                 "dropped_by_reason": reasons, "created_at": when(r["created_at"])}
+                                 "dropped_by_reason": reasons, "created_at": when(r["created_at"]),
+                                 # kept, on the suspect filter's label instead of the teacher's (action relabel)
+                                 "relabelled": s.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id = ?",
+                                                     (r["id"],))}
     out["filter"] = filters
 
     out["runs"] = [{"id": r["id"], "kind": r["kind"], "status": r["status"], "path": r["path"],

@@ -15,7 +15,8 @@ Tables (JSON columns hold JSON text):
 - ``decontam_sigs`` / ``label_plans``   what makes import and plan incremental at volume: each input's
                       decontamination keys; the prompt fingerprint each label was made under.
 - ``corrections``     human fixes that override the teacher, with provenance.
-- ``filter_runs`` / ``filter_decisions``   each filter run and each example's keep/drop with a reason.
+- ``filter_runs`` / ``filter_decisions``   each filter run and each example's keep/drop with a reason;
+  ``filter_relabels`` the label a run trains on instead of the teacher's (``suspect_labels.action: relabel``).
 - ``runs``            trained models, evaluations and other artefacts with their lineage (JSON).
 - ``meta``            schema version and flags.
 - ``failure_queue``   serve: routed / shadow-disagreement / feedback / degraded inputs for the next round.
@@ -105,6 +106,10 @@ CREATE TABLE IF NOT EXISTS filter_runs(
   dropped INTEGER NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS filter_decisions(
   run_id INTEGER NOT NULL, example_id TEXT NOT NULL, kept INTEGER NOT NULL, reason TEXT, detail TEXT,
+  PRIMARY KEY (run_id, example_id));
+-- filters.suspect_labels action relabel: the answer a filter run's kept row trains on instead of the teacher's
+CREATE TABLE IF NOT EXISTS filter_relabels(
+  run_id INTEGER NOT NULL, example_id TEXT NOT NULL, answer TEXT NOT NULL,   -- answer: JSON
   PRIMARY KEY (run_id, example_id));
 CREATE TABLE IF NOT EXISTS runs(
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, path TEXT, record TEXT NOT NULL DEFAULT '{}',

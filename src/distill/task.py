@@ -274,6 +274,9 @@ class SuspectSpec(_Strict):
                     "low_self_confidence", "low_normalized_margin"] = Field(
         "predicted_neq_given", description="cleanlab's find_label_issues filter_by (see distill/label_noise.py).")
     seed: int = Field(0, description="Fold assignment.")
+    action: Literal["drop", "relabel"] = Field(
+        "drop", description="What a flag does: `drop` the label, or `relabel` the row with the label the combined "
+        "probabilities favour (trained one-hot: the teacher's distribution argues for its own answer).")
 
 
 class FilterSpec(_Strict):

@@ -78,12 +78,13 @@ def test_teacher_distribution_is_combined():
     assert i not in {s.index for s in trusted}
 
 
-def labelled_project(tmp_path: Path, n_per_class: int, with_test: bool):
+def labelled_project(tmp_path: Path, n_per_class: int, with_test: bool, action: str = "drop"):
     """A project whose teacher labels are ``synthetic`` data with 10% planted flips, and no gold column at all
     (the filter must work from the teacher's labels alone); every 10th row is test when ``with_test``."""
     data = synthetic(n_per_class)
     given, flipped = plant(data, 0.1)
-    p = make_project(tmp_path, {"suspect_labels": {"features": "tfidf"}, "drop_disagree_with_gold": False})
+    p = make_project(tmp_path, {"suspect_labels": {"features": "tfidf", "action": action},
+                                "drop_disagree_with_gold": False})
     with open(tmp_path / "f.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "text", "split"])
@@ -116,6 +117,32 @@ def test_filter_run_drops_planted_rows_without_gold_and_never_corrections(tmp_pa
     assert {s["id"] for s in rep.suspects} == dropped
     kept = {r.id for r in rows(p, "rec", ("train",))}
     assert not kept & dropped and f"r{corrected:03d}" in kept
+
+
+def test_relabel_keeps_planted_rows_on_their_true_label_without_gold(tmp_path: Path):
+    """action relabel: a flagged row is kept and trains on the likely label; the others keep the teacher's."""
+    from distill.filters import list_suspects
+    from distill.review import queue_order
+
+    p, data, flipped = labelled_project(tmp_path, 40, with_test=True, action="relabel")
+    rep = run_filters(p)
+    assert "suspect_label" not in rep.dropped_by_reason and rep.relabelled == len(rep.suspects) > 0
+    assert p.store.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id = ?", (rep.run_id,)) == rep.relabelled
+    got = {r.id: r for r in rows(p, "rec", ("train",))}
+    relabelled = {k for k, r in got.items() if r.source == "relabelled"}
+    assert relabelled == {s["id"] for s in rep.suspects}
+    planted_train = {f"r{i:03d}" for i in flipped if i % 10}
+    caught = relabelled & planted_train
+    assert len(caught) >= 0.9 * len(planted_train)
+    truth = {f"r{i:03d}": lab for i, (_, lab) in enumerate(data)}
+    assert sum(got[k].answer == truth[k] for k in caught) >= 0.9 * len(caught)
+    assert all(r.source == "teacher" for k, r in got.items() if k not in relabelled)
+    assert all(r.source == "teacher" for r in rows(p, "rec", ("test",)))    # test rows are never relabelled
+    # the review list and the review queue: every flag, most suspect first, marked as relabelled
+    listed = list_suspects(p)
+    assert {d["id"] for d in listed} == relabelled and {d["action"] for d in listed} == {"relabelled"}
+    order = [int(why.split("rank ")[1].split(",")[0]) for _, why in queue_order(p, "suspect")]
+    assert order == sorted(order) == list(range(1, len(relabelled) + 1))
 
 
 def test_spec_shorthand_and_kind_check(tmp_path: Path):

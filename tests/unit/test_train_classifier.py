@@ -216,6 +216,24 @@ def test_corrections_become_one_hot(base, tmp_path):
     assert fixed["label"] == 0 and fixed["soft"] == [1.0, 0.0] and counts["corrected_one_hot"] == 1
 
 
+def test_filter_relabels_become_one_hot(base, tmp_path):
+    """A row the suspect filter relabelled (filter_relabels) trains on that label, one-hot."""
+    project = tiny_classify_project(tmp_path / "relabel", n=20)
+    with project.store.tx() as c:
+        c.execute("INSERT INTO filter_runs(id, teacher, config, kept, dropped, created_at) VALUES(1, 'rec', '{}', 0, 0, 0)")
+        c.execute("INSERT INTO filter_decisions(run_id, example_id, kept, reason) "
+                  "SELECT 1, id, 1, NULL FROM examples WHERE split != 'test'")
+        c.execute("UPDATE filter_decisions SET reason = 'suspect_relabelled' WHERE example_id = 'ex0011'")
+        teacher = json.loads(c.execute("SELECT answer FROM labels WHERE example_id = 'ex0011'").fetchone()[0])
+        other = "neg" if teacher == "pos" else "pos"
+        c.execute("INSERT INTO filter_relabels(run_id, example_id, answer) VALUES(1, 'ex0011', ?)", (json.dumps(other),))
+    train_ex, _, counts = training_examples(project, "rec", tiny_config(base))
+    fixed = next(e for e in train_ex if e["id"] == "ex0011")
+    y = project.spec.label_names.index(other)
+    assert fixed["label"] == y and fixed["soft"] == [1.0 if i == y else 0.0 for i in range(2)]
+    assert counts["relabelled_one_hot"] == 1 and counts["corrected_one_hot"] == 0
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(DistillError, match="student.learnin_rate.*unknown") as e:
         EncoderStudentConfig.from_dict({"learnin_rate": 1e-4})

@@ -224,7 +224,9 @@ def filters_used(project: Project, teacher: str, record: dict) -> dict | None:
             # rows with an answer (the teacher's or a human's): what a gold filter could drop from
             "labelled": run["kept"] + run["dropped"] - sum(k for r, k in drops.items()
                                                            if r == "no_label" or r.startswith("teacher_failed")),
-            "filters": rows, "gold_dropped": sum(r["dropped"] for r in gold), "gold_filters": [r["filter"] for r in gold]}
+            "filters": rows, "gold_dropped": sum(r["dropped"] for r in gold), "gold_filters": [r["filter"] for r in gold],
+            # kept rows trained on the suspect filter's label, not the teacher's (no gold read)
+            "relabelled": store.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id=?", (run["id"],))}
 
 
 def teacher_ledger(project: Project, teacher: str) -> dict:

@@ -79,7 +79,7 @@ def training_examples(project: Project, teacher: str,
     """(train, validation, counts). Each example: {id, text, label (int), soft (list[float], sums to 1)}."""
     labels = project.spec.label_names
     index = {name: i for i, name in enumerate(labels)}
-    counts: dict[str, Any] = {"one_hot_fallback": 0, "corrected_one_hot": 0, "skipped": {}}
+    counts: dict[str, Any] = {"one_hot_fallback": 0, "corrected_one_hot": 0, "relabelled_one_hot": 0, "skipped": {}}
 
     def skip(reason: str) -> None:
         counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
@@ -96,11 +96,11 @@ def training_examples(project: Project, teacher: str,
         onehot = [1.0 if i == y else 0.0 for i in range(len(labels))]
         if config.signal == "gold":
             soft = onehot
-        elif r.source in ("correction", "feedback"):
-            # a person (reviewer or client) fixed this label: the teacher's distribution argues for the wrong
-            # answer, so drop it
+        elif r.source in ("correction", "feedback", "relabelled"):
+            # a person (reviewer or client) or the suspect filter (action relabel) changed this label: the
+            # teacher's distribution argues for the answer it replaced, so drop it
             soft = onehot
-            counts["corrected_one_hot"] += 1
+            counts["relabelled_one_hot" if r.source == "relabelled" else "corrected_one_hot"] += 1
         else:
             p = [float((r.probs or {}).get(name, 0.0)) for name in labels]
             total = sum(p)

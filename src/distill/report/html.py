@@ -100,6 +100,10 @@ def data_funnel(project: Project, teacher: str | None, training_record: dict) ->
             for r in s.q("SELECT COALESCE(reason,'(no reason)') reason, COUNT(*) n FROM filter_decisions "
                          "WHERE run_id=? AND kept=0 GROUP BY reason ORDER BY n DESC", (run_id,)):
                 steps.append({"step": f"filter: {r['reason']}", "delta": -r["n"], "note": f"filter run {run_id}"})
+            relabelled = s.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id=?", (run_id,))
+            if relabelled:       # kept, so no delta: they train on the suspect filter's label, not the teacher's
+                steps.append({"step": "filter: suspect labels relabelled (kept)", "delta": 0,
+                              "note": f"{relabelled} train on the likely label; filter run {run_id}"})
             kept = s.one("SELECT COUNT(*) FROM filter_decisions WHERE run_id=? AND kept=1", (run_id,))
             steps.append({"step": "kept by the filters", "count": kept})
     counts = training_record.get("counts") if isinstance(training_record, dict) else None
@@ -367,7 +371,9 @@ def _filters(d: dict) -> str:
                    + ("<td class='bad'>yes</td>" if r["uses_gold"] else "<td>no</td>")
                    + f"<td class='num'>{r['dropped']:,}</td></tr>" for r in f["filters"])
     run = f"Filter run {_e(f['run_id'])} ({_e(f['source'])})"
-    out = [f"<p>{run}: {f['kept']:,} training rows kept, {f['dropped']:,} dropped.</p>"]
+    relabelled = (f" ({f['relabelled']:,} of them on the suspect filter's label instead of the teacher's; no gold read)"
+                  if f.get("relabelled") else "")
+    out = [f"<p>{run}: {f['kept']:,} training rows kept{relabelled}, {f['dropped']:,} dropped.</p>"]
     if f.get("gold_dropped"):
         hint = (" (set <code>filters.drop_disagree_with_gold: false</code> and retrain to measure it)"
                 if "disagrees_with_gold" in f["gold_filters"] else "")
