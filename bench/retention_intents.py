@@ -5,6 +5,8 @@ segment, with bootstrap 95% CIs (issues #7 and #15).
     OMP_NUM_THREADS=2 .venv/bin/python bench/retention_intents.py    # both, ~2.5 h on a 2-core CPU -> bench/results/retention_intents.json
     .venv/bin/python bench/retention_intents.py --dataset clinc150   # one dataset (the file keeps the other's last results)
     .venv/bin/python bench/retention_intents.py --smoke              # 8 intents, 1 epoch, ~1 min; writes to a temp file
+    .venv/bin/python bench/retention_intents.py --dataset clinc150 --students distilled --max-epochs 12 \
+        --out bench/results/retention_clinc150_epochs12.json          # an experiment: another epoch cap, its own file
 
 Teacher: **all-mpnet-base-v2 fine-tuned on 10 gold queries per intent** (110M parameters, ~5x the student),
 recorded once with its full label distribution for every input by ``bench/intent_teacher.py`` (shipped as
@@ -293,11 +295,15 @@ def suspect_project(project, root: Path):
                                   "drops_vs_teacher_errors": scored}}
 
 
-def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = DEFAULT_STUDENTS) -> dict:
+def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = DEFAULT_STUDENTS,
+                max_epochs: int | None = None) -> dict:
+    """``max_epochs``: train with another epoch cap than ``student_config``'s (an experiment; the project's spec,
+    and so every other run of the bench, keeps the default)."""
     from distill.recipes.train import train
 
     rows, info = read_rows(name, smoke)
     student = student_config(name, smoke)
+    cap = {"epochs": max_epochs} if max_epochs else {}
     t0 = time.perf_counter()
     folder = work_root / f"retention-{name}{'-smoke' if smoke else ''}"
     project, built = build(folder, name, rows, student)
@@ -307,7 +313,7 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
         where, extra = project, {}
         if sys_name == "distilled_suspect":
             where, extra = suspect_project(project, folder.with_name(folder.name + "-suspect"))
-        rep = train(where, teacher=TEACHER_NAME, overrides={"signal": signal}, progress=False)
+        rep = train(where, teacher=TEACHER_NAME, overrides={"signal": signal, **cap}, progress=False)
         if where is not project:
             where.close()
         runs[sys_name] = rep.path
@@ -338,7 +344,7 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
         "teacher": {**teacher_info(name), "labelled": built["label"].ok + built["label"].already_labelled,
                     "wrong_on_kept_training_rows": teacher_wrong_on_training, "kept_training_rows": len(kept),
                     "filter": {"kept": built["filter"].kept, "dropped_by_reason": built["filter"].dropped_by_reason}},
-        "students": records, "student_config": student,
+        "students": records, "student_config": {**student, **cap},
         "test": scores,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -400,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"which students to train and score, of {list(STUDENTS)} (default: the first three; "
                          "'distilled' is required); "
                          "per dataset: 'banking77=distilled;clinc150=distilled,hard'")
+    ap.add_argument("--max-epochs", type=int, help="another epoch cap for the students (an experiment: needs --out)")
     args = ap.parse_args(argv)
+    if args.max_epochs and not args.out:
+        raise SystemExit("--max-epochs is an experiment: write it to its own file with --out")
     per = dict(part.split("=", 1) for part in args.students.split(";")) if "=" in args.students else {}
     chosen = {name: tuple(x for x in per.get(name, args.students if not per else "distilled").split(",") if x)
               for name in DATASETS}
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "retention_intents_smoke.json" if args.smoke
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
-    results = {name: run_dataset(name, args.smoke, args.work, chosen[name]) for name in names}
+    results = {name: run_dataset(name, args.smoke, args.work, chosen[name], args.max_epochs) for name in names}
     merged = {**(carry_other_datasets(out, names) if not args.smoke else {}), **results}
     results = {name: merged[name] for name in DATASETS if name in merged}
     ratios, targets = ratios_and_targets(results)
