@@ -7,6 +7,7 @@ segment, with bootstrap 95% CIs (issues #7 and #15).
     .venv/bin/python bench/retention_intents.py --smoke              # 8 intents, 1 epoch, ~1 min; writes to a temp file
     .venv/bin/python bench/retention_intents.py --dataset clinc150 --students distilled --max-epochs 12 \
         --out bench/results/retention_clinc150_epochs12.json          # an experiment: another epoch cap, its own file
+                                                                      # (--patience 12: no early stopping)
 
 Teacher: **all-mpnet-base-v2 fine-tuned on 10 gold queries per intent** (110M parameters, ~5x the student),
 recorded once with its full label distribution for every input by ``bench/intent_teacher.py`` (shipped as
@@ -296,14 +297,16 @@ def suspect_project(project, root: Path):
 
 
 def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = DEFAULT_STUDENTS,
-                max_epochs: int | None = None) -> dict:
-    """``max_epochs``: train with another epoch cap than ``student_config``'s (an experiment; the project's spec,
-    and so every other run of the bench, keeps the default)."""
+                max_epochs: int | None = None, patience: int | None = None) -> dict:
+    """``max_epochs`` / ``patience``: train with another epoch cap / early-stopping patience than
+    ``student_config``'s (an experiment; the project's spec, and so every other run of the bench, keeps the
+    defaults)."""
     from distill.recipes.train import train
 
     rows, info = read_rows(name, smoke)
     student = student_config(name, smoke)
-    cap = {"epochs": max_epochs} if max_epochs else {}
+    cap = {**({"epochs": max_epochs} if max_epochs else {}),
+           **({"early_stopping_patience": patience} if patience else {})}
     t0 = time.perf_counter()
     folder = work_root / f"retention-{name}{'-smoke' if smoke else ''}"
     project, built = build(folder, name, rows, student)
@@ -407,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
                          "'distilled' is required); "
                          "per dataset: 'banking77=distilled;clinc150=distilled,hard'")
     ap.add_argument("--max-epochs", type=int, help="another epoch cap for the students (an experiment: needs --out)")
+    ap.add_argument("--patience", type=int, help="another early-stopping patience (an experiment: needs --out)")
     args = ap.parse_args(argv)
-    if args.max_epochs and not args.out:
-        raise SystemExit("--max-epochs is an experiment: write it to its own file with --out")
+    if (args.max_epochs or args.patience) and not args.out:
+        raise SystemExit("--max-epochs / --patience are experiments: write them to their own file with --out")
     per = dict(part.split("=", 1) for part in args.students.split(";")) if "=" in args.students else {}
     chosen = {name: tuple(x for x in per.get(name, args.students if not per else "distilled").split(",") if x)
               for name in DATASETS}
@@ -426,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "retention_intents_smoke.json" if args.smoke
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
-    results = {name: run_dataset(name, args.smoke, args.work, chosen[name], args.max_epochs) for name in names}
+    results = {name: run_dataset(name, args.smoke, args.work, chosen[name], args.max_epochs, args.patience)
+               for name in names}
     merged = {**(carry_other_datasets(out, names) if not args.smoke else {}), **results}
     results = {name: merged[name] for name in DATASETS if name in merged}
     ratios, targets = ratios_and_targets(results)
