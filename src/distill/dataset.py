@@ -56,6 +56,12 @@ def latest_filter_run(project: Project, teacher: str) -> int | None:
     )
 
 
+def relabelled_count(store, run_id: int) -> int:
+    """Kept rows of filter run ``run_id`` that train on the suspect filter's label instead of the teacher's
+    (``filters.suspect_labels.action: relabel``): what status, the evaluation and the report show."""
+    return store.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id = ?", (run_id,))
+
+
 def rows(project: Project, teacher: str, splits: Iterable[str] = ("train", "validation", "test"),
          only_kept: bool = True) -> list[Row]:
     """Examples of ``splits`` with the effective answer of ``teacher``.

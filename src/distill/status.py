@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import runs
-from distill.dataset import fix_kind
+from distill.dataset import fix_kind, relabelled_count
 from distill.errors import DistillError
 from distill.project import SPEC_FILE, STORE_FILE, Project
 from distill.store import Store, db_url
@@ -100,8 +100,7 @@ def status(project: Project) -> dict[str, Any]:
         filters[r["teacher"]] = {"run_id": r["id"], "kept": r["kept"], "dropped": r["dropped"],
                                  "dropped_by_reason": reasons, "created_at": when(r["created_at"]),
                                  # kept, on the suspect filter's label instead of the teacher's (action relabel)
-                                 "relabelled": s.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id = ?",
-                                                     (r["id"],))}
+                                 "relabelled": relabelled_count(s, r["id"])}
     out["filter"] = filters
 
     out["runs"] = [{"id": r["id"], "kind": r["kind"], "status": r["status"], "path": r["path"],

@@ -143,6 +143,13 @@ def test_relabel_keeps_planted_rows_on_their_true_label_without_gold(tmp_path: P
     assert {d["id"] for d in listed} == relabelled and {d["action"] for d in listed} == {"relabelled"}
     order = [int(why.split("rank ")[1].split(",")[0]) for _, why in queue_order(p, "suspect")]
     assert order == sorted(order) == list(range(1, len(relabelled) + 1))
+    # status and the report's data funnel say how many rows train on the filter's label
+    from distill.report.html import data_funnel
+    from distill.status import status
+
+    assert status(p)["filter"]["rec"]["relabelled"] == rep.relabelled
+    step = next(s for s in data_funnel(p, "rec", {}) if "relabelled" in s["step"])
+    assert step["delta"] == 0 and step["note"].startswith(f"{rep.relabelled} ")
 
 
 def test_spec_shorthand_and_kind_check(tmp_path: Path):

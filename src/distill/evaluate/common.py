@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from distill import metrics as M
-from distill.dataset import rows as dataset_rows
+from distill.dataset import relabelled_count, rows as dataset_rows
 from distill.errors import DistillError
 from distill.filters import USES_GOLD
 from distill.fsutil import write_json_atomic
@@ -226,7 +226,7 @@ def filters_used(project: Project, teacher: str, record: dict) -> dict | None:
                                                            if r == "no_label" or r.startswith("teacher_failed")),
             "filters": rows, "gold_dropped": sum(r["dropped"] for r in gold), "gold_filters": [r["filter"] for r in gold],
             # kept rows trained on the suspect filter's label, not the teacher's (no gold read)
-            "relabelled": store.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id=?", (run["id"],))}
+            "relabelled": relabelled_count(store, run["id"])}
 
 
 def teacher_ledger(project: Project, teacher: str) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import __version__
+from distill.dataset import relabelled_count
 from distill.errors import DistillError
 from distill.fsutil import write_text_atomic
 from distill.project import Project
@@ -100,7 +101,7 @@ def data_funnel(project: Project, teacher: str | None, training_record: dict) ->
             for r in s.q("SELECT COALESCE(reason,'(no reason)') reason, COUNT(*) n FROM filter_decisions "
                          "WHERE run_id=? AND kept=0 GROUP BY reason ORDER BY n DESC", (run_id,)):
                 steps.append({"step": f"filter: {r['reason']}", "delta": -r["n"], "note": f"filter run {run_id}"})
-            relabelled = s.one("SELECT COUNT(*) FROM filter_relabels WHERE run_id=?", (run_id,))
+            relabelled = relabelled_count(s, run_id)
             if relabelled:       # kept, so no delta: they train on the suspect filter's label, not the teacher's
                 steps.append({"step": "filter: suspect labels relabelled (kept)", "delta": 0,
                               "note": f"{relabelled} train on the likely label; filter run {run_id}"})
