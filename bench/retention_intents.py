@@ -7,7 +7,8 @@ segment, with bootstrap 95% CIs (issues #7 and #15).
     .venv/bin/python bench/retention_intents.py --smoke              # 8 intents, 1 epoch, ~1 min; writes to a temp file
     .venv/bin/python bench/retention_intents.py --dataset clinc150 --students distilled --max-epochs 12 \
         --out bench/results/retention_clinc150_epochs12.json          # an experiment: another epoch cap, its own file
-                                                                      # (--patience 12: no early stopping)
+                                                                      # (--patience 12: no early stopping;
+                                                                      # --temperature T / --alpha A: another KD mix)
 
 Teacher: **all-mpnet-base-v2 fine-tuned on 10 gold queries per intent** (110M parameters, ~5x the student),
 recorded once with its full label distribution for every input by ``bench/intent_teacher.py`` (shipped as
@@ -297,16 +298,15 @@ def suspect_project(project, root: Path):
 
 
 def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ...] = DEFAULT_STUDENTS,
-                max_epochs: int | None = None, patience: int | None = None) -> dict:
-    """``max_epochs`` / ``patience``: train with another epoch cap / early-stopping patience than
-    ``student_config``'s (an experiment; the project's spec, and so every other run of the bench, keeps the
-    defaults)."""
+                experiment: dict | None = None) -> dict:
+    """``experiment``: student settings that replace ``student_config``'s for this run only (epochs,
+    early_stopping_patience, temperature, alpha); the project's spec, and so every other run of the bench,
+    keeps the defaults."""
     from distill.recipes.train import train
 
     rows, info = read_rows(name, smoke)
     student = student_config(name, smoke)
-    cap = {**({"epochs": max_epochs} if max_epochs else {}),
-           **({"early_stopping_patience": patience} if patience else {})}
+    experiment = experiment or {}
     t0 = time.perf_counter()
     folder = work_root / f"retention-{name}{'-smoke' if smoke else ''}"
     project, built = build(folder, name, rows, student)
@@ -316,7 +316,7 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
         where, extra = project, {}
         if sys_name == "distilled_suspect":
             where, extra = suspect_project(project, folder.with_name(folder.name + "-suspect"))
-        rep = train(where, teacher=TEACHER_NAME, overrides={"signal": signal, **cap}, progress=False)
+        rep = train(where, teacher=TEACHER_NAME, overrides={"signal": signal, **experiment}, progress=False)
         if where is not project:
             where.close()
         runs[sys_name] = rep.path
@@ -347,7 +347,7 @@ def run_dataset(name: str, smoke: bool, work_root: Path, students: tuple[str, ..
         "teacher": {**teacher_info(name), "labelled": built["label"].ok + built["label"].already_labelled,
                     "wrong_on_kept_training_rows": teacher_wrong_on_training, "kept_training_rows": len(kept),
                     "filter": {"kept": built["filter"].kept, "dropped_by_reason": built["filter"].dropped_by_reason}},
-        "students": records, "student_config": {**student, **cap},
+        "students": records, "student_config": {**student, **experiment},
         "test": scores,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -411,9 +411,15 @@ def main(argv: list[str] | None = None) -> int:
                          "per dataset: 'banking77=distilled;clinc150=distilled,hard'")
     ap.add_argument("--max-epochs", type=int, help="another epoch cap for the students (an experiment: needs --out)")
     ap.add_argument("--patience", type=int, help="another early-stopping patience (an experiment: needs --out)")
+    ap.add_argument("--temperature", type=float, help="another KD temperature (an experiment: needs --out)")
+    ap.add_argument("--alpha", type=float, help="another weight of the KD term in `mix` (an experiment: needs --out)")
     args = ap.parse_args(argv)
-    if (args.max_epochs or args.patience) and not args.out:
-        raise SystemExit("--max-epochs / --patience are experiments: write them to their own file with --out")
+    experiment = {key: value for key, value in (("epochs", args.max_epochs), ("early_stopping_patience", args.patience),
+                                                ("temperature", args.temperature), ("alpha", args.alpha))
+                  if value is not None}
+    if experiment and not args.out:
+        raise SystemExit("--max-epochs / --patience / --temperature / --alpha are experiments: write them to their "
+                         "own file with --out")
     per = dict(part.split("=", 1) for part in args.students.split(";")) if "=" in args.students else {}
     chosen = {name: tuple(x for x in per.get(name, args.students if not per else "distilled").split(",") if x)
               for name in DATASETS}
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "retention_intents_smoke.json" if args.smoke
                        else HERE / "results" / "retention_intents.json")
     names = DATASETS if args.dataset == "both" else (args.dataset,)
-    results = {name: run_dataset(name, args.smoke, args.work, chosen[name], args.max_epochs, args.patience)
+    results = {name: run_dataset(name, args.smoke, args.work, chosen[name], experiment)
                for name in names}
     merged = {**(carry_other_datasets(out, names) if not args.smoke else {}), **results}
     results = {name: merged[name] for name in DATASETS if name in merged}

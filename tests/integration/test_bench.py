@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,15 +68,23 @@ def test_distill_bench_smoke_runs_every_suite_and_writes_valid_results(tmp_path)
     """The CI run of the benchmarks: every suite reduced, through the real CLI. Checks shape, not speed."""
     out = tmp_path / "results"
     cli = Path(sys.executable).parent / "distill"
-    p = subprocess.run([str(cli), "bench", "--smoke", "--out-dir", str(out)], cwd=REPO, capture_output=True,
-                       text=True, timeout=1500)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    # Its own process group: on a time-out the suite `distill bench` is running dies with it (subprocess.run
+    # would kill `distill bench` alone and leave that suite busy on a core after the test has failed).
+    p = subprocess.Popen([str(cli), "bench", "--smoke", "--out-dir", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        pytest.fail(f"distill bench --smoke ran over 1,500 s\n{stdout[-4000:]}{stderr[-4000:]}")
+    assert p.returncode == 0, stdout[-4000:] + stderr[-4000:]
     for s in SUITES:
         d = json.loads((out / s.result).read_text())
         assert check_result(d, Path(s.result).stem) == [], s.name
         assert d["smoke"] is True and d["environment"]["git_sha"] == d["environment_end"]["git_sha"]
         assert any(v is not None for v in d["ratios"].values()), s.name
-    assert "target:" in p.stdout and "failed suites" not in p.stdout
+    assert "target:" in stdout and "failed suites" not in stdout
     # the cost suite priced this run's latency and router results
     cost = json.loads((out / "cost.json").read_text())
     assert cost["config"]["inputs"]["latency"] == str(out / "latency.json")

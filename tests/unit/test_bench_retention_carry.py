@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 import retention_intents as RI  # noqa: E402
@@ -34,3 +36,10 @@ def test_a_one_dataset_run_keeps_the_other_datasets_results_with_their_provenanc
     # an unreadable file loses only what it held: the run's own results are still written
     out.write_text("{not json")
     assert RI.carry_other_datasets(out, ("clinc150",)) == {}
+
+
+def test_an_experiment_with_other_student_settings_must_write_its_own_file():
+    # the main result file holds the default recipe only; an experiment there would be read as the default's
+    for flags in (["--temperature", "1"], ["--alpha", "1"], ["--max-epochs", "12"], ["--patience", "0"]):
+        with pytest.raises(SystemExit, match="write them to their own file with --out"):
+            RI.main(["--dataset", "clinc150", *flags])
