@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.data.decontam import strong_norm
-from distill.dataset import correction_join
+from distill.dataset import correction_join, latest_filter_run
 from distill.project import Project
 from distill.task import FilterSpec, ProjectSpec, answer_key
 
@@ -265,17 +265,18 @@ def list_suspects(project: Project, teacher: str | None = None) -> list[dict]:
     """The latest filter run's suspect flags (dropped or relabelled) in review order: id, text, teacher answer,
     what was done, detail."""
     teacher_name = project.spec.get_teacher(teacher).name
-    run = project.store.q("SELECT MAX(id) AS id FROM filter_runs WHERE teacher = ?", (teacher_name,))[0]
-    if run["id"] is None:
+    run_id = latest_filter_run(project, teacher_name)
+    if run_id is None:
         return []
     got = project.store.q(
         """SELECT d.example_id, d.detail, d.reason, e.text, l.answer FROM filter_decisions d
            JOIN examples e ON e.id = d.example_id
            LEFT JOIN labels l ON l.example_id = d.example_id AND l.teacher = ?
-           WHERE d.run_id = ? AND d.reason IN ('suspect_label', ?)""", (teacher_name, run["id"], RELABELLED))
+           WHERE d.run_id = ? AND d.reason IN ('suspect_label', ?)""", (teacher_name, run_id, RELABELLED))
     return sorted(({"id": r["example_id"], "text": r["text"], "teacher": json.loads(r["answer"]) if r["answer"] else None,
-                    "action": "relabelled" if r["reason"] == RELABELLED else "dropped", "detail": r["detail"]}
-                   for r in got), key=lambda d: (suspect_rank(d["detail"]), d["id"]))
+                    "action": "relabelled" if r["reason"] == RELABELLED else "dropped", "detail": r["detail"],
+                    "rank": suspect_rank(r["detail"])}
+                   for r in got), key=lambda d: (d["rank"], d["id"]))
 
 
 def _suspects(spec: ProjectSpec, rows: list[dict], report: FilterReport) -> dict[str, str]:

@@ -38,9 +38,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.dataset import latest_filter_run
 from distill.errors import DistillError
-from distill.filters import RELABELLED, suspect_rank
+from distill.filters import list_suspects
 from distill.project import Project
 
 QUEUES = ("suspect", "disagreement", "low_confidence", "failures", "audit")
@@ -84,16 +83,10 @@ def queue_order(project: Project, queue: str) -> list[tuple[str, str]]:
         raise DistillError(f"unknown review queue {queue!r}", hint="one of: " + ", ".join(QUEUES))
     store, teacher = project.store, project.spec.get_teacher().name
     if queue == "suspect":
-        run_id = latest_filter_run(project, teacher)
-        if run_id is None:
-            return []
-        rows = store.q("""SELECT fd.example_id, fd.detail, fd.reason FROM filter_decisions fd
-                          JOIN examples e ON e.id = fd.example_id
-                          WHERE fd.run_id=? AND fd.reason IN ('suspect_label', ?) AND e.split != 'test'""",
-                       (run_id, RELABELLED))
-        rows = sorted(rows, key=lambda r: (suspect_rank(r["detail"]), r["example_id"]))
-        return [(r["example_id"], f"flagged by the noise filter (rank {suspect_rank(r['detail'])}"
-                                  + (", relabelled)" if r["reason"] == RELABELLED else ")")) for r in rows]
+        # the filter only judges train/validation rows, so no test row is ever in this queue
+        return [(d["id"], f"flagged by the noise filter (rank {d['rank']}"
+                          + (", relabelled)" if d["action"] == "relabelled" else ")"))
+                for d in list_suspects(project, teacher)]
     if queue == "disagreement":
         run = _serving_run(project)
         rows = store.q("""SELECT sp.example_id, sp.answer, sp.confidence, l.answer AS teacher FROM student_predictions sp
